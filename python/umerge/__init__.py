@@ -14,5 +14,17 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 from umerge.errors import InputError, UmergeError
+from umerge.merge import MergeReport, inspect, merge, ties
+from umerge.methods import dare_linear, dare_ties, linear, magnitude_prune, model_stock, slerp, task_arithmetic
 
-__all__ = ["__version__", "InputError", "UmergeError"]
+__all__ = ["__version__", "InputError", "UmergeError", "MergeReport", "inspect", "merge", "ties", "ops"]
+__all__ += ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "slerp", "model_stock"]
+
+
+def __getattr__(name: str) -> object:
+    # `umerge.ops` imports numpy; load it on first use so the CLI starts fast.
+    if name == "ops":
+        import importlib
+
+        return importlib.import_module("umerge.ops")
+    raise AttributeError(f"module 'umerge' has no attribute {name!r}")

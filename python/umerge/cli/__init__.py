@@ -19,7 +19,10 @@ from umerge.errors import InputError
 # command name -> (module, attribute). Order here is the order in `umerge --help`.
 _COMMANDS: dict[str, tuple[str, str]] = {
     "ties": ("umerge.cli.merge", "ties"),
+    "linear": ("umerge.cli.methods", "linear"), "task_arithmetic": ("umerge.cli.methods", "task_arithmetic"), "magnitude_prune": ("umerge.cli.methods", "magnitude_prune"), "dare_linear": ("umerge.cli.methods", "dare_linear"), "dare_ties": ("umerge.cli.methods", "dare_ties"), "slerp": ("umerge.cli.methods", "slerp"), "model_stock": ("umerge.cli.methods", "model_stock"), "methods": ("umerge.cli.methods", "methods_cmd"), "run": ("umerge.cli.methods", "run_cmd"),
+    "fold": ("umerge.cli.fold", "fold"), "merge-adapters": ("umerge.cli.fold", "merge_adapters_cmd"),
     "inspect": ("umerge.cli.inspect", "inspect_cmd"),
+    "verify": ("umerge.cli.verify", "verify"),
     "example": ("umerge.cli.example", "example"),
     "train": ("umerge.cli.train", "train"),
     "presets": ("umerge.cli.train", "presets"),

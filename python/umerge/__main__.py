@@ -1,0 +1,5 @@
+"""`python -m umerge` runs the CLI."""
+
+from umerge.cli import main
+
+main()

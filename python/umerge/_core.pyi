@@ -1,0 +1,31 @@
+"""Type stub of the native engine module `umerge._core` (Rust, PyO3)."""
+
+from typing import Callable, Optional
+
+class UmergeError(Exception):
+    """Base class of every error umerge raises on purpose."""
+
+class InputError(UmergeError, ValueError):
+    """Bad input or options: a message saying what is wrong and where."""
+
+def merge(spec_json: str, progress: Optional[Callable[[int, int, int, int], None]] = None) -> str:
+    """Runs the merge described by the JSON spec (see umerge.merge); returns the report as JSON.
+    `progress(tensors_done, tensors_total, bytes_done, bytes_total)` is called after each tensor."""
+
+def inspect(path: str) -> str:
+    """Describes a checkpoint as JSON: format, shards, tensors, totals, validity."""
+
+def merge_arrays(
+    method: str,
+    params_json: str,
+    base: Optional[bytes],
+    models: list[bytes],
+    threads: Optional[int] = None,
+) -> bytes:
+    """Merges little-endian float32 buffers as one tensor; returns float32 bytes."""
+
+def version() -> str:
+    """The engine's version."""
+
+def methods() -> list[str]:
+    """Names of the merge methods this build knows."""

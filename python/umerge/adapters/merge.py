@@ -1,0 +1,210 @@
+"""`umerge.adapters.merge_adapters`: merge PEFT LoRA adapters into a new adapter (or a full model).
+
+The default reproduces `PeftModel.add_weighted_adapter(adapters, weights, name,
+combination_type=..., density=..., majority_sign_method=...)` (see `combine` for the formulas)
+and writes the result as a PEFT adapter directory that `PeftModel.from_pretrained` loads:
+`adapter_config.json` is the first adapter's with `r` and `lora_alpha` set as PEFT sets them
+(both the new rank), `target_modules` the union, and the rank/alpha patterns cleared.
+
+`delta="full"` merges each module's whole update s_i * B_i @ A_i instead of the factors:
+without `base` the result is truncated back to a low-rank adapter by SVD (PEFT's `*_svd`
+combination types); with `base` the merged update is added to the base weights and a full
+checkpoint is written, streamed through the Rust engine (see `umerge.adapters.fold`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from umerge.adapters.combine import (
+    COMBINATIONS, FACTORWISE, MAJORITY, NEEDS_DENSITY, SVD, base_kind, combine, split_weights, svd_factors,
+)
+from umerge.adapters.config import PathLike
+from umerge.adapters.lora import LoraAdapter, check_output, check_same_modules, factor_names, load_adapter, write_adapter
+from umerge.errors import InputError
+
+DELTAS = ("factors", "full")
+_OUT_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
+
+
+@dataclass(frozen=True)
+class AdapterMergeReport:
+    """What an adapter merge did."""
+
+    combination: str
+    output: Path
+    modules: int
+    rank: int
+    lora_alpha: float
+    seconds: float
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def summary(self) -> str:
+        return (f"merged {self.modules} LoRA modules with {self.combination} -> rank {self.rank}, "
+                f"lora_alpha {self.lora_alpha:g} in {self.seconds:.1f} s -> {self.output}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["output"] = str(self.output)
+        d["warnings"] = list(self.warnings)
+        return d
+
+
+def peft_combination(method: str, delta: str = "factors") -> str:
+    """The PEFT combination_type for a method and delta mode: ("ties", "full") -> "ties_svd"."""
+    if method in COMBINATIONS and (delta == "factors" or method in SVD or method == "cat"):
+        return method
+    if delta == "full" and method in FACTORWISE:
+        return "svd" if method == "linear" else method + "_svd"
+    raise InputError(f"unknown adapter merge method {method!r} (use one of {', '.join(FACTORWISE + ('cat',))}, or a PEFT combination type: {', '.join(COMBINATIONS)})")
+
+
+def _union_targets(adapters: Sequence[LoraAdapter]) -> Any:
+    tms = [a.config.target_modules for a in adapters]
+    if all(isinstance(t, list) for t in tms):
+        return sorted(set().union(*tms))  # type: ignore[arg-type]
+    if all(isinstance(t, str) for t in tms):
+        return "|".join(f"({t})" for t in tms)
+    raise InputError("adapters mix list and string target_modules; PEFT cannot combine those either")
+
+
+def new_config(adapters: Sequence[LoraAdapter], rank: int) -> dict[str, Any]:
+    """PEFT's config of the combined adapter: the first's, with r = lora_alpha = rank, the
+    union of target_modules, and no rank/alpha patterns."""
+    cfg = dict(adapters[0].config.raw)
+    cfg.update(r=rank, lora_alpha=rank, target_modules=_union_targets(adapters), rank_pattern={}, alpha_pattern={})
+    return cfg
+
+
+def _check_args(combination: str, n: int, weights: Sequence[float] | None, density: float | None,
+                majority_sign: str) -> list[float]:
+    if weights is None:
+        weights = [1.0] * n
+    if len(weights) != n:
+        raise InputError(f"{len(weights)} weights given for {n} adapters (give one per adapter)")
+    if majority_sign not in MAJORITY:
+        raise InputError(f"majority sign {majority_sign!r} is not one of {', '.join(MAJORITY)}")
+    if base_kind(combination) in NEEDS_DENSITY:
+        if density is None:
+            raise InputError(f"{combination} needs a density (the fraction of entries kept, 0 < density <= 1)")
+        if not (0.0 < float(density) <= 1.0):
+            raise InputError(f"density {density} is outside (0, 1]: it is the fraction of entries kept")
+    return [float(w) for w in weights]
+
+
+def merge_adapters(
+    adapters: Sequence[PathLike],
+    out: PathLike = "merged",
+    *,
+    method: str = "ties",
+    weights: Sequence[float] | None = None,
+    density: float | None = None,
+    majority_sign: str = "total",
+    delta: str = "factors",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    base: PathLike | None = None,
+    seed: int = 0,
+    out_dtype: str | None = None,
+    threads: int | None = None,
+    memory_budget: str | int | None = None,
+    max_shard_size: str | int | None = None,
+    overwrite: bool = False,
+    progress: Any = False,
+) -> Any:
+    """Merges LoRA adapter directories; returns an `AdapterMergeReport` (or, with `base` and
+    `delta="full"`, the fold's `MergeReport`).
+
+    `method` is linear, ties, dare_linear, dare_ties, magnitude_prune or cat, or any PEFT
+    combination type (svd, ties_svd, ...). `delta="factors"` (default) merges lora_A and lora_B
+    separately, as PEFT does; `delta="full"` merges the updates s_i * B_i @ A_i.
+    Example: ``merge_adapters(["a/", "b/"], "ab/", method="ties", density=0.8)``.
+    """
+    if isinstance(adapters, (str, Path)):
+        adapters = [adapters]
+    if not adapters:
+        raise InputError("no adapters given")
+    if delta not in DELTAS:
+        raise InputError(f"delta {delta!r} is not one of {', '.join(DELTAS)}")
+    if out_dtype is not None and out_dtype not in _OUT_DTYPES:
+        raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(_OUT_DTYPES)})")
+    combination = peft_combination(method, delta)
+    if base is not None:
+        if delta != "full":
+            raise InputError("--base with adapters needs --delta full (factor-wise merges produce an adapter; fold it with `umerge fold`)")
+        from umerge.adapters.fold import fold_merged
+
+        return fold_merged(
+            adapters, base, out, method=base_kind(combination), weights=weights, density=density,
+            majority_sign=majority_sign, seed=seed, out_dtype=out_dtype, threads=threads,
+            memory_budget=memory_budget, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+        )
+    t0 = time.perf_counter()
+    loaded = [load_adapter(a) for a in adapters]
+    w = _check_args(combination, len(loaded), weights, density, majority_sign)
+    check_same_modules(loaded)
+    target = check_output(out, adapters, overwrite)
+    warnings: list[str] = []
+    if len(loaded) == 1 and combination != "linear":
+        # PEFT: "if there is only one adapter, we can only use linear merging".
+        warnings.append(f"one adapter: {combination} becomes linear, as in PEFT")
+        combination = "linear"
+    ranks = [a.config.r for a in loaded]
+    scalings = [a.config.scaling for a in loaded]
+    tensors: dict[str, np.ndarray] = {}
+    if combination in FACTORWISE:
+        if len(set(ranks)) != 1:
+            listing = ", ".join(f"{a.path} r={a.config.r}" for a in loaded)
+            raise InputError(f"{combination} merges factors element-wise, so all adapters need the same rank ({listing}); use --delta full or cat")
+        rank = ranks[0]
+        wa, wb = split_weights(w, scalings)
+        for mod in loaded[0].modules:
+            na, nb = factor_names(mod)
+            common = dict(density=density, majority_sign=majority_sign, seed=seed, module=mod, threads=threads)
+            tensors[na] = combine(combination, [a.modules[mod].a for a in loaded], wa, part="A", **common)
+            tensors[nb] = combine(combination, [a.modules[mod].b for a in loaded], wb, part="B", **common)
+    elif combination == "cat":
+        rank = sum(ranks)
+        for mod in loaded[0].modules:
+            na, nb = factor_names(mod)
+            tensors[na] = np.concatenate([a.modules[mod].a * np.float32(wi * s) for a, wi, s in zip(loaded, w, scalings)], axis=0)
+            tensors[nb] = np.concatenate([a.modules[mod].b for a in loaded], axis=1)
+    else:  # *_svd
+        rank = int(svd_rank) if svd_rank is not None else max(ranks)
+        if rank <= 0:
+            raise InputError(f"svd rank must be positive, got {svd_rank}")
+        kind = base_kind(combination)
+        for mod in loaded[0].modules:
+            na, nb = factor_names(mod)
+            deltas = [np.float32(s) * (a.modules[mod].b @ a.modules[mod].a) for a, s in zip(loaded, scalings)]
+            merged = combine(kind, deltas, w, density=density, majority_sign=majority_sign, seed=seed, module=mod,
+                             part="delta", threads=threads)
+            try:
+                tensors[nb], tensors[na] = svd_factors(merged, rank, svd_clamp)
+            except InputError as e:
+                raise InputError(f"{e} (module {mod})") from None
+    order = [n for mod in loaded[0].modules for n in factor_names(mod)]
+    tensors = {n: tensors[n] for n in order}
+    cfg = new_config(loaded, rank)
+    dtype = _OUT_DTYPES[out_dtype] if out_dtype else loaded[0].dtype
+    recipe = {
+        "umerge_adapter_merge": {
+            "combination": combination, "adapters": [str(Path(a).absolute()) for a in adapters], "weights": w,
+            "density": density, "majority_sign": majority_sign, "svd_rank": svd_rank, "seed": seed,
+        }
+    }
+    write_adapter(target, cfg, tensors, dtype, extra_files={"umerge.yml": json.dumps(recipe, indent=2) + "\n"})
+    return AdapterMergeReport(
+        combination=combination, output=target, modules=len(loaded[0].modules), rank=rank,
+        lora_alpha=float(rank), seconds=time.perf_counter() - t0, warnings=tuple(warnings),
+    )
+
+
+__all__ = ["AdapterMergeReport", "DELTAS", "merge_adapters", "new_config", "peft_combination"]

@@ -1,0 +1,116 @@
+"""`umerge ties`: the TIES merge command, a thin layer over `umerge.merge.ties`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from umerge.errors import InputError
+
+
+def _density(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not (0.0 < value <= 1.0):
+        raise click.BadParameter(
+            f"{value} is outside (0, 1]: density is the fraction of each task vector's entries kept"
+        )
+    return value
+
+
+def _print_summary(report: object, quiet: bool) -> None:
+    warnings = getattr(report, "warnings", ())
+    for w in list(warnings)[:10]:
+        click.echo(f"umerge: warning: {w}", err=True)
+    if len(warnings) > 10:
+        click.echo(f"umerge: warning: ... and {len(warnings) - 10} more (see the report)", err=True)
+    if not quiet:
+        click.echo(report.summary())  # type: ignore[attr-defined]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--base", type=click.Path(exists=True), help="The model the fine-tunes started from. Required: TIES merges task vectors (model - base).")
+@click.option("--density", type=float, required=True, callback=_density,
+              help="Fraction of each task vector's entries kept, by magnitude: exactly floor(density * n) per tensor (0 < D <= 1; 1 keeps all). TIES paper and mergekit commonly use 0.2-0.8.")
+@click.option("--weight", "weights", type=float, multiple=True, help="Weight of each model's task vector, given once per model in order (default 1.0 each).")
+@click.option("--lambda", "lambda_", type=float, default=1.0, show_default=True, help="Scale of the merged task vector added to the base.")
+@click.option("--preset", type=click.Choice(["mergekit", "peft", "paper"]), default="mergekit", show_default=True,
+              help="mergekit: sign elected on weighted deltas, mean divided by the sum of agreeing weights. "
+                   "peft: sign on unweighted deltas, mean over the count of agreeing entries (PEFT merge_utils.ties). "
+                   "paper: trim over the whole model at once, zero signs take the model's majority, mean over the count.")
+@click.option("-o", "--out", default="merged", show_default=True, type=click.Path(), help="Output directory (built beside it and renamed in when complete).")
+@click.option("--out-dtype", type=click.Choice(["bf16", "f16", "f32"]), default=None, help="Output dtype (default: the base's). Rounded to nearest even.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: all cores). Output bytes do not depend on it.")
+@click.option("--memory-budget", default=None, metavar="SIZE", help="Working memory, e.g. 512MiB (default), 2GiB. Output bytes do not depend on it.")
+@click.option("--max-shard-size", default=None, metavar="SIZE", help="Largest shard file, header included, e.g. 5GB (default), 2GiB, 1000000.")
+@click.option("--strict", is_flag=True, help="A tensor missing from some model is an error (default: merge over the models that have it, with a warning).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory.")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN or Inf instead of refusing them.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (warnings and errors still go to stderr).")
+def ties(
+    models: tuple[str, ...],
+    base: str | None,
+    density: float,
+    weights: tuple[float, ...],
+    lambda_: float,
+    preset: str,
+    out: str,
+    out_dtype: str | None,
+    threads: int | None,
+    memory_budget: str | None,
+    max_shard_size: str | None,
+    strict: bool,
+    overwrite: bool,
+    allow_nonfinite: bool,
+    quiet: bool,
+) -> None:
+    """TIES-merge fine-tuned MODELS onto their --base (trim, elect sign, disjoint merge).
+
+    \b
+    For each tensor and task vector d_i = model_i - base:
+      trim   keep the floor(density * n) largest |d_i|, zero the rest
+      elect  the sign of the sum over models, per element (sum >= 0 -> +)
+      merge  average the entries agreeing with it; out = base + lambda * average
+    MODELS are checkpoint directories (model.safetensors, a sharded
+    model.safetensors.index.json, or *.safetensors) or .safetensors files.
+    Memory stays within --memory-budget whatever the model size.
+
+    \b
+    Example:
+        umerge ties ft1/ ft2/ --base base/ --density 0.8 -o merged/
+    """
+    from umerge.merge import ties as ties_api
+
+    if base is None:
+        raise InputError(
+            "ties needs --base DIR: TIES merges task vectors (model - base), so it must know the weights "
+            "the models were fine-tuned from. LoRA adapter directories carry their task vectors "
+            "themselves and are merged without --base."
+        )
+    if weights and len(weights) != len(models):
+        raise click.UsageError(f"{len(weights)} --weight given for {len(models)} models: give one per model, in order")
+    report = ties_api(
+        list(models),
+        base,
+        density=density,
+        weights=list(weights) if weights else None,
+        lambda_=lambda_,
+        preset=preset,
+        out=out,
+        out_dtype=out_dtype,
+        threads=threads,
+        memory_budget=memory_budget,
+        max_shard_size=max_shard_size,
+        strict=strict,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+        progress=(not quiet) and (sys.stderr.isatty() or _force_bar()),
+    )
+    _print_summary(report, quiet)
+
+
+def _force_bar() -> bool:
+    """Show the bar on a non-terminal stderr only when asked (UMERGE_PROGRESS=1)."""
+    import os
+
+    return os.environ.get("UMERGE_PROGRESS") == "1"

@@ -1,0 +1,289 @@
+"""CLI commands for every merge method besides TIES, `umerge methods` and `umerge run`.
+
+Each method command is a thin layer over its `umerge.methods` function and shares its option
+definitions (output, threads, memory, shards, ...) with the others; `umerge run CONFIG.yml`
+runs a mergekit YAML config through `umerge.mergekit_yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from umerge.cli.merge import _density, _force_bar, _print_summary
+
+_CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+F = Callable[..., Any]
+
+
+def output_options(f: F) -> F:
+    """Options every merge command takes: where and how the output is written, and resources."""
+    opts = [
+        click.option("-o", "--out", default="merged", show_default=True, type=click.Path(),
+                     help="Output directory (built beside it and renamed in when complete)."),
+        click.option("--out-dtype", type=click.Choice(["bf16", "f16", "f32"]), default=None,
+                     help="Output dtype (default: the base's, or the first model's). Rounded to nearest even."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Worker threads (default: all cores). Output bytes do not depend on it."),
+        click.option("--memory-budget", default=None, metavar="SIZE",
+                     help="Working memory, e.g. 512MiB (default), 2GiB. Output bytes do not depend on it."),
+        click.option("--max-shard-size", default=None, metavar="SIZE",
+                     help="Largest shard file, header included, e.g. 5GB (default), 2GiB, 1000000."),
+        click.option("--strict", is_flag=True,
+                     help="A tensor missing from some model is an error (default: merge over the models that have it)."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory."),
+        click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN or Inf instead of refusing them."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _models_arg(f: F) -> F:
+    return click.argument("models", nargs=-1, required=True, type=click.Path(exists=True))(f)
+
+
+def _base_opt(f: F) -> F:
+    return click.option("--base", type=click.Path(exists=True),
+                        help="The model the fine-tunes started from (task vectors are model - base).")(f)
+
+
+def _weights_opt(f: F) -> F:
+    return click.option("--weight", "weights", type=float, multiple=True,
+                        help="Weight of each model, given once per model in order (default 1.0 each).")(f)
+
+
+def _lambda_opt(f: F) -> F:
+    return click.option("--lambda", "lambda_", type=float, default=1.0, show_default=True,
+                        help="Scale of the merged task vector added to the base.")(f)
+
+
+def _density_opt(f: F) -> F:
+    return click.option("--density", type=float, required=True, callback=_density,
+                        help="Fraction of each task vector's entries kept (0 < D <= 1).")(f)
+
+
+def _normalize_opt(default: bool) -> Callable[[F], F]:
+    return click.option("--normalize/--no-normalize", default=default, show_default=True,
+                        help="Divide by the sum of (agreeing) weights.")
+
+
+def _random_opts(f: F) -> F:
+    f = click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Seed of the random masks (recorded in the recipe). Same seed, same bytes, any thread count.")(f)
+    f = click.option("--rescale", type=click.Choice(["density", "l1", "none"]), default="density", show_default=True,
+                     help="Kept entries: divided by density (DARE paper, unbiased per element), scaled to the "
+                          "tensor's L1 norm (mergekit), or left alone.")(f)
+    return f
+
+
+def _opts(kw: dict[str, Any]) -> dict[str, Any]:
+    """The shared output options of a command, in the API's keywords."""
+    quiet = kw.pop("quiet")
+    kw["progress"] = (not quiet) and (sys.stderr.isatty() or _force_bar())
+    return kw
+
+
+def _weights(weights: tuple[float, ...], models: tuple[str, ...]) -> list[float] | None:
+    if weights and len(weights) != len(models):
+        raise click.UsageError(f"{len(weights)} --weight given for {len(models)} models: give one per model, in order")
+    return list(weights) if weights else None
+
+
+def _finish(report: Any, quiet: bool) -> None:
+    _print_summary(report, quiet)
+
+
+@click.command(context_settings=_CTX)
+@_models_arg
+@_weights_opt
+@_normalize_opt(True)
+@output_options
+def linear(models: tuple[str, ...], weights: tuple[float, ...], normalize: bool, **kw: Any) -> None:
+    """Weighted average of MODELS: sum w_i x_i / sum w_i (mergekit linear).
+
+    \b
+    Example:
+        umerge linear a/ b/ --weight 0.3 --weight 0.7 -o merged/
+    """
+    from umerge.methods import linear as api
+
+    quiet = kw["quiet"]
+    _finish(api(list(models), weights=_weights(weights, models), normalize=normalize, **_opts(kw)), quiet)
+
+
+@click.command(context_settings=_CTX)
+@_models_arg
+@_base_opt
+@_weights_opt
+@_lambda_opt
+@_normalize_opt(False)
+@output_options
+def task_arithmetic(models: tuple[str, ...], base: str | None, weights: tuple[float, ...], lambda_: float,
+                    normalize: bool, **kw: Any) -> None:
+    """Task arithmetic: base + lambda * sum w_i (model_i - base).
+
+    \b
+    Example:
+        umerge task_arithmetic ft1/ ft2/ --base base/ --lambda 0.5 -o merged/
+    """
+    from umerge.methods import task_arithmetic as api
+
+    quiet = kw["quiet"]
+    _finish(api(list(models), base, weights=_weights(weights, models), lambda_=lambda_, normalize=normalize,
+                **_opts(kw)), quiet)
+
+
+@click.command(context_settings=_CTX)
+@_models_arg
+@_base_opt
+@_density_opt
+@_weights_opt
+@_lambda_opt
+@_normalize_opt(False)
+@output_options
+def magnitude_prune(models: tuple[str, ...], base: str | None, density: float, weights: tuple[float, ...],
+                    lambda_: float, normalize: bool, **kw: Any) -> None:
+    """Keep the top floor(density * n) |task vector| entries per tensor, then a weighted sum (no sign election).
+
+    \b
+    Example:
+        umerge magnitude_prune ft1/ ft2/ --base base/ --density 0.5 -o merged/
+    """
+    from umerge.methods import magnitude_prune as api
+
+    quiet = kw["quiet"]
+    _finish(api(list(models), base, density=density, weights=_weights(weights, models), lambda_=lambda_,
+                normalize=normalize, **_opts(kw)), quiet)
+
+
+def _dare_command(name: str, doc: str) -> click.Command:
+    @click.command(name=name, context_settings=_CTX, help=doc)
+    @_models_arg
+    @_base_opt
+    @_density_opt
+    @_weights_opt
+    @_lambda_opt
+    @_normalize_opt(False)
+    @_random_opts
+    @output_options
+    def cmd(models: tuple[str, ...], base: str | None, density: float, weights: tuple[float, ...], lambda_: float,
+            normalize: bool, rescale: str, seed: int, **kw: Any) -> None:
+        import umerge.methods as m
+
+        quiet = kw["quiet"]
+        _finish(getattr(m, name)(list(models), base, density=density, weights=_weights(weights, models),
+                                 lambda_=lambda_, normalize=normalize, rescale=rescale, seed=seed, **_opts(kw)),
+                quiet)
+
+    return cmd
+
+
+dare_linear = _dare_command(
+    "dare_linear",
+    "DARE: keep each task-vector entry with probability density, rescale, weighted sum.\n\n"
+    "\b\nExample:\n    umerge dare_linear ft1/ ft2/ --base base/ --density 0.5 --seed 1 -o merged/",
+)
+dare_ties = _dare_command(
+    "dare_ties",
+    "DARE masks, then TIES sign election: only entries agreeing with the sign of the weighted sum are summed.\n\n"
+    "\b\nExample:\n    umerge dare_ties ft1/ ft2/ --base base/ --density 0.5 -o merged/",
+)
+
+
+@click.command(context_settings=_CTX)
+@click.argument("model", type=click.Path(exists=True))
+@_base_opt
+@click.option("--t", "t", type=float, required=True, help="Interpolation factor: 0 gives the base, 1 the model.")
+@output_options
+def slerp(model: str, base: str | None, t: float, **kw: Any) -> None:
+    """Spherical interpolation, per tensor, from --base (t = 0) to MODEL (t = 1).
+
+    \b
+    Example:
+        umerge slerp ft/ --base base/ --t 0.5 -o merged/
+    """
+    from umerge.methods import slerp as api
+
+    quiet = kw["quiet"]
+    _finish(api(model, base, t=t, **_opts(kw)), quiet)
+
+
+@click.command(context_settings=_CTX)
+@_models_arg
+@_base_opt
+@output_options
+def model_stock(models: tuple[str, ...], base: str | None, **kw: Any) -> None:
+    """Model Stock: interpolate between the base and the models' average by their offsets' mean cosine.
+
+    \b
+    Example:
+        umerge model_stock ft1/ ft2/ ft3/ --base base/ -o merged/
+    """
+    from umerge.methods import model_stock as api
+
+    quiet = kw["quiet"]
+    _finish(api(list(models), base, **_opts(kw)), quiet)
+
+
+@click.command(name="methods", context_settings=_CTX)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def methods_cmd(as_json: bool) -> None:
+    """List the merge methods the engine knows, and their parameters."""
+    from umerge import _core
+
+    info = _method_info(_core)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for m in info:
+        click.echo(m["name"])
+        for p in m.get("params", []):
+            scope = "per model" if p["per_model"] else "global"
+            click.echo(f"    {p['name']:<14} {scope:<9} default {p['default']:<9} {p['doc']}")
+
+
+def _method_info(core: Any) -> list[dict[str, Any]]:
+    """[{name, params: [{name, per_model, default, doc}]}] from the engine's registry."""
+    if hasattr(core, "method_info"):
+        return list(json.loads(core.method_info()))
+    return [{"name": n} for n in core.methods()]
+
+
+@click.command(name="run", context_settings=_CTX)
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Seed of the random masks (dare_linear, dare_ties; default 0, recorded in the recipe).")
+@click.option("--print-spec", is_flag=True, help="Print the engine spec the config becomes, and exit without merging.")
+@output_options
+def run_cmd(config: str, seed: int | None, print_spec: bool, **kw: Any) -> None:
+    """Run a mergekit YAML CONFIG with the umerge engine.
+
+    \b
+    Supports models: or slices: (each slice taking every model once, in layer order),
+    merge_method linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, model_stock,
+    breadcrumbs with gamma 0; base_model; global and per-model parameters, filter rules,
+    gradients; dtype, out_dtype; tokenizer_source base or a model. Anything else is an error.
+
+    \b
+    Example:
+        umerge run merge.yml -o merged/
+    """
+    from umerge import mergekit_yaml
+
+    quiet = kw["quiet"]
+    if print_spec:
+        opts = _opts(dict(kw))
+        opts.pop("progress")
+        out = opts.pop("out")
+        spec, _ = mergekit_yaml.to_spec(mergekit_yaml.load_config(config), out, where=config, seed=seed, **opts)
+        click.echo(json.dumps(spec, indent=2))
+        return
+    opts = _opts(kw)
+    out = opts.pop("out")
+    _finish(mergekit_yaml.run(config, out, seed=seed, **opts), quiet)

@@ -1,0 +1,128 @@
+"""`umerge train` (unlearn with NPO + KLR + GDR on LoRA) and `umerge presets` (list the recipes).
+
+A thin layer over `umerge.unlearn.train`: options are parsed here, everything else happens there.
+torch is imported only when `train` runs; without the `train` extra the command says what to install.
+For several GPUs, run the same options through accelerate:
+    accelerate launch --num_processes 4 -m umerge.cli.train --model M --data D --preset zjuklab-model1 -o OUT
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import click
+
+from umerge.errors import InputError
+
+_NEEDED = ("torch", "transformers", "peft", "accelerate")
+
+
+def _require_train_extra() -> None:
+    missing = [m for m in _NEEDED if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(
+            f"`umerge train` needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+            'pip install "umerge[train]"'
+        )
+
+
+@click.command("train")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Starting model directory (also the frozen reference).")
+@click.option("--data", "data", type=click.Path(path_type=Path), help="Directory with forget.* and retain.* (jsonl, parquet, json), or one file with a split column.")
+@click.option("--forget", "forget", type=click.Path(path_type=Path), help="Forget file (overrides --data's).")
+@click.option("--retain", "retain", type=click.Path(path_type=Path), help="Retain file (overrides --data's).")
+@click.option("--preset", default=None, help="zjuklab-model1 or zjuklab-model2 (see `umerge presets`). Default: zjuklab-model1.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="A JSON/YAML config file instead of a preset.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory (adapters, log, config).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field, e.g. --set epochs=3 --set ga_ratio=0.5 (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its last saved epoch.")
+@click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory (recompute activations).")
+@click.option("--eval-nll-rows", type=int, default=0, show_default=True, metavar="N", help="After each epoch, log the answer NLL of the first N forget and retain rows (0: off).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(
+    model_dir: Path,
+    data: Path | None,
+    forget: Path | None,
+    retain: Path | None,
+    preset: str | None,
+    config_file: Path | None,
+    out: Path,
+    overrides: tuple[str, ...],
+    resume: bool,
+    gradient_checkpointing: bool | None,
+    eval_nll_rows: int,
+    quiet: bool,
+) -> None:
+    """Unlearn a forget set with NPO + KL + retain NLL on LoRA (ZJUKLAB's recipe).
+
+    \b
+    Writes OUT/epoch-K/ (adapter after each epoch), the final adapter in OUT/, OUT/train_log.jsonl
+    (one JSON line per optimizer step) and OUT/train_config.json.
+    \b
+    Example:
+        umerge train --model vanilla/ --data lume/ --preset zjuklab-model2 -o model2/ --set epochs=3
+
+    Loss weights: npo_weight, kl_weight, retain_weight; the reference code's names are accepted as
+    aliases: ga_ratio = npo_weight, gd_ratio = kl_weight, gk_ratio = retain_weight.
+    \b
+    Several GPUs (DDP; FSDP or DeepSpeed through an accelerate config file):
+        accelerate launch --num_processes 4 -m umerge.cli.train --model M --data D -o OUT --set grad_accum=1
+    """
+    from umerge.unlearn.data import load_task_data
+    from umerge.unlearn.presets import resolve_config
+
+    if preset is not None and config_file is not None:
+        raise InputError("give --preset or --config, not both")
+    if data is None and (forget is None or retain is None):
+        raise InputError("give --data DIR, or both --forget FILE and --retain FILE")
+    base = str(config_file) if config_file is not None else (preset or "zjuklab-model1")
+    cfg = resolve_config(base, overrides)  # config errors before the heavy imports
+    task = load_task_data(data, forget=forget, retain=retain)  # data errors too
+    _require_train_extra()
+
+    if eval_nll_rows < 0:
+        raise InputError(f"--eval-nll-rows must be >= 0, got {eval_nll_rows}")
+    from umerge.unlearn.trainer import make_nll_hook
+    from umerge.unlearn.trainer import train as run_train
+
+    hook = make_nll_hook(task, eval_nll_rows, cfg.max_length, cfg.prompt_fraction) if eval_nll_rows else None
+    result = run_train(
+        model_dir,
+        task,
+        cfg,
+        out,
+        eval_hook=hook,
+        progress=not quiet,
+        resume=resume,
+        gradient_checkpointing=True if gradient_checkpointing else None,
+    )
+    if not result.is_main_process:
+        return
+    last = result.last
+    summary = f"loss {last['loss']:.4f}, forget NLL {last['forget_nll']:.3f} (ref {last['forget_nll_ref']:.3f})" if last else "no steps"
+    click.echo(f"umerge: trained {result.steps} steps ({summary}); adapter in {result.adapter_dir}, log in {result.log_path}")
+
+
+@click.command("presets")
+@click.option("--show", "show", default=None, metavar="NAME", help="Print the full config of one preset as YAML.")
+def presets(show: str | None) -> None:
+    """List the unlearning presets (loss weights and batch size), or print one in full."""
+    from umerge.unlearn.presets import PRESET_NOTES, PRESETS, get_preset
+
+    if show is not None:
+        click.echo(get_preset(show).to_yaml(), nl=False)
+        return
+    for name in PRESETS:
+        cfg = get_preset(name)
+        click.echo(
+            f"{name}: npo_weight={cfg.npo_weight} kl_weight={cfg.kl_weight} retain_weight={cfg.retain_weight} "
+            f"batch_size={cfg.batch_size} grad_accum={cfg.grad_accum} epochs={cfg.epochs} lr={cfg.lr}  # {PRESET_NOTES[name]}"
+        )
+
+
+if __name__ == "__main__":  # `accelerate launch -m umerge.cli.train ...` runs the train command
+    from umerge.cli import main
+
+    main(["train", *sys.argv[1:]])

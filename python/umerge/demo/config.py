@@ -1,0 +1,92 @@
+"""The demo's sizes and settings: one typed config per mode (`quick` for CI, `full`), JSON round-trip.
+
+Everything that decides a number in the report lives here, so the report can print it and a run can
+be repeated from report.json alone. The unlearning presets themselves (zjuklab-model1/2) come from
+`umerge.unlearn`; this config only holds the overrides that scale them down to a tiny CPU model, and
+says why in `UNLEARN_SCALING_NOTE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Why the presets are overridden in the demo (printed in the report).
+UNLEARN_SCALING_NOTE = (
+    "The presets' loss weights, batch sizes, gradient accumulation, warmup/decay schedule, NPO beta, "
+    "LoRA alpha/r ratio and dropout are kept. Scaled down for a ~0.2M-parameter model on a CPU: the "
+    "learning rate (the paper's 1e-4 moves a tiny freshly memorised model too little in a few hundred "
+    "steps), max_length (the world's rows are short) and the LoRA rank (the hidden size is 64, not 4096). "
+    "The learning rate was picked once, on the quick world with seed 0, from 2e-3, 5e-3, 1e-2 and 2e-2 "
+    "(same value for both presets): at 2e-3 neither preset unlearned anything (forget regurgitation "
+    "stayed at 1.0), at 2e-2 both presets also destroyed the retain set; 1e-2 is the value in between. "
+    "LoRA r = alpha = 32 at 1e-2 made both presets over-forget."
+)
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and hyper-parameters of one demo run."""
+
+    mode: str = "full"
+    seed: int = 0
+    # world
+    docs_per_task: int = 6
+    nonmember_docs_per_task: int = 6
+    # tokenizer and model (umerge.tiny)
+    vocab_size: int = 512
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 192
+    # vanilla fine-tune (memorisation)
+    vanilla_epochs: int = 60
+    vanilla_lr: float = 3e-3
+    vanilla_extra_rounds: int = 2  # more fine-tuning rounds (of vanilla_epochs // 2) while below the target
+    calibration_target: float = 0.8  # regurgitation on both splits
+    # unlearning: overrides on top of the zjuklab presets
+    unlearn_overrides: dict[str, Any] = field(default_factory=lambda: {
+        "lr": 1e-2, "max_length": 128, "lora_r": 8, "lora_alpha": 8})
+    # merging
+    density: float = 0.8
+    weights: tuple[float, float] = (1.0, 1.0)
+    sweep_densities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    methods: tuple[str, ...] = ("linear", "dare_linear", "dare_ties", "magnitude_prune", "ties")
+    # evaluation
+    max_new_tokens: int = 64  # the world's answers are under 50 tokens; the task used 256
+    eval_batch_size: int = 32
+    # runtime: one torch thread. The model is so small that a second thread only adds
+    # synchronisation; measured on the 2-core machine under load, an evaluation took 5.8 s with 2
+    # threads and 1.25 s with 1.
+    torch_threads: int = 1  # 0: leave torch's default
+    mmlu_k_shot: int = 1  # 1-shot keeps the prompts short enough to train on (see pipeline docstring)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DemoConfig":
+        """Inverse of `to_dict`."""
+        kwargs = dict(values)
+        for name in ("weights", "sweep_densities", "methods"):
+            if name in kwargs:
+                kwargs[name] = tuple(kwargs[name])
+        return cls(**kwargs)
+
+
+def config_for(quick: bool, seed: int = 0, given_model: bool = False) -> DemoConfig:
+    """The quick (CI, <= 3 minutes on 2 cores) or full (<= 15 minutes) configuration.
+
+    With ``given_model`` (``--model``: a real model, e.g. OLMo on a GPU) the evaluation uses the
+    task's settings instead of the tiny model's: 256 new tokens, 5-shot MMLU, torch's own thread count.
+    """
+    if quick:
+        cfg = DemoConfig(mode="quick", seed=seed, docs_per_task=3, nonmember_docs_per_task=3,
+                         vanilla_epochs=40, sweep_densities=(0.2, 0.5, 0.8, 1.0))
+    else:
+        cfg = DemoConfig(mode="full", seed=seed)
+    if given_model:
+        cfg.max_new_tokens, cfg.mmlu_k_shot, cfg.torch_threads, cfg.eval_batch_size = 256, 5, 0, 8
+    return cfg

@@ -1,0 +1,209 @@
+"""The demo's merge steps, each behind one function so its backend can change in one place.
+
+Two ways of merging two LoRA unlearning adapters trained on one base model:
+
+* ``merge_adapters``: factor-wise, as the ZJUKLAB system did with PEFT's
+  ``add_weighted_adapter(combination_type=..., density=0.8, weights=[1, 1])``: each method is applied
+  to the stacked ``lora_A`` factors and, separately, to the stacked ``lora_B`` factors, with adapter
+  i's factors scaled by sqrt(|w_i * scaling_i|) (the sign of w_i on A only); the merged adapter is
+  then folded into the base with ``merge_and_unload``. Until umerge's own adapter merge exists
+  (issue 4) this calls PEFT itself; switching means changing this one function.
+* ``merge_full``: on the full updates. Each adapter is first folded into the base
+  (``fold_adapter``: W + scaling * B A, PEFT ``merge_and_unload``), and the folded models are merged
+  with the umerge engine against the base (task vectors W_i - W_base), e.g. ``umerge.ties``.
+
+Every function writes a complete model directory (safetensors, config, tokenizer) that
+`umerge.evaluate.evaluate` and the engine read.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from umerge.errors import InputError
+
+#: PEFT combination types the factor-wise path supports (names as in add_weighted_adapter).
+ADAPTER_METHODS = ("linear", "dare_linear", "dare_ties", "magnitude_prune", "ties")
+#: Methods whose merge uses a density.
+DENSITY_METHODS = ("dare_linear", "dare_ties", "magnitude_prune", "ties")
+
+
+def _load_base(base_dir: Path) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    return model, tok
+
+
+def _save_full(model: Any, tok: Any, out_dir: Path) -> Path:
+    from umerge.tiny import save_model
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    return save_model(model, tok, out_dir)
+
+
+def fold_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """W + scaling * B A for every adapted module, saved as a full model (PEFT ``merge_and_unload``)."""
+    from peft import PeftModel
+
+    base, tok = _load_base(Path(base_dir))
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return _save_full(model, tok, Path(out_dir))
+
+
+def merge_adapters(
+    base_dir: str | Path,
+    adapters: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    method: str = "ties",
+    density: float = 0.8,
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+    adapter_out: str | Path | None = None,
+) -> Path:
+    """Merge LoRA adapters factor-wise (PEFT ``add_weighted_adapter`` semantics), fold into the base.
+
+    ``method`` is a PEFT combination type from `ADAPTER_METHODS`; ``density`` is used by the pruning
+    methods; ``weights`` default to 1 for every adapter (the paper's [1, 1]). DARE draws its masks
+    from torch's global generator, which is seeded with ``seed`` first. The merged adapter itself is
+    also saved when ``adapter_out`` is given. Returns the full model directory ``out_dir``.
+    """
+    import torch
+    from peft import PeftModel
+
+    if method not in ADAPTER_METHODS:
+        raise InputError(f"unknown adapter merge method {method!r} (expected one of {', '.join(ADAPTER_METHODS)})")
+    if not 0.0 < density <= 1.0:
+        raise InputError(f"density must be in (0, 1] (got {density})")
+    if len(adapters) < 2:
+        raise InputError(f"merging needs at least two adapters (got {len(adapters)})")
+    w = list(weights) if weights is not None else [1.0] * len(adapters)
+    if len(w) != len(adapters):
+        raise InputError(f"{len(w)} weights for {len(adapters)} adapters")
+    base, tok = _load_base(Path(base_dir))
+    names = [f"a{i}" for i in range(len(adapters))]
+    model = PeftModel.from_pretrained(base, str(adapters[0]), adapter_name=names[0])
+    for name, path in zip(names[1:], adapters[1:]):
+        model.load_adapter(str(path), adapter_name=name)
+    kwargs: dict[str, Any] = {"combination_type": method}
+    if method in DENSITY_METHODS:
+        kwargs["density"] = density
+    torch.manual_seed(seed)
+    model.add_weighted_adapter(names, w, "merged", **kwargs)
+    model.set_adapter("merged")
+    if adapter_out is not None:
+        a_out = Path(adapter_out)
+        if a_out.exists():
+            shutil.rmtree(a_out)
+        staging = a_out.with_name(a_out.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(str(staging), selected_adapters=["merged"])
+        # PEFT writes a non-default adapter name into a subdirectory; keep a plain adapter directory.
+        (staging / "merged").rename(a_out)
+        shutil.rmtree(staging)
+    for name in names:
+        model.delete_adapter(name)
+    return _save_full(model.merge_and_unload(), tok, Path(out_dir))
+
+
+def merge_full(
+    models: Sequence[str | Path],
+    base_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    method: str = "ties",
+    density: float = 0.8,
+    weights: Sequence[float] | None = None,
+    seed: int = 0,
+) -> Path:
+    """Merge full fine-tuned models against ``base_dir`` with the umerge engine; returns ``out_dir``.
+
+    Each method with the engine's defaults (mergekit semantics): ``ties`` through ``umerge.ties``
+    (mergekit preset; with equal weights its sign election and disjoint mean are PEFT's), ``linear``
+    the weighted average of the models, ``magnitude_prune``/``dare_linear``/``dare_ties`` the
+    weighted sum of the pruned task vectors added to the base (``umerge.methods``). A method the
+    engine does not offer (yet) raises `NotImplementedError` with the engine's reason, which the
+    pipeline reports.
+    """
+    import umerge
+
+    out = Path(out_dir)
+    ms = [str(m) for m in models]
+    w = list(weights) if weights is not None else [1.0] * len(ms)
+    common: dict[str, Any] = {"out": str(out), "overwrite": True, "progress": False}
+    try:
+        if method == "ties":
+            umerge.ties(ms, base=str(base_dir), density=density, weights=w, **common)
+            return out
+        try:
+            from umerge import methods
+        except ImportError as exc:
+            raise NotImplementedError(f"the umerge engine has no {method!r} merge yet (no umerge.methods)") from exc
+        fn = getattr(methods, method, None)
+        if fn is None:
+            raise NotImplementedError(f"the umerge engine has no {method!r} merge yet")
+        if method == "linear":
+            fn(ms, weights=w, **common)
+        elif method.startswith("dare"):
+            fn(ms, str(base_dir), density=density, weights=w, seed=seed, **common)
+        else:
+            fn(ms, str(base_dir), density=density, weights=w, **common)
+    except InputError as exc:
+        if "unknown merge method" in str(exc).lower():
+            raise NotImplementedError(f"the umerge engine does not offer {method!r} yet ({exc})") from exc
+        raise
+    return out
+
+
+def update_geometry(adapters: Sequence[str | Path], merged_adapter: str | Path) -> dict[str, float]:
+    """How the factor-wise merge's update relates to its parents' updates (whole model, float64).
+
+    With Δ_i = scaling_i * B_i A_i of every adapted module (concatenated over modules) and Δ_m the
+    same for the merged adapter: the norms |Δ_1|, |Δ_2|, |Δ_m|, |(Δ_1 + Δ_2)/2|, and the cosines
+    cos(Δ_m, Δ_1), cos(Δ_m, Δ_2), cos(Δ_m, (Δ_1 + Δ_2)/2), cos(Δ_1, Δ_2). Factor-wise TIES merges
+    A and B separately, so Δ_m also holds the cross products B_i A_j (i != j): these numbers show how
+    far that is from the mean of the parents' updates. Two adapters only.
+    """
+    import json
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    def deltas(d: str | Path) -> dict[str, np.ndarray]:
+        p = Path(d)
+        cfg = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
+        w = load_file(str(p / "adapter_model.safetensors"))
+        out = {}
+        for k, a in w.items():
+            if ".lora_A." in k:
+                b = w[k.replace(".lora_A.", ".lora_B.")]
+                r = a.shape[0]
+                scale = cfg["lora_alpha"] / (r ** 0.5 if cfg.get("use_rslora") else r)
+                out[k.replace(".lora_A.weight", "")] = scale * (b.astype(np.float64) @ a.astype(np.float64))
+        return out
+
+    if len(adapters) != 2:
+        raise InputError(f"update_geometry takes two adapters (got {len(adapters)})")
+    d1, d2, dm = deltas(adapters[0]), deltas(adapters[1]), deltas(merged_adapter)
+    if set(d1) != set(d2) or set(d1) != set(dm):
+        raise InputError("the adapters adapt different modules")
+    acc: dict[str, float] = {}
+    for name in sorted(d1):
+        vecs = {"1": d1[name], "2": d2[name], "m": dm[name], "mean": (d1[name] + d2[name]) / 2}
+        for x, y in (("1", "1"), ("2", "2"), ("m", "m"), ("mean", "mean"), ("m", "1"), ("m", "2"), ("m", "mean"), ("1", "2")):
+            acc[x + "." + y] = acc.get(x + "." + y, 0.0) + float(np.vdot(vecs[x], vecs[y]))
+    n = {k: acc[f"{k}.{k}"] ** 0.5 for k in ("1", "2", "m", "mean")}
+
+    def cos(x: str, y: str) -> float:
+        return acc[f"{x}.{y}"] / (n[x] * n[y]) if n[x] and n[y] else float("nan")
+
+    return {"norm_model1": n["1"], "norm_model2": n["2"], "norm_merged": n["m"], "norm_mean": n["mean"],
+            "cos_merged_model1": cos("m", "1"), "cos_merged_model2": cos("m", "2"),
+            "cos_merged_mean": cos("m", "mean"), "cos_model1_model2": cos("1", "2")}

@@ -1,0 +1,528 @@
+"""The end-to-end pipeline of `umerge demo`: "unlearning via model merging" in one command, on a CPU.
+
+Stages (each one call into the package's own pieces; this module only orchestrates and records):
+
+1. data: the synthetic world (`umerge.demo.world`), or ``--data DIR``;
+2. vanilla: a byte-level BPE tokenizer and a tiny OLMo (`umerge.tiny`) fine-tuned on the forget and
+   retain rows (and on the utility questions, see below) until it memorises them: the calibration
+   target is regurgitation >= 0.8 on both splits, measured with the task's scorer and recorded;
+   or ``--model DIR`` used as is;
+3. unlearn: LoRA adapters with the zjuklab-model1 and zjuklab-model2 presets (`umerge.unlearn.train`,
+   scaled down for the tiny model by `DemoConfig.unlearn_overrides`), with a per-epoch evaluation
+   hook for the score curves;
+4. merge: TIES at density 0.8 factor-wise on the adapters (PEFT ``add_weighted_adapter`` semantics,
+   as the paper's system) and TIES on the full updates with the umerge engine (`umerge.demo.merging`);
+5. evaluate vanilla, model1, model2 and both merges (`umerge.evaluate.evaluate`: regurgitation,
+   knowledge, Task Aggregate, MIA, MMLU-format utility, final aggregate);
+6. analyses (`umerge.analysis`): loss curves, score curves, parameter-change angles, the density
+   sweep, the merge-method comparison;
+7. report.json, and report.md rendered from it (`umerge.demo.render`).
+
+Why the vanilla model also learns the utility questions: a tiny model trained from scratch knows
+nothing outside the world, so an MMLU-style probe would sit at chance (0.25) before and after
+unlearning and measure nothing. The demo therefore gives the vanilla model the utility set's
+multiple-choice prompts (about retain-set facts only, never about the forget set) as its "general
+knowledge", the way a pretrained model knows MMLU's facts; the unlearning data never contains them,
+so a drop in MMLU accuracy is collateral damage of unlearning, as in the task.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from umerge.demo.config import UNLEARN_SCALING_NOTE, DemoConfig, config_for
+from umerge.errors import InputError
+
+FORMAT = "umerge-demo-report/1"
+MARKER = ".umerge-demo"  # marks a directory written by the demo, so --overwrite only ever removes ours
+PRESETS = ("zjuklab-model1", "zjuklab-model2")
+MODEL_NAMES = {"zjuklab-model1": "model1", "zjuklab-model2": "model2"}
+#: AUC thresholds used to call a model over- or under-forgetting (0.5 is a perfect MIA score).
+OVER_FORGET_AUC = 0.45
+UNDER_FORGET_AUC = 0.55
+
+
+@dataclass
+class DemoOptions:
+    """What the user asked for (the CLI's options)."""
+
+    out: str | Path
+    quick: bool = False
+    data_dir: str | Path | None = None
+    model_dir: str | Path | None = None
+    seed: int = 0
+    overwrite: bool = False
+    progress: bool = True
+    config: DemoConfig | None = None  # None: `config_for(quick, seed)`
+
+    def command(self) -> str:
+        """The `umerge demo` command line that reproduces this run."""
+        parts = ["umerge", "demo", "-o", str(self.out)]
+        if self.quick:
+            parts.append("--quick")
+        if self.data_dir:
+            parts += ["--data", str(self.data_dir)]
+        if self.model_dir:
+            parts += ["--model", str(self.model_dir)]
+        parts += ["--seed", str(self.seed)]
+        if self.overwrite:
+            parts.append("--overwrite")
+        return shlex.join(parts)
+
+
+class _Log:
+    """Stage messages on stderr and the wall time of each stage."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    def say(self, msg: str) -> None:
+        if self.enabled:
+            print(f"[demo {time.perf_counter() - self.t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    def stage(self, name: str, fn: Callable[[], Any]) -> Any:
+        self.say(f"{name} ...")
+        t = time.perf_counter()
+        result = fn()
+        self.timings[name] = round(time.perf_counter() - t, 1)
+        self.say(f"{name}: done in {self.timings[name]:.1f}s")
+        return result
+
+
+def _check_inputs(opts: DemoOptions) -> None:
+    """Fail on bad --data/--model before anything is written."""
+    if opts.data_dir is not None:
+        d = Path(opts.data_dir)
+        for name in ("forget.jsonl", "retain.jsonl"):
+            if not (d / name).is_file():
+                raise InputError(f"{d}: no {name} (--data needs a directory with forget.jsonl and retain.jsonl)")
+    if opts.model_dir is not None and not (Path(opts.model_dir) / "config.json").is_file():
+        raise InputError(f"{opts.model_dir}: not a model directory (no config.json)")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"output directory {out} exists and is not empty (use --overwrite)")
+        if not (out / MARKER).exists():
+            raise InputError(f"{out} is not empty and was not written by `umerge demo`: refusing to delete it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by umerge demo; --overwrite may delete this directory\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class _Data:
+    dir: Path
+    members: Path | None
+    nonmembers: Path | None
+    mmlu: Path | None
+    synthetic: bool
+
+
+def _data(opts: DemoOptions, cfg: DemoConfig, out: Path) -> _Data:
+    if opts.data_dir is not None:
+        d = Path(opts.data_dir)
+        mem, non = d / "mia" / "member.jsonl", d / "mia" / "nonmember.jsonl"
+        has_mia = mem.is_file() and non.is_file()
+        mmlu = d / "mmlu" if (d / "mmlu" / "test").is_dir() else None
+        return _Data(d, mem if has_mia else None, non if has_mia else None, mmlu, synthetic=False)
+    from umerge.demo.world import WorldConfig, generate_world, write_world
+
+    world = generate_world(WorldConfig(seed=cfg.seed, docs_per_task=cfg.docs_per_task,
+                                       nonmember_docs_per_task=cfg.nonmember_docs_per_task))
+    d = write_world(world, out / "data")
+    return _Data(d, d / "mia" / "member.jsonl", d / "mia" / "nonmember.jsonl", d / "mmlu", synthetic=True)
+
+
+def _utility_rows(data: _Data, k_shot: int) -> list[Any]:
+    """The MMLU-format prompts of the utility set as training rows (prompt -> " <letter>")."""
+    from umerge.evaluate.mmlu import build_prompt, load_mmlu
+    from umerge.unlearn.data import Row
+
+    if data.mmlu is None:
+        return []
+    rows = []
+    for subject, parts in load_mmlu(data.mmlu).items():
+        for split in ("dev", "test"):
+            for i, q in enumerate(parts[split]):
+                k = 0 if split == "dev" else min(k_shot, len(parts["dev"]))
+                prompt = build_prompt(subject, parts["dev"], q, k)
+                rows.append(Row(id=f"mmlu-{subject}-{split}-{i}qa0", input=prompt, output=f" {q[5]}",
+                                task="utility", kind="qa", kind_index=0, split="retain"))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation helpers
+
+
+def _scores(report: Any) -> dict[str, float | None]:
+    from umerge.analysis.sweep import score_row
+
+    return score_row(report)
+
+
+class _Evaluator:
+    """`umerge.evaluate.evaluate` with the demo's data (MIA and MMLU files included) and settings."""
+
+    def __init__(self, data: _Data, cfg: DemoConfig, out: Path, progress: bool) -> None:
+        self.data, self.cfg, self.out, self.progress = data, cfg, out, progress
+
+    def kwargs(self) -> dict[str, Any]:
+        d = self.data
+        return dict(data=str(d.dir), mia_members=str(d.members) if d.members else None,
+                    mia_nonmembers=str(d.nonmembers) if d.nonmembers else None,
+                    mmlu_dir=str(d.mmlu) if d.mmlu else None, batch_size=self.cfg.eval_batch_size,
+                    max_new_tokens=self.cfg.max_new_tokens, mmlu_k_shot=self.cfg.mmlu_k_shot, progress=False)
+
+    def __call__(self, model: str | Path, name: str, out: Path | None = None) -> Any:
+        from umerge.evaluate import evaluate
+
+        return evaluate(str(model), out=str(out) if out else None, name=name, **self.kwargs())
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+
+
+def _build_vanilla(opts: DemoOptions, cfg: DemoConfig, data: _Data, out: Path, ev: _Evaluator,
+                   log: _Log) -> tuple[Path, dict[str, Any]]:
+    """The model to unlearn from, and the calibration record (regurgitation on both splits)."""
+    calibration: dict[str, Any] = {"target": cfg.calibration_target, "rounds": []}
+
+    def measure(model: Path, round_no: int, epochs_total: int) -> bool:
+        rep = ev(model, "vanilla", out / "eval" / f"calibration-{round_no}")
+        s = _scores(rep)
+        rec = {"round": round_no, "epochs_total": epochs_total,
+               "forget_regurgitation": s["forget_regurgitation"], "retain_regurgitation": s["retain_regurgitation"],
+               "forget_knowledge": s["forget_knowledge"], "retain_knowledge": s["retain_knowledge"]}
+        calibration["rounds"].append(rec)
+        ok = min(s["forget_regurgitation"] or 0.0, s["retain_regurgitation"] or 0.0) >= cfg.calibration_target
+        log.say(f"calibration round {round_no}: regurgitation forget {rec['forget_regurgitation']:.3f}, "
+                f"retain {rec['retain_regurgitation']:.3f} (target >= {cfg.calibration_target}): "
+                f"{'met' if ok else 'not met'}")
+        return ok
+
+    if opts.model_dir is not None:
+        vanilla = Path(opts.model_dir)
+        calibration["passed"] = measure(vanilla, 0, 0)
+        calibration["source"] = "given model (--model), not fine-tuned by the demo"
+        return vanilla, calibration
+
+    from umerge.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
+    from umerge.unlearn import finetune, load_task_data
+
+    task = load_task_data(data.dir)
+    utility = _utility_rows(data, cfg.mmlu_k_shot)
+    texts = [r.input + r.output for r in list(task.forget) + list(task.retain) + utility]
+    if data.nonmembers is not None:
+        from umerge.evaluate.data import load_mia_documents
+
+        texts += [d["text"] for d in load_mia_documents(str(data.nonmembers), "nonmember")]
+    tok = train_byte_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
+    model = build_tiny_olmo(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                            intermediate_size=cfg.intermediate_size, seed=cfg.seed)
+    calibration["parameters"] = sum(p.numel() for p in model.parameters())
+    init = save_model(model, tok, out / "models" / "init")
+    rows = list(task.forget) + list(task.retain) + utility
+    calibration["training_rows"] = {"forget": len(task.forget), "retain": len(task.retain), "utility": len(utility)}
+    vanilla = out / "models" / "vanilla"
+    res = finetune(init, rows, vanilla, epochs=cfg.vanilla_epochs, lr=cfg.vanilla_lr, seed=cfg.seed,
+                   prompt_loss=True, progress=opts.progress)
+    epochs = cfg.vanilla_epochs
+    calibration["finetune_losses"] = [res.epoch_losses]
+    ok = measure(vanilla, 1, epochs)
+    round_no = 1
+    while not ok and round_no <= cfg.vanilla_extra_rounds:
+        round_no += 1
+        more = max(1, cfg.vanilla_epochs // 2)
+        nxt = out / "models" / f"vanilla-round{round_no}"
+        res = finetune(vanilla, rows, nxt, epochs=more, lr=cfg.vanilla_lr / 2, seed=cfg.seed + round_no,
+                       prompt_loss=True, progress=opts.progress)
+        shutil.rmtree(vanilla)
+        nxt.rename(vanilla)
+        epochs += more
+        calibration["finetune_losses"].append(res.epoch_losses)
+        ok = measure(vanilla, round_no, epochs)
+    calibration["passed"] = ok
+    calibration["source"] = "tiny OLMo built and fine-tuned by the demo"
+    return vanilla, calibration
+
+
+def _unlearn(opts: DemoOptions, cfg: DemoConfig, data: _Data, vanilla: Path, out: Path) -> dict[str, Any]:
+    from umerge.evaluate.run import epoch_eval_hook
+    from umerge.unlearn import get_preset, train
+
+    overrides = dict(cfg.unlearn_overrides) if opts.model_dir is None else {}
+    runs: dict[str, Any] = {}
+    for preset in PRESETS:
+        hook = epoch_eval_hook(str(data.dir), max_rows=None, max_new_tokens=cfg.max_new_tokens,
+                               batch_size=cfg.eval_batch_size,
+                               mia_members=str(data.members) if data.members else None,
+                               mia_nonmembers=str(data.nonmembers) if data.nonmembers else None)
+        run_dir = out / "runs" / MODEL_NAMES[preset]
+        res = train(vanilla, str(data.dir), preset, run_dir, overrides=overrides, eval_hook=hook,
+                    progress=opts.progress)
+        runs[MODEL_NAMES[preset]] = {
+            "preset": preset, "dir": run_dir, "log": res.log_path, "steps": res.steps,
+            "config": res.config.to_dict(), "preset_defaults": get_preset(preset).to_dict(),
+            "overrides": overrides,
+        }
+    return runs
+
+
+def _merge_main(cfg: DemoConfig, vanilla: Path, runs: dict[str, Any], out: Path, log: _Log) -> tuple[dict[str, Path], list[str]]:
+    from umerge.demo.merging import fold_adapter, merge_adapters, merge_full
+
+    models: dict[str, Path] = {}
+    missing: list[str] = []
+    for name in ("model1", "model2"):
+        models[name] = fold_adapter(vanilla, runs[name]["dir"], out / "models" / name)
+    adapters = [runs["model1"]["dir"], runs["model2"]["dir"]]
+    models["merge-ties-factorwise"] = merge_adapters(
+        vanilla, adapters, out / "models" / "merge-ties-factorwise", method="ties", density=cfg.density,
+        weights=cfg.weights, seed=cfg.seed, adapter_out=out / "models" / "merge-ties-factorwise-adapter")
+    try:
+        models["merge-ties-full"] = merge_full([models["model1"], models["model2"]], vanilla,
+                                               out / "models" / "merge-ties-full", method="ties",
+                                               density=cfg.density, weights=cfg.weights, seed=cfg.seed)
+    except (NotImplementedError, ImportError, AttributeError) as exc:
+        missing.append(f"full-update TIES (umerge engine): {exc}")
+        log.say(f"full-update TIES skipped: {exc}")
+    return models, missing
+
+
+def _methods(cfg: DemoConfig, vanilla: Path, runs: dict[str, Any], models: dict[str, Path], ev: _Evaluator,
+             out: Path, main_scores: dict[str, dict[str, Any]], log: _Log) -> tuple[list[dict[str, Any]], list[str]]:
+    """Table 2: every method, factor-wise on the adapters (PEFT) and on the full updates (engine)."""
+    from umerge.demo.merging import merge_adapters, merge_full
+
+    rows: list[dict[str, Any]] = []
+    missing: list[str] = []
+    adapters = [runs["model1"]["dir"], runs["model2"]["dir"]]
+    tmp = out / "methods" / "merged"
+    for method in cfg.methods:
+        for path in ("factor-wise (PEFT)", "full update (umerge)"):
+            density = None if method == "linear" else cfg.density
+            entry: dict[str, Any] = {"method": method, "path": path, "density": density}
+            if method == "ties" and path.startswith("factor") and "merge-ties-factorwise" in main_scores:
+                entry.update(main_scores["merge-ties-factorwise"])  # the headline merge: already evaluated
+                rows.append(entry)
+                continue
+            if method == "ties" and path.startswith("full") and "merge-ties-full" in main_scores:
+                entry.update(main_scores["merge-ties-full"])
+                rows.append(entry)
+                continue
+            target = tmp / f"{method}-{'factorwise' if path.startswith('factor') else 'full'}"
+            try:
+                if path.startswith("factor"):
+                    merge_adapters(vanilla, adapters, target, method=method, density=cfg.density,
+                                   weights=cfg.weights, seed=cfg.seed)
+                else:
+                    merge_full([models["model1"], models["model2"]], vanilla, target, method=method,
+                               density=cfg.density, weights=cfg.weights, seed=cfg.seed)
+            except (NotImplementedError, ImportError, AttributeError) as exc:
+                missing.append(f"{method}, {path}: {exc}")
+                log.say(f"method {method} ({path}) not available: {exc}")
+                continue
+            rep = ev(target, f"{method} {path}", out / "methods" / "reports" / target.name)
+            entry.update(_scores(rep))
+            rows.append(entry)
+            shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rows, missing
+
+
+def _findings(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Plain statements about over/under-forgetting from the MIA AUCs (see the thresholds above)."""
+    def auc(name: str) -> float | None:
+        return scores.get(name, {}).get("mia_auc")
+
+    a1, a2, am = auc("model1"), auc("model2"), auc("merge-ties-factorwise")
+    f: dict[str, Any] = {"thresholds": {"over_forgets_if_auc_below": OVER_FORGET_AUC,
+                                        "under_forgets_if_auc_above": UNDER_FORGET_AUC},
+                         "auc": {"model1": a1, "model2": a2, "merge-ties-factorwise": am,
+                                 "merge-ties-full": auc("merge-ties-full"), "vanilla": auc("vanilla")}}
+    if a1 is None or a2 is None or am is None:
+        f["available"] = False
+        return f
+    f["available"] = True
+    f["model1_over_forgets"] = a1 < OVER_FORGET_AUC
+    f["model2_under_forgets"] = a2 > UNDER_FORGET_AUC
+    lo, hi = min(a1, a2), max(a1, a2)
+    f["merge_between"] = lo < am < hi
+    f["merge_closer_to_half_than_both"] = abs(am - 0.5) < min(abs(a1 - 0.5), abs(a2 - 0.5))
+    full = auc("merge-ties-full")
+    if full is not None:
+        f["full_merge_between"] = lo < full < hi
+    f["explanation"] = _explain(scores, f)
+    return f
+
+
+def _explain(scores: dict[str, dict[str, Any]], f: dict[str, Any]) -> str:
+    """A few plain sentences built from the numbers (no claim that the numbers do not support)."""
+    parts = []
+    if f["model1_over_forgets"] and f["model2_under_forgets"] and f["merge_between"]:
+        parts.append("The paper's pattern appears at this scale: the model1 preset over-forgets, the model2 preset "
+                     "under-forgets, and their factor-wise TIES merge lands between them.")
+    else:
+        missing = [s for s, ok in (("model1 does not over-forget", f["model1_over_forgets"]),
+                                   ("model2 does not under-forget", f["model2_under_forgets"]),
+                                   ("the merge does not land between them", f["merge_between"])) if not ok]
+        parts.append("The paper's pattern does not fully appear at this scale: " + "; ".join(missing) + ".")
+    ranked = sorted(((s.get("aggregate") or 0.0, n) for n, s in scores.items()), reverse=True)
+    if ranked:
+        parts.append(f"Best final aggregate: {ranked[0][1]}.")
+    v, m = scores.get("vanilla", {}), scores.get("merge-ties-factorwise", {})
+    if v.get("retain_knowledge") is not None and m.get("retain_knowledge") is not None and \
+            m["retain_knowledge"] < v["retain_knowledge"] - 0.1:
+        parts.append("Unlearning is not free here: the merge keeps less retain-set knowledge than the vanilla model "
+                     "(Table 1, second part).")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def run_demo(opts: DemoOptions) -> Path:
+    """Run the whole pipeline; return the path of report.md."""
+    try:
+        import peft  # noqa: F401
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise InputError(f'the demo needs the train extra (torch, transformers, peft): pip install "umerge[train]" ({exc})') from None
+
+    cfg = opts.config or config_for(opts.quick, opts.seed, given_model=opts.model_dir is not None)
+    threads = torch.get_num_threads()
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    try:
+        return _run(opts, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
+    import torch
+    import transformers
+
+    from umerge.analysis import angle_analysis, density_sweep, loss_curves, score_curves
+
+    transformers.utils.logging.disable_progress_bar()  # per-file load/save bars: noise in the demo's output
+    out = Path(opts.out)
+    _check_inputs(opts)
+    _prepare_out(out, opts.overwrite)
+    log = _Log(opts.progress)
+    torch.manual_seed(cfg.seed)
+    t_start = time.perf_counter()
+
+    data: _Data = log.stage("data", lambda: _data(opts, cfg, out))
+    ev = _Evaluator(data, cfg, out, opts.progress)
+    vanilla, calibration = log.stage("vanilla model (fine-tune until it memorises)",
+                                     lambda: _build_vanilla(opts, cfg, data, out, ev, log))
+    runs = log.stage("unlearning (zjuklab-model1, zjuklab-model2)", lambda: _unlearn(opts, cfg, data, vanilla, out))
+    models, missing = log.stage("merging (TIES factor-wise and full-update)",
+                                lambda: _merge_main(cfg, vanilla, runs, out, log))
+    models = {"vanilla": vanilla, **models}
+    from umerge.demo.merging import update_geometry
+
+    geometry = update_geometry([runs["model1"]["dir"], runs["model2"]["dir"]],
+                               out / "models" / "merge-ties-factorwise-adapter")
+
+    def evaluate_all() -> dict[str, dict[str, Any]]:
+        res = {}
+        for name, path in models.items():
+            rep = ev(path, name, out / "eval" / name)
+            res[name] = {**_scores(rep), "report": str((out / "eval" / name / "report.json").relative_to(out))}
+            log.say(f"{name}: " + ", ".join(f"{k}={v:.3f}" for k, v in res[name].items() if isinstance(v, float)))
+        return res
+
+    scores = log.stage("evaluation", evaluate_all)
+
+    figures_dir = out / "figures"
+    figures: dict[str, str] = {}
+
+    def curves() -> None:
+        logs = [runs["model1"]["log"], runs["model2"]["log"]]
+        p = loss_curves(logs, figures_dir, labels=["model1", "model2"])
+        figures["loss_curves"] = str(p["figure"].relative_to(out))
+        p = score_curves({"model1": runs["model1"]["log"], "model2": runs["model2"]["log"]}, figures_dir)
+        figures["score_curves"] = str(p["figure"].relative_to(out))
+        p = angle_analysis({"model1": runs["model1"]["dir"], "model2": runs["model2"]["dir"]}, figures_dir)
+        figures["angles"] = str(p["figure"].relative_to(out))
+
+    log.stage("analyses: loss curves, score curves, angles", curves)
+
+    from umerge.demo.merging import merge_adapters
+
+    adapters = [runs["model1"]["dir"], runs["model2"]["dir"]]
+
+    def sweep() -> list[dict[str, Any]]:
+        res = density_sweep(
+            lambda d, target: merge_adapters(vanilla, adapters, target, method="ties", density=d,
+                                             weights=cfg.weights, seed=cfg.seed),
+            lambda merged: ev(merged, f"ties factor-wise d={Path(merged).name}"),
+            out / "sweep", densities=cfg.sweep_densities, progress=False)
+        shutil.copyfile(res["figure"], figures_dir / "density_sweep.png")
+        figures["density_sweep"] = "figures/density_sweep.png"
+        return res["rows"]
+
+    sweep_rows = log.stage("density sweep (TIES factor-wise)", sweep)
+    method_rows, missing_methods = log.stage(
+        "merge-method comparison", lambda: _methods(cfg, vanilla, runs, models, ev, out, scores, log))
+    missing += missing_methods
+    if method_rows:
+        from umerge.analysis import methods_table
+
+        methods_table({f"{m['method']}, {m['path']}": m for m in method_rows}, figures_dir)
+        figures["methods"] = "figures/methods.png"
+
+    report: dict[str, Any] = {
+        "format": FORMAT,
+        "command": opts.command(),
+        "config": cfg.to_dict(),
+        "seeds": {"world": cfg.seed if data.synthetic else None, "model_init": cfg.seed, "vanilla_finetune": cfg.seed,
+                  "unlearning": {n: r["config"]["seed"] for n, r in runs.items()}, "dare": cfg.seed},
+        "data": {"dir": str(data.dir), "synthetic": data.synthetic,
+                 "mia": bool(data.members), "mmlu": str(data.mmlu) if data.mmlu else None},
+        "calibration": calibration,
+        "unlearning": {n: {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for n, r in runs.items()},
+        "unlearning_note": UNLEARN_SCALING_NOTE if opts.model_dir is None else None,
+        "models": {n: str(p) for n, p in models.items()},
+        "scores": scores,
+        "table1": ["vanilla", "model1", "model2", "merge-ties-factorwise", "merge-ties-full"],
+        "table2": method_rows,
+        "sweep": sweep_rows,
+        "figures": figures,
+        "findings": _findings(scores),
+        "factorwise_update": geometry,
+        "missing": missing,
+        "timings_s": {**log.timings, "total": round(time.perf_counter() - t_start, 1)},
+        "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
+                        "threads": torch.get_num_threads()},
+    }
+    report["table1"] = [n for n in report["table1"] if n in scores]
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    from umerge.demo.render import render_report
+
+    md = out / "report.md"
+    md.write_text(render_report(json.loads((out / "report.json").read_text(encoding="utf-8"))), encoding="utf-8")
+    log.say(f"total {report['timings_s']['total']:.1f}s")
+    return md

@@ -1,0 +1,186 @@
+"""Render the demo's report.md from report.json's data, and nothing else.
+
+Every number in the Markdown is formatted from the dict that is report.json (4 decimals, "n/a" for a
+missing value), so the two cannot disagree; `tests/test_demo_quick.py` checks that they do not.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+DISPLAY = {
+    "vanilla": "Vanilla (memorised)",
+    "model1": "zjuklab-model1 (over-forgetting preset)",
+    "model2": "zjuklab-model2 (under-forgetting preset)",
+    "merge-ties-factorwise": "TIES merge, factor-wise (PEFT semantics, density {d})",
+    "merge-ties-full": "TIES merge, full update (umerge engine, density {d})",
+}
+
+
+def fmt(v: Any) -> str:
+    """A number as the report prints it."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{float(v):.4f}"
+
+
+def _mia(s: dict[str, Any]) -> str:
+    return "n/a" if s.get("mia_score") is None else f"{fmt(s['mia_score'])} / {fmt(s['mia_auc'])}"
+
+
+def _yes(v: Any) -> str:
+    return "yes" if v else "no"
+
+
+def render_report(r: dict[str, Any]) -> str:
+    """report.md for a report.json object."""
+    cfg = r["config"]
+    d = cfg["density"]
+    scores = r["scores"]
+    L: list[str] = []
+    L += ["# umerge demo: unlearning via model merging", ""]
+    L += [f"Reproduce with `{r['command']}` ({cfg['mode']} mode, seed {cfg['seed']}). "
+          f"Total wall time {r['timings_s']['total']:.0f} s (torch threads: {r['environment']['threads']}).", ""]
+
+    # -- findings first: what a reader wants to know
+    f = r["findings"]
+    L += ["## Finding", ""]
+    if not f.get("available"):
+        L += ["The MIA AUCs needed to judge over/under-forgetting are not available (no MIA data or a missing model).", ""]
+    else:
+        a = f["auc"]
+        th = f["thresholds"]
+        L += [
+            f"- model1 over-forgets (MIA AUC {fmt(a['model1'])} < {th['over_forgets_if_auc_below']}): "
+            f"**{_yes(f['model1_over_forgets'])}**.",
+            f"- model2 under-forgets (MIA AUC {fmt(a['model2'])} > {th['under_forgets_if_auc_above']}): "
+            f"**{_yes(f['model2_under_forgets'])}**.",
+            f"- the factor-wise TIES merge (AUC {fmt(a['merge-ties-factorwise'])}) lands between them: "
+            f"**{_yes(f['merge_between'])}**; closer to 0.5 than both: **{_yes(f['merge_closer_to_half_than_both'])}**.",
+        ]
+        if "full_merge_between" in f:
+            L.append(f"- the full-update TIES merge (AUC {fmt(a['merge-ties-full'])}) lands between them: "
+                     f"**{_yes(f['full_merge_between'])}**.")
+        if f.get("explanation"):
+            L += ["", f["explanation"]]
+        L.append("")
+    size = (f"a model of {r['calibration']['parameters']} parameters" if r["calibration"].get("parameters")
+            else "the given model")
+    world = f", {cfg['docs_per_task']} documents per task per split" if r["data"]["synthetic"] else ""
+    L += [f"How far to trust this: one seed{world} and {size}; the MIA AUC is computed over one document per "
+          "forget-set row against the nonmember rows, so differences of a few hundredths are noise. Run with "
+          "other `--seed` values to see the spread.", ""]
+
+    g = r.get("factorwise_update")
+    if g:
+        L += ["Why the two TIES merges differ: factor-wise TIES merges the LoRA factors A and B separately, so "
+              "the merged update B_m A_m also holds the cross products B_i A_j of different adapters. "
+              "Measured over all adapted modules (Δ = scaling · B A, concatenated):", "",
+              "| norm Δ model1 | norm Δ model2 | norm of their mean | norm Δ factor-wise merge | cos(merge, mean) | "
+              "cos(merge, model1) | cos(merge, model2) | cos(model1, model2) |",
+              "|---|---|---|---|---|---|---|---|",
+              f"| {fmt(g['norm_model1'])} | {fmt(g['norm_model2'])} | {fmt(g['norm_mean'])} | {fmt(g['norm_merged'])} | "
+              f"{fmt(g['cos_merged_mean'])} | {fmt(g['cos_merged_model1'])} | {fmt(g['cos_merged_model2'])} | "
+              f"{fmt(g['cos_model1_model2'])} |", ""]
+
+    # -- Table 1
+    L += ["## Table 1: unlearned models and their merge", "",
+          "Task Aggregate: harmonic mean of the 12 regurgitation/knowledge values (forget values as 1 - v); "
+          "MIA score = 1 - 2|AUC - 0.5| of the loss attack on forget-set members vs nonmembers; "
+          "MMLU: accuracy on the world's multiple-choice utility set (questions about retain-set facts, which the vanilla "
+          "model also learnt in this format, standing in for general knowledge); Aggregate: mean of the three.", "",
+          "| Model | Task Aggregate | MIA score / AUC | MMLU | Aggregate |", "|---|---|---|---|---|"]
+    for name in r["table1"]:
+        s = scores[name]
+        L.append(f"| {DISPLAY.get(name, name).format(d=d)} | {fmt(s['task_aggregate'])} | {_mia(s)} | "
+                 f"{fmt(s['mmlu'])} | {fmt(s['aggregate'])} |")
+    L += ["", "Overall scores per split (regurgitation: ROUGE-L recall on sentence completions; knowledge: exact "
+          "match on QA):", "",
+          "| Model | forget regurgitation | forget knowledge | retain regurgitation | retain knowledge |",
+          "|---|---|---|---|---|"]
+    for name in r["table1"]:
+        s = scores[name]
+        L.append(f"| {DISPLAY.get(name, name).format(d=d)} | {fmt(s['forget_regurgitation'])} | "
+                 f"{fmt(s['forget_knowledge'])} | {fmt(s['retain_regurgitation'])} | {fmt(s['retain_knowledge'])} |")
+    L.append("")
+
+    # -- Table 2
+    L += ["## Table 2: merge methods", "",
+          f"The two adapters merged with weights {cfg['weights']} by each method (density {d} where it applies), "
+          "factor-wise on the LoRA factors as PEFT's add_weighted_adapter does, and on the full updates with "
+          "the umerge engine.", "",
+          "| Method | Path | Task Aggregate | MIA score / AUC | MMLU | Aggregate |", "|---|---|---|---|---|---|"]
+    for row in r["table2"]:
+        L.append(f"| {row['method']} | {row['path']} | {fmt(row['task_aggregate'])} | {_mia(row)} | "
+                 f"{fmt(row['mmlu'])} | {fmt(row['aggregate'])} |")
+    if "methods" in r["figures"]:
+        L += ["", f"Bar chart: [{r['figures']['methods']}]({r['figures']['methods']})."]
+    if r["missing"]:
+        L += ["", "Not available in this run:", ""] + [f"- {m}" for m in r["missing"]]
+    L.append("")
+
+    # -- density sweep numbers (Figure 4's data)
+    L += ["## Density sweep (TIES, factor-wise)", "",
+          "| Density | Task Aggregate | MIA score / AUC | MMLU | Aggregate |", "|---|---|---|---|---|"]
+    for row in r["sweep"]:
+        L.append(f"| {fmt(row['density'])} | {fmt(row['task_aggregate'])} | {_mia(row)} | {fmt(row['mmlu'])} | "
+                 f"{fmt(row['aggregate'])} |")
+    L.append("")
+
+    # -- figures
+    L += ["## Figures", ""]
+    captions = {
+        "loss_curves": "Figure 1. Loss terms over optimizer steps (NPO on forget, KL and NLL on retain).",
+        "score_curves": "Figure 2. Scores after each unlearning epoch (full forget/retain sets, MIA).",
+        "angles": "Figure 3. Angles between parameter-change vectors ΔP(0→s), ΔP(s→F), ΔP(0→F).",
+        "density_sweep": "Figure 4. Scores of the factor-wise TIES merge against density.",
+    }
+    for key, caption in captions.items():
+        if key in r["figures"]:
+            L += [f"![{key}]({r['figures'][key]})", "", caption, ""]
+        else:
+            L += [f"({key}: not produced in this run)", ""]
+
+    # -- calibration
+    c = r["calibration"]
+    L += ["## Calibration: the vanilla model memorises", "",
+          f"Target: regurgitation >= {c['target']} on both splits. {c.get('source', '')}. "
+          f"Passed: **{_yes(c.get('passed'))}**.", "",
+          "| Round | Epochs (total) | forget regurgitation | retain regurgitation | forget knowledge | retain knowledge |",
+          "|---|---|---|---|---|---|"]
+    for rd in c["rounds"]:
+        L.append(f"| {rd['round']} | {rd['epochs_total']} | {fmt(rd['forget_regurgitation'])} | "
+                 f"{fmt(rd['retain_regurgitation'])} | {fmt(rd['forget_knowledge'])} | {fmt(rd['retain_knowledge'])} |")
+    L.append("")
+
+    # -- setup, seeds, commands
+    L += ["## Setup", ""]
+    L += [f"- Data: {r['data']['dir']} ({'synthetic world, generated' if r['data']['synthetic'] else 'given with --data'}; "
+          f"{cfg['docs_per_task']} documents per task per split, {cfg['nonmember_docs_per_task']} nonmember documents per task)"
+          if r["data"]["synthetic"] else f"- Data: {r['data']['dir']} (given with --data)"]
+    if c.get("parameters"):
+        L.append(f"- Model: tiny OLMo, {c['parameters']} parameters (hidden {cfg['hidden_size']}, {cfg['num_layers']} layers, "
+                 f"{cfg['num_heads']} heads), byte-level BPE with {cfg['vocab_size']} tokens trained on the world's text; "
+                 f"fine-tuned {cfg['vanilla_epochs']} epochs at lr {cfg['vanilla_lr']} on forget + retain + utility rows "
+                 f"{c.get('training_rows', '')}.")
+    for name, u in r["unlearning"].items():
+        conf = u["config"]
+        L.append(f"- {name}: preset {u['preset']}, npo/kl/retain weights {conf['npo_weight']}/{conf['kl_weight']}/"
+                 f"{conf['retain_weight']}, batch {conf['batch_size']} x accumulation {conf['grad_accum']}, {conf['epochs']} "
+                 f"epochs, lr {conf['lr']}, LoRA r {conf['lora_r']} alpha {conf['lora_alpha']}, max_length "
+                 f"{conf['max_length']}, seed {conf['seed']}; overrides of the preset: {u['overrides'] or 'none'}; "
+                 f"{u['steps']} optimizer steps.")
+    if r.get("unlearning_note"):
+        L.append(f"- Why the overrides: {r['unlearning_note']}")
+    L.append(f"- Evaluation: greedy generation, at most {cfg['max_new_tokens']} new tokens, batch {cfg['eval_batch_size']}; "
+             f"MMLU {cfg['mmlu_k_shot']}-shot.")
+    s = r["seeds"]
+    L.append(f"- Seeds: world {s['world']}, model init {s['model_init']}, vanilla fine-tune {s['vanilla_finetune']}, "
+             f"unlearning {s['unlearning']}, DARE masks {s['dare']}.")
+    L += ["", "Commands:", "", "```", r["command"], "```", ""]
+    L += ["Wall time per stage (seconds):", "", "| Stage | Seconds |", "|---|---|"]
+    for k, v in r["timings_s"].items():
+        L.append(f"| {k} | {v:.1f} |")
+    L.append("")
+    return "\n".join(L)

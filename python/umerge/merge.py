@@ -1,0 +1,301 @@
+"""The typed Python API of the merge engine: `umerge.ties`, `umerge.merge`, `umerge.inspect`.
+
+A thin layer over the native engine (`umerge._core`): it builds the merge *spec*, a JSON object
+the engine validates and runs, and turns the engine's JSON report into a `MergeReport`.
+
+Spec format (what `build_spec` returns; also recorded in `umerge.yml` beside every output)::
+
+    {
+      "method": "ties",                        # merge method
+      "models": [                              # input checkpoints: a directory (model.safetensors,
+        {"path": "ft1/", "params": {"weight": 0.7}},   # a sharded index, or *.safetensors) or a file
+        {"path": "ft2/"}
+      ],
+      "base": "base/",                         # the model the fine-tunes started from (or null)
+      "params": {"density": 0.8, "lambda": 1.0, "preset": "mergekit"},   # global parameters
+      "out": "merged/",                        # output directory (built beside it, renamed in)
+      "out_dtype": "bf16",                     # bf16 | f16 | f32 | null (= the base's dtype)
+      "threads": 2,                            # null = all cores
+      "memory_budget": 536870912,              # bytes of working memory (null = 512 MiB)
+      "max_shard_size": 5000000000,            # bytes per shard file, header included (null = 5 GB)
+      "strict": false,                         # tensors missing from a model are errors
+      "overwrite": false,                      # replace a non-empty output directory
+      "allow_nonfinite": false                 # merge inputs holding NaN/Inf instead of refusing
+    }
+
+A parameter value (global or per model) is a number, a word (`preset`), a gradient (a list of
+numbers interpolated over the layer index, as in mergekit), or mergekit-style filter rules:
+``[{"filter": "mlp", "value": 0.5}, {"value": 1.0}]`` — the first rule whose filter is a
+substring of the tensor name wins; a rule without filter matches everything (put it last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Union
+
+from umerge.errors import InputError
+
+PathLike = Union[str, "os.PathLike[str]"]
+ParamValue = Union[float, int, str, bool, Sequence[float], Sequence[Mapping[str, Any]]]
+ProgressArg = Union[bool, Callable[[int, int, int, int], None], None]
+
+PRESETS = ("mergekit", "peft", "paper")
+OUT_DTYPES = ("bf16", "f16", "f32")
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge did: counts, bytes, time and peak memory (`peak_rss_bytes` is the process's VmHWM)."""
+
+    method: str
+    output: Path
+    tensors: int
+    shards: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss_bytes: int
+    threads: int
+    chunk_elements: int
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MergeReport":
+        d = json.loads(text)
+        d["output"] = Path(d["output"])
+        d["warnings"] = tuple(d.get("warnings", ()))
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["output"] = str(self.output)
+        d["warnings"] = list(self.warnings)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def summary(self) -> str:
+        """One line for people: tensors, GB, seconds, peak RSS, output."""
+        return (
+            f"merged {self.tensors} tensors ({self.bytes_read / 1e9:.2f} GB read, "
+            f"{self.bytes_written / 1e9:.2f} GB written) in {self.seconds:.1f} s, "
+            f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB, {self.threads} threads -> {self.output}"
+        )
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+
+
+def parse_size(value: Union[str, int, None], what: str = "size") -> int | None:
+    """Parses a byte size: `1000000`, `512MiB` (binary), `5GB` (decimal, as Hugging Face), `2G` (binary)."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        if value <= 0:
+            raise InputError(f"{what} must be positive, got {value}")
+        return value
+    m = _SIZE.match(str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise InputError(f"{what} {value!r} is not a size (examples: 1000000, 512MiB, 5GB)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise InputError(f"{what} must be positive, got {value!r}")
+    return n
+
+
+def _progress_fn(progress: ProgressArg) -> tuple[Callable[[int, int, int, int], None] | None, Any]:
+    if progress is True:
+        from umerge._progress import ProgressBar
+
+        bar = ProgressBar()
+        return bar, bar
+    if callable(progress):
+        return progress, None
+    return None, None
+
+
+def build_spec(
+    method: str,
+    models: Sequence[PathLike],
+    *,
+    base: PathLike | None = None,
+    params: Mapping[str, ParamValue] | None = None,
+    model_params: Sequence[Mapping[str, ParamValue]] | None = None,
+    out: PathLike = "merged",
+    out_dtype: str | None = None,
+    threads: int | None = None,
+    memory_budget: Union[str, int, None] = None,
+    max_shard_size: Union[str, int, None] = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+) -> dict[str, Any]:
+    """The engine's spec for a merge (see the module docstring for every field)."""
+    if isinstance(models, (str, os.PathLike)):
+        models = [models]
+    if not models:
+        raise InputError("no input models given")
+    if model_params is not None and len(model_params) != len(models):
+        raise InputError(f"{len(model_params)} per-model parameter sets given for {len(models)} models")
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(OUT_DTYPES)})")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be at least 1, got {threads}")
+    spec: dict[str, Any] = {
+        "method": method,
+        "models": [
+            {"path": os.fspath(m), **({"params": dict(model_params[i])} if model_params and model_params[i] else {})}
+            for i, m in enumerate(models)
+        ],
+        "params": dict(params or {}),
+        "out": os.fspath(out),
+        "strict": bool(strict),
+        "overwrite": bool(overwrite),
+        "allow_nonfinite": bool(allow_nonfinite),
+    }
+    if base is not None:
+        spec["base"] = os.fspath(base)
+    if out_dtype is not None:
+        spec["out_dtype"] = out_dtype
+    if threads is not None:
+        spec["threads"] = int(threads)
+    mb = parse_size(memory_budget, "memory budget")
+    if mb is not None:
+        spec["memory_budget"] = mb
+    ms = parse_size(max_shard_size, "max shard size")
+    if ms is not None:
+        spec["max_shard_size"] = ms
+    return spec
+
+
+def run_spec(spec: Mapping[str, Any], progress: ProgressArg = True) -> MergeReport:
+    """Runs a spec dict through the engine and returns its report."""
+    from umerge import _core
+
+    fn, bar = _progress_fn(progress)
+    try:
+        text = _core.merge(json.dumps(spec), fn)
+    finally:
+        if bar is not None:
+            bar.close()
+    return MergeReport.from_json(text)
+
+
+def merge(
+    method: str,
+    models: Sequence[PathLike],
+    *,
+    base: PathLike | None = None,
+    params: Mapping[str, ParamValue] | None = None,
+    model_params: Sequence[Mapping[str, ParamValue]] | None = None,
+    out: PathLike = "merged",
+    out_dtype: str | None = None,
+    threads: int | None = None,
+    memory_budget: Union[str, int, None] = None,
+    max_shard_size: Union[str, int, None] = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    progress: ProgressArg = True,
+) -> MergeReport:
+    """Merges checkpoints with any engine method; `params` are global, `model_params` per model.
+
+    Example: ``merge("ties", ["a/", "b/"], base="base/", params={"density": 0.8})``.
+    """
+    spec = build_spec(
+        method, models, base=base, params=params, model_params=model_params, out=out, out_dtype=out_dtype,
+        threads=threads, memory_budget=memory_budget, max_shard_size=max_shard_size, strict=strict,
+        overwrite=overwrite, allow_nonfinite=allow_nonfinite,
+    )
+    return run_spec(spec, progress)
+
+
+def _check_density(density: Any) -> None:
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        return  # rules or gradients: the engine checks every resolved value
+    if not (0.0 < float(density) <= 1.0):
+        raise InputError(
+            f"density {density} is outside (0, 1]: it is the fraction of each task vector's entries kept"
+        )
+
+
+def ties(
+    models: Sequence[PathLike],
+    base: PathLike | None = None,
+    *,
+    density: ParamValue,
+    weights: Sequence[ParamValue] | None = None,
+    lambda_: float = 1.0,
+    preset: str = "mergekit",
+    majority_sign: str | None = None,
+    out: PathLike = "merged",
+    out_dtype: str | None = None,
+    threads: int | None = None,
+    memory_budget: Union[str, int, None] = None,
+    max_shard_size: Union[str, int, None] = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    progress: ProgressArg = True,
+) -> MergeReport:
+    """TIES-merge fine-tuned checkpoints onto their base (Yadav et al., 2023, arXiv:2306.01708).
+
+    For task vectors d_i = model_i - base: keep the k = floor(density * n) largest |d_i| of each
+    tensor (trim), elect a sign per element (sign of the sum), average the entries that agree
+    with it (disjoint merge), and add lambda times the average to the base.
+
+    `density` is the fraction of entries kept (0 < density <= 1), a number or mergekit-style
+    filter rules; `weights` one per model (default 1.0). `preset` picks the published variant:
+    ``mergekit`` (default: sign elected on weighted deltas, mean divided by the sum of agreeing
+    weights), ``peft`` (sign on unweighted deltas, mean over the count of agreeing entries;
+    `majority_sign` total or frequency) or ``paper`` (trim over the whole model at once, zero
+    signs take the model's majority sign, mean over the count).
+    """
+    if isinstance(models, (str, os.PathLike)):
+        models = [models]
+    if base is None:
+        raise InputError(
+            "ties needs a base model (base=... / --base DIR): it merges task vectors, model - base, "
+            "so it must know the weights the models were fine-tuned from. LoRA adapter directories "
+            "carry their task vectors themselves and are merged without a base."
+        )
+    _check_density(density)
+    if preset not in PRESETS:
+        raise InputError(f"unknown TIES preset {preset!r} (use one of {', '.join(PRESETS)})")
+    if weights is not None and len(weights) != len(models):
+        raise InputError(f"{len(weights)} weights given for {len(models)} models (give one per model)")
+    params: dict[str, ParamValue] = {"density": density, "lambda": float(lambda_), "preset": preset}
+    if majority_sign is not None:
+        params["majority_sign"] = majority_sign
+    model_params = [{"weight": w} for w in weights] if weights is not None else None
+    return merge(
+        "ties", models, base=base, params=params, model_params=model_params, out=out, out_dtype=out_dtype,
+        threads=threads, memory_budget=memory_budget, max_shard_size=max_shard_size, strict=strict,
+        overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=progress,
+    )
+
+
+def inspect(path: PathLike) -> dict[str, Any]:
+    """Describes a checkpoint: format, shards, tensors (name, dtype, shape, bytes), totals, validity.
+
+    An invalid checkpoint gives ``{"valid": False, "error": "..."}`` rather than raising.
+    """
+    from umerge import _core
+
+    return json.loads(_core.inspect(os.fspath(path)))
+
+
+__all__ = ["MergeReport", "build_spec", "inspect", "merge", "parse_size", "run_spec", "ties"]

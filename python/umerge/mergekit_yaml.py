@@ -1,0 +1,585 @@
+"""mergekit YAML configs -> umerge merge specs (`umerge run CONFIG.yml -o OUT`).
+
+Reads a mergekit configuration (mergekit 0.1.5 schema) and builds the engine's spec (see
+`umerge.merge`), so a config runs unchanged and gives mergekit's result. What is supported:
+
+- ``models:`` (each ``model: PATH`` with optional ``parameters``), or ``slices:`` whose slices
+  take every model once with the same ``layer_range`` and together cover the layers in order
+  (a whole-model merge written per slice: per-slice ``parameters`` and gradients are honoured);
+- ``merge_method``: linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, model_stock,
+  and breadcrumbs with ``gamma: 0`` (exactly magnitude pruning, run as ``magnitude_prune``);
+- ``base_model``; global ``parameters`` and per-model ``parameters``; filter lists
+  (``- filter: mlp`` / ``value: 0.5``, then a default ``- value: ...``; ``filter: "*"`` matches
+  everything); gradients (lists interpolated over the layer index);
+- ``dtype`` and ``out_dtype`` (the output dtype is ``out_dtype``, else ``dtype``, else the base's);
+  umerge always computes in float32 (float64 for float64 inputs), which for bf16/f16 ``dtype`` is
+  more precise than mergekit's arithmetic in that dtype;
+- ``tokenizer_source``: ``base`` (the default: tokenizer files come from the base) or a model
+  path (its tokenizer files are copied over the output's; embeddings are not permuted, so the
+  vocabularies must agree).
+
+Anything else (other keys, ``modules``, ``tokenizer``, ``union`` tokenizers, other methods,
+``della``, breadcrumbs with gamma > 0, ``filter_wise`` model stock, LoRA ``+`` references, ties with
+``normalize: false`` or ``rescale: true``) is an `InputError` naming it: never silently ignored.
+
+mergekit's defaults are written into the spec explicitly where they differ from umerge's:
+``density: 1.0`` for the task-vector methods, ``rescale: l1`` (mergekit's ``rescale: true``) for
+DARE. ``int8_mask`` only changes mergekit's mask storage type, not the result; it is accepted and
+dropped.
+
+Where parameters vary per tensor (gradients, slices) they are resolved here exactly as mergekit
+resolves them — layer i of L sits at t = i / (L - 1) within its slice, tensors outside the layers at
+t = 0 — and written as filter rules on full tensor names (longest name first, so each tensor's own
+rule is its first match).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from umerge.errors import InputError
+
+TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+UNSUPPORTED_TOP = {"modules", "tokenizer", "chat_template"}
+DTYPES = {
+    "float32": "f32", "fp32": "f32", "float": "f32", "f32": "f32",
+    "bfloat16": "bf16", "bf16": "bf16",
+    "float16": "f16", "fp16": "f16", "half": "f16", "f16": "f16",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+TASK_VECTOR = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
+               "della", "della_linear"}
+# parameters each method takes in mergekit (shared and per model) that umerge maps.
+METHOD_PARAMS: dict[str, set[str]] = {
+    "linear": {"weight", "normalize"},
+    "task_arithmetic": {"weight", "normalize", "lambda", "int8_mask", "density", "rescale"},
+    "ties": {"weight", "density", "lambda", "normalize", "int8_mask", "rescale"},
+    "dare_linear": {"weight", "density", "lambda", "normalize", "int8_mask", "rescale"},
+    "dare_ties": {"weight", "density", "lambda", "normalize", "int8_mask", "rescale"},
+    "breadcrumbs": {"weight", "density", "lambda", "normalize", "int8_mask", "rescale", "gamma"},
+    "slerp": {"t"},
+    "model_stock": {"filter_wise"},
+}
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input model with its own parameter settings (highest precedence first)."""
+
+    path: str
+    settings: tuple[Mapping[str, Any], ...]
+
+
+def _key(path: str) -> str:
+    """A path's identity for comparing model references."""
+    return os.path.realpath(path)
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Reads a YAML config file into a dict (an InputError when it is not a YAML mapping)."""
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise InputError(f"cannot read config: {exc.strerror} ({path})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(f"invalid YAML: {str(exc).splitlines()[0]} ({path})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"a mergekit config must be a mapping of keys, got {type(data).__name__} ({path})")
+    return data
+
+
+def _model_ref(value: Any, where: str) -> str:
+    if isinstance(value, dict) and set(value) == {"model"}:  # the {model: {model: path}} form
+        value = value["model"]
+    if isinstance(value, dict) and set(value) <= {"path", "revision"} and "path" in value and not value.get("revision"):
+        value = value["path"]
+    if not isinstance(value, str) or not value:
+        raise InputError(f"{where}: a model must be a local path, got {value!r}")
+    if "+" in value:
+        raise InputError(f"{where}: LoRA references (model+lora) are not supported in mergekit configs: {value!r}")
+    return value
+
+
+def _check_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    extra = [k for k in d if k not in allowed]
+    if extra:
+        raise InputError(f"unsupported key {extra[0]!r} in {where} (umerge supports: {', '.join(sorted(allowed))})")
+
+
+# ---- parameter settings -------------------------------------------------------------------
+
+def _scalar(v: Any, key: str, where: str) -> Any:
+    if isinstance(v, bool) or isinstance(v, (int, float)):
+        return v
+    if isinstance(v, str):
+        try:
+            return float(v)  # YAML "1e-3" is a string; mergekit validates it to a number
+        except ValueError:
+            return v
+    raise InputError(f"parameter {key} in {where}: {v!r} is not a number, word or flag")
+
+
+def _normalize_setting(v: Any, key: str, where: str) -> Any:
+    """A mergekit setting in a canonical form: scalar, gradient (list) or rules (list of dicts)."""
+    if isinstance(v, dict):
+        v = [v]
+    if isinstance(v, list):
+        if not v:
+            raise InputError(f"parameter {key} in {where}: empty list")
+        if all(isinstance(e, dict) for e in v):
+            rules = []
+            for e in v:
+                _check_keys(e, {"filter", "value"}, f"a filter rule of parameter {key} in {where}")
+                if "value" not in e:
+                    raise InputError(f"a filter rule of parameter {key} in {where} has no value")
+                f = e.get("filter")
+                if f is not None and not isinstance(f, str):
+                    raise InputError(f"parameter {key} in {where}: filter {f!r} is not a string")
+                val = e["value"]
+                val = [_scalar(x, key, where) for x in val] if isinstance(val, list) else _scalar(val, key, where)
+                rules.append({"filter": None if f in (None, "*") else f, "value": val})
+            return rules
+        if any(isinstance(e, (dict, list)) for e in v):
+            raise InputError(f"parameter {key} in {where}: mixes filter rules with plain values")
+        return [_scalar(e, key, where) for e in v]
+    return _scalar(v, key, where)
+
+
+def _is_rules(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and isinstance(v[0], dict)
+
+
+def _has_gradient(v: Any) -> bool:
+    if _is_rules(v):
+        return any(isinstance(r["value"], list) for r in v)
+    return isinstance(v, list)
+
+
+def _interp(values: list[Any], t: float) -> Any:
+    """mergekit's gradient: numbers interpolate linearly, other values pick an entry."""
+    if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in values):
+        return values[int(t * (len(values) - 1))]
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
+def evaluate(setting: Any, name: str, t: float) -> Any:
+    """The value of a canonical setting for tensor `name` at layer position `t`; None when no rule matches."""
+    if _is_rules(setting):
+        for r in setting:
+            if r["filter"] is None or r["filter"] in name:
+                return _interp(r["value"], t) if isinstance(r["value"], list) else r["value"]
+        return None
+    if isinstance(setting, list):
+        return _interp(setting, t)
+    return setting
+
+
+def _to_engine(v: Any) -> Any:
+    """A canonical setting in the engine's form (rules without a filter drop the key)."""
+    if _is_rules(v):
+        return [({"filter": r["filter"]} if r["filter"] is not None else {}) | {"value": r["value"]} for r in v]
+    return v
+
+
+# ---- tensor names and layer positions -------------------------------------------------------
+
+def tensor_names(paths: Sequence[str]) -> list[str]:
+    """Union of tensor names of the checkpoints (headers only)."""
+    from umerge.merge import inspect
+
+    names: list[str] = []
+    seen: set[str] = set()
+    for p in paths:
+        info = inspect(p)
+        if not info.get("valid", False):
+            raise InputError(f"cannot read checkpoint: {info.get('error', 'invalid')} ({p})")
+        for t in info["tensors"]:
+            if t["name"] not in seen:
+                seen.add(t["name"])
+                names.append(t["name"])
+    return names
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+# ---- the translation ------------------------------------------------------------------------
+
+@dataclass
+class Translation:
+    """A config turned into engine terms."""
+
+    method: str
+    base: str | None
+    models: list[Source]
+    global_params: dict[str, Any]
+    slices: list[tuple[int, int, tuple[Mapping[str, Any], ...], dict[str, tuple[Mapping[str, Any], ...]]]]
+    out_dtype: str | None
+    tokenizer_source: str | None
+
+
+def _params_of(d: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise InputError(f"parameters in {where} must be a mapping")
+    return {k: _normalize_setting(v, k, where) for k, v in d.items()}
+
+
+def translate(config: Mapping[str, Any], where: str = "config") -> Translation:
+    """Checks a config and collects its models, settings and options (no file access)."""
+    for k in config:
+        if k in UNSUPPORTED_TOP and config[k] is not None:
+            raise InputError(f"unsupported key {k!r} in {where}: umerge runs models: or slices: configs "
+                             "with tokenizer_source base or a model")
+    _check_keys({k: v for k, v in config.items() if not (k in UNSUPPORTED_TOP and v is None)}, TOP_KEYS, where)
+    method = config.get("merge_method")
+    if not isinstance(method, str):
+        raise InputError(f"merge_method is missing in {where}")
+    if method not in METHOD_PARAMS:
+        known = ", ".join(sorted(METHOD_PARAMS))
+        hint = " (della needs row-wise ranks, not supported yet)" if method.startswith("della") else ""
+        raise InputError(f"merge_method {method!r} is not supported by umerge run{hint} (supported: {known})")
+    base = _model_ref(config["base_model"], "base_model") if config.get("base_model") is not None else None
+    global_params = _params_of(config.get("parameters"), "parameters")
+
+    has_models, has_slices = config.get("models") is not None, config.get("slices") is not None
+    if has_models == has_slices:
+        raise InputError(f"{where} must have exactly one of models: or slices:")
+    slices: list[Any] = []
+    models: list[Source] = []
+    if has_models:
+        if not isinstance(config["models"], list) or not config["models"]:
+            raise InputError("models: must be a non-empty list")
+        for i, m in enumerate(config["models"]):
+            w = f"models[{i}]"
+            if not isinstance(m, dict):
+                raise InputError(f"{w} must be a mapping with a model key")
+            _check_keys(m, {"model", "parameters"}, w)
+            models.append(Source(_model_ref(m.get("model"), w), (_params_of(m.get("parameters"), w),)))
+    else:
+        models, slices = _translate_slices(config["slices"], base)
+
+    out = config.get("out_dtype") or config.get("dtype")
+    out_dtype = None
+    if out is not None:
+        if str(out) not in DTYPES:
+            raise InputError(f"unsupported dtype {out!r} (use float32, bfloat16 or float16)")
+        out_dtype = DTYPES[str(out)]
+    if config.get("dtype") is not None and str(config["dtype"]) not in DTYPES:
+        raise InputError(f"unsupported dtype {config['dtype']!r} (use float32, bfloat16 or float16)")
+    tok = config.get("tokenizer_source")
+    if tok is not None:
+        if tok == "union":
+            raise InputError("tokenizer_source: union is not supported (use base or a model path)")
+        tok = "base" if tok == "base" else _model_ref(tok, "tokenizer_source")
+    return Translation(method, base, models, global_params, slices, out_dtype, tok)
+
+
+def _translate_slices(slices: Any, base: str | None) -> tuple[list[Source], list[Any]]:
+    if not isinstance(slices, list) or not slices:
+        raise InputError("slices: must be a non-empty list")
+    order: list[str] | None = None
+    out: list[Any] = []
+    expected_start = 0
+    for si, s in enumerate(slices):
+        w = f"slices[{si}]"
+        if not isinstance(s, dict):
+            raise InputError(f"{w} must be a mapping with sources")
+        _check_keys(s, {"sources", "parameters", "base_model"}, w)
+        if s.get("base_model") is not None and _model_ref(s["base_model"], f"{w}.base_model") != base:
+            raise InputError(f"{w}.base_model differs from base_model: per-slice bases are not supported")
+        srcs = s.get("sources")
+        if not isinstance(srcs, list) or not srcs:
+            raise InputError(f"{w}.sources must be a non-empty list")
+        paths, ranges, settings = [], set(), []
+        for j, src in enumerate(srcs):
+            ws = f"{w}.sources[{j}]"
+            if not isinstance(src, dict):
+                raise InputError(f"{ws} must be a mapping")
+            _check_keys(src, {"model", "layer_range", "parameters"}, ws)
+            paths.append(_model_ref(src.get("model"), ws))
+            lr = src.get("layer_range")
+            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr) and lr[0] < lr[1]):
+                raise InputError(f"{ws}.layer_range must be [start, end) with start < end")
+            ranges.add(tuple(lr))
+            settings.append((_params_of(src.get("parameters"), ws),))
+        if len(set(paths)) != len(paths):
+            raise InputError(f"{w}: a model appears twice in one slice (each slice takes each model once)")
+        if order is None:
+            order = paths
+        elif paths != order:
+            raise InputError(f"{w}: slices must take the same models in the same order (whole-model merges only)")
+        if len(ranges) != 1:
+            raise InputError(f"{w}: all sources of a slice must have the same layer_range (layer remapping is not supported)")
+        start, end = next(iter(ranges))
+        if start != expected_start:
+            raise InputError(f"{w}: layer_range starts at {start} but the previous slice ended at {expected_start} "
+                             "(slices must cover the layers in order)")
+        expected_start = end
+        out.append((start, end, (_params_of(s.get("parameters"), w),), {_key(p): st for p, st in zip(paths, settings)}))
+    assert order is not None
+    models = [Source(p, ()) for p in order]
+    return models, out
+
+
+def _method_and_params(tr: Translation) -> tuple[str, dict[str, Any]]:
+    """The umerge method and the mergekit defaults that must be made explicit."""
+    method = tr.method
+    defaults: dict[str, Any] = {}
+    if method in TASK_VECTOR:
+        defaults["density"] = 1.0
+    return method, defaults
+
+
+def _all_settings(tr: Translation) -> list[Mapping[str, Any]]:
+    out: list[Mapping[str, Any]] = [tr.global_params]
+    for m in tr.models:
+        out.extend(m.settings)
+    for _, _, ss, per in tr.slices:
+        out.extend(ss)
+        for p in per.values():
+            out.extend(p)
+    return out
+
+
+def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: str = "config",
+            seed: int | None = None, **options: Any) -> tuple[dict[str, Any], str | None]:
+    """The engine spec for a config, and the tokenizer source model to copy from (or None).
+
+    `options` go to `umerge.merge.build_spec` (threads, memory_budget, overwrite, ...).
+    """
+    from umerge.merge import build_spec
+
+    tr = translate(config, where)
+    allowed = METHOD_PARAMS[tr.method]
+    keys: set[str] = set()
+    for s in _all_settings(tr):
+        for k in s:
+            if k not in allowed:
+                raise InputError(f"merge_method {tr.method} has no parameter {k!r} in mergekit "
+                                 f"(it takes: {', '.join(sorted(allowed))})")
+            keys.add(k)
+
+    method = tr.method
+    models = list(tr.models)
+    base = tr.base
+    # linear: mergekit merges the base as one more input when it is not listed.
+    if method == "linear" and base is not None:
+        if _key(base) not in [_key(m.path) for m in models]:
+            models.append(Source(base, ()))
+        base = None
+    elif base is not None:
+        models = [m for m in models if _key(m.path) != _key(base)]  # the base listed among models is the base
+    if method in ("slerp", "model_stock", *TASK_VECTOR) and tr.base is None:
+        raise InputError(f"{method} needs base_model in the config")
+    if method == "slerp" and len(models) != 1:
+        raise InputError(f"slerp takes base_model and exactly one other model, got {len(models)} others")
+
+    per_tensor = bool(tr.slices and (len(tr.slices) > 1 or any(s for _, _, ss, per in tr.slices
+                                                               for s in (*ss, *[x for p in per.values() for x in p]))))
+    per_tensor = per_tensor or any(_has_gradient(v) for s in _all_settings(tr) for v in s.values())
+    names: list[str] = []
+    n_layers = 0
+    if per_tensor:
+        names = tensor_names([p for p in ([tr.base] if tr.base else []) + [m.path for m in models]])
+        idx = [layer_of(n) for n in names]
+        n_layers = max((i for i in idx if i is not None), default=-1) + 1
+        if tr.slices and tr.slices[-1][1] != n_layers:
+            raise InputError(f"slices cover layers [0, {tr.slices[-1][1]}) but the models have {n_layers} layers")
+
+    # Settings in precedence order for a model (or None = shared) and a tensor.
+    def chain(model: int | None, name: str) -> tuple[tuple[Mapping[str, Any], ...], float]:
+        layer = layer_of(name)
+        if tr.slices:
+            if layer is None:
+                k = 0 if not _after_layers(name) else len(tr.slices) - 1
+                t = 0.0
+            else:
+                k = next(i for i, (a, b, _, _) in enumerate(tr.slices) if a <= layer < b)
+                a, b = tr.slices[k][0], tr.slices[k][1]
+                t = (layer - a) / (b - a - 1) if b - a > 1 else 1.0
+            _, _, ss, per = tr.slices[k]
+            mine = per.get(_key(models[model].path), ()) if model is not None else ()
+            return (*mine, *ss, tr.global_params), t
+        t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)
+        mine = models[model].settings if model is not None else ()
+        return (*mine, tr.global_params), t
+
+    def resolve(key: str, model: int | None) -> Any:
+        """The engine value of `key` for a model (or shared), or None when nothing sets it."""
+        if per_tensor:
+            pairs = []
+            for n in names:
+                settings, t = chain(model, n)
+                for s in settings:
+                    if key in s:
+                        v = evaluate(s[key], n, t)
+                        if v is not None:
+                            pairs.append((n, v))
+                            break
+            if not pairs:
+                return None
+            if len({json.dumps(v) for _, v in pairs}) == 1 and len(pairs) == len(names):
+                return pairs[0][1]
+            pairs.sort(key=lambda p: -len(p[0]))
+            return [{"filter": n, "value": v} for n, v in pairs]
+        settings = (*(models[model].settings if model is not None else ()), tr.global_params)
+        found = [s[key] for s in settings if key in s]
+        if not found:
+            return None
+        v = found[0]
+        # A rule list that may match nothing falls through to the next level, as in mergekit.
+        if _is_rules(v) and all(r["filter"] is not None for r in v) and len(found) > 1:
+            rest = found[1]
+            v = v + (rest if _is_rules(rest) else [{"filter": None, "value": rest}])
+        return _to_engine(v)
+
+    method, defaults = _method_and_params(tr)
+    per_model_keys = {"weight", "density", "gamma"}
+    global_params: dict[str, Any] = {}
+    for k in sorted(keys - per_model_keys):
+        v = resolve(k, None)
+        if v is not None:
+            global_params[k] = v
+    model_params: list[dict[str, Any]] = []
+    for i in range(len(models)):
+        mp: dict[str, Any] = {}
+        for k in sorted(keys & per_model_keys):
+            v = resolve(k, i) if i < len(models) and (models[i].settings or tr.slices) else None
+            if v is None:
+                v = resolve(k, None)
+            if v is not None:
+                mp[k] = v
+        model_params.append(mp)
+    # Per-model values equal for every model become global (a shorter recipe).
+    for k in sorted(keys & per_model_keys):
+        vals = [json.dumps(mp.get(k)) for mp in model_params]
+        if len(set(vals)) == 1 and model_params and k in model_params[0]:
+            global_params[k] = model_params[0][k]
+            for mp in model_params:
+                mp.pop(k, None)
+    for k, v in defaults.items():
+        if k in global_params:
+            continue
+        if any(k in mp for mp in model_params):
+            for mp in model_params:
+                mp.setdefault(k, v)
+        else:
+            global_params[k] = v
+
+    method, global_params, model_params = _map_method(method, global_params, model_params)
+    if seed is not None:
+        if method not in ("dare_linear", "dare_ties"):
+            raise InputError(f"--seed applies to random methods (dare_linear, dare_ties), not {method}")
+        global_params["seed"] = int(seed)
+    out_dtype = options.pop("out_dtype", None) or tr.out_dtype  # the command line wins over the config
+    spec = build_spec(method, [m.path for m in models], base=base if method != "linear" else None,
+                      params=global_params, model_params=model_params, out=out, out_dtype=out_dtype, **options)
+    tok = tr.tokenizer_source if tr.tokenizer_source not in (None, "base") else None
+    if tr.tokenizer_source == "base" and tr.base is None:
+        raise InputError("tokenizer_source: base needs base_model")
+    return spec, tok
+
+
+def _after_layers(name: str) -> bool:
+    return any(p in name for p in ("lm_head", "model.norm", "embed_out", "ln_f", "final_layer_norm"))
+
+
+def _map_method(method: str, g: dict[str, Any], mps: list[dict[str, Any]]) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
+    """mergekit method + parameters -> umerge method + parameters."""
+    g = dict(g)
+    g.pop("int8_mask", None)  # storage type of mergekit's sign mask only: no effect on the result
+
+    def flag(key: str, default: bool) -> bool:
+        v = g.pop(key, default)
+        if not isinstance(v, bool):
+            raise InputError(f"parameter {key} of {method} must be true or false (one value for the whole model), got {v!r}")
+        return v
+
+    if method == "ties":
+        if not flag("normalize", True):
+            raise InputError("ties with normalize: false is not supported (umerge's ties divides by the agreeing weights, as mergekit's default)")
+        if flag("rescale", False):
+            raise InputError("ties with rescale: true is not supported")
+        g["preset"] = "mergekit"
+        return "ties", g, mps
+    if method in ("dare_linear", "dare_ties"):
+        g["rescale"] = "l1" if flag("rescale", True) else "none"
+        g["normalize"] = flag("normalize", False)
+        return method, g, mps
+    if method == "task_arithmetic":
+        g["normalize"] = flag("normalize", False)
+        if flag("rescale", False):
+            raise InputError("task_arithmetic with rescale: true is not supported")
+        for mp in [g, *mps]:
+            d = mp.pop("density", 1.0)
+            if d != 1.0:
+                raise InputError("task_arithmetic with density < 1 is not supported in umerge run (use ties or magnitude_prune)")
+        return "task_arithmetic", g, mps
+    if method == "breadcrumbs":
+        for i, mp in enumerate(mps):
+            gamma = mp.pop("gamma", g.get("gamma"))
+            if gamma is None:
+                raise InputError("breadcrumbs needs gamma: 0 (mergekit's default gamma 0.01, dropping outliers, is not supported yet)")
+            if gamma != 0:
+                raise InputError(f"breadcrumbs with gamma {gamma!r} is not supported yet (gamma: 0, plain magnitude pruning, is)")
+        g.pop("gamma", None)
+        g["normalize"] = flag("normalize", False)
+        if flag("rescale", False):
+            raise InputError("breadcrumbs with rescale: true is not supported")
+        return "magnitude_prune", g, mps
+    if method == "linear":
+        g["normalize"] = flag("normalize", True)
+        return "linear", g, mps
+    return method, g, mps
+
+
+def copy_tokenizer(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> list[str]:
+    """Copies the tokenizer files of `src` over those in `out`; returns the names copied."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        p = Path(src) / name
+        if p.is_file():
+            shutil.copyfile(p, Path(out) / name)
+            copied.append(name)
+    if not copied:
+        raise InputError(f"tokenizer_source has no tokenizer files ({src})")
+    return copied
+
+
+def run(config_path: str | os.PathLike[str], out: str | os.PathLike[str], *, seed: int | None = None,
+        progress: Any = True, **options: Any) -> Any:
+    """Runs a mergekit YAML config with the umerge engine; returns the `MergeReport`."""
+    from umerge.merge import run_spec
+
+    config = load_config(config_path)
+    spec, tok = to_spec(config, out, where=str(config_path), seed=seed, **options)
+    if tok is not None and not Path(tok).is_dir():
+        raise InputError(f"tokenizer_source is not a directory ({tok})")
+    report = run_spec(spec, progress)
+    if tok is not None:
+        copy_tokenizer(tok, out)
+    return report
+
+
+__all__ = ["load_config", "translate", "to_spec", "run", "evaluate", "tensor_names", "copy_tokenizer"]

@@ -1,0 +1,166 @@
+"""The merge methods as Python functions: `umerge.linear(...)`, `umerge.dare_ties(...)`, ...
+
+Each is a thin wrapper over `umerge.merge.merge(method=...)`: it checks its arguments, builds the
+method's parameters, and runs the engine (TIES is `umerge.ties`, in `umerge.merge`). Common
+keyword options, passed through unchanged: ``out`` (default ``merged``), ``out_dtype``,
+``threads``, ``memory_budget``, ``max_shard_size``, ``strict``, ``overwrite``,
+``allow_nonfinite``, ``progress``. Every function returns a `MergeReport`.
+
+Parameter values (``weights`` entries, ``density``, ``t``, ...) may be numbers, gradients (lists
+interpolated over the layer index) or mergekit-style filter rules, as in `umerge.merge`.
+Task vectors are d_i = model_i - base. Formulas and sources are in each docstring; the engine's
+`methods/*.rs` files state the same formulas next to the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from umerge.errors import InputError
+from umerge.merge import MergeReport, ParamValue, PathLike, merge
+
+RESCALES = ("density", "l1", "none")
+DEFAULT_SEED = 0
+
+
+def _models(models: Sequence[PathLike] | PathLike) -> list[PathLike]:
+    if isinstance(models, (str, os.PathLike)):
+        return [models]
+    return list(models)
+
+
+def _need_base(method: str, base: PathLike | None) -> None:
+    if base is None:
+        raise InputError(
+            f"{method} needs a base model (base=... / --base DIR): it merges task vectors, model - base, "
+            "so it must know the weights the models were fine-tuned from"
+        )
+
+
+def _weights(weights: Sequence[ParamValue] | None, n: int) -> list[dict[str, ParamValue]] | None:
+    if weights is None:
+        return None
+    if len(weights) != n:
+        raise InputError(f"{len(weights)} weights given for {n} models (give one per model)")
+    return [{"weight": w} for w in weights]
+
+
+def _density(density: ParamValue) -> ParamValue:
+    if isinstance(density, (int, float)) and not isinstance(density, bool) and not 0.0 < float(density) <= 1.0:
+        raise InputError(f"density {density} is outside (0, 1]: it is the fraction of each task vector's entries kept")
+    return density
+
+
+def linear(models: Sequence[PathLike], *, weights: Sequence[ParamValue] | None = None, normalize: bool = True,
+           **options: Any) -> MergeReport:
+    """Weighted average of models (model soups; Wortsman et al., 2022, arXiv:2203.05482; mergekit `linear`).
+
+    out = sum_i w_i x_i / sum_i w_i (without `normalize`: the plain weighted sum). Weights default
+    to 1.0; weights summing to 0 with `normalize` are an error. No base is involved.
+    """
+    ms = _models(models)
+    return merge("linear", ms, params={"normalize": bool(normalize)}, model_params=_weights(weights, len(ms)),
+                 **options)
+
+
+def task_arithmetic(models: Sequence[PathLike], base: PathLike | None = None, *,
+                    weights: Sequence[ParamValue] | None = None, lambda_: float = 1.0, normalize: bool = False,
+                    **options: Any) -> MergeReport:
+    """Task arithmetic (Ilharco et al., 2023, arXiv:2212.04089; mergekit `task_arithmetic`).
+
+    out = base + lambda * sum_i w_i d_i (with `normalize`: divided by sum_i w_i).
+    """
+    ms = _models(models)
+    _need_base("task_arithmetic", base)
+    return merge("task_arithmetic", ms, base=base, params={"lambda": float(lambda_), "normalize": bool(normalize)},
+                 model_params=_weights(weights, len(ms)), **options)
+
+
+def magnitude_prune(models: Sequence[PathLike], base: PathLike | None = None, *, density: ParamValue,
+                    weights: Sequence[ParamValue] | None = None, lambda_: float = 1.0, normalize: bool = False,
+                    **options: Any) -> MergeReport:
+    """Magnitude pruning (PEFT `magnitude_prune`; mergekit `breadcrumbs` with gamma 0).
+
+    Keep the k = floor(density * n) largest |d_i| of each tensor (exact, lowest index first at
+    equal magnitudes), then out = base + lambda * sum_i w_i trim(d_i) — TIES without the sign
+    election (with `normalize`: divided by sum_i w_i).
+    """
+    ms = _models(models)
+    _need_base("magnitude_prune", base)
+    return merge("magnitude_prune", ms, base=base,
+                 params={"density": _density(density), "lambda": float(lambda_), "normalize": bool(normalize)},
+                 model_params=_weights(weights, len(ms)), **options)
+
+
+def _dare(method: str, models: Sequence[PathLike], base: PathLike | None, density: ParamValue,
+          weights: Sequence[ParamValue] | None, lambda_: float, normalize: bool, rescale: str, seed: int,
+          options: dict[str, Any]) -> MergeReport:
+    ms = _models(models)
+    _need_base(method, base)
+    if rescale not in RESCALES:
+        raise InputError(f"unknown rescale {rescale!r} (use one of {', '.join(RESCALES)})")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    params = {"density": _density(density), "lambda": float(lambda_), "normalize": bool(normalize),
+              "rescale": rescale, "seed": seed}
+    return merge(method, ms, base=base, params=params, model_params=_weights(weights, len(ms)), **options)
+
+
+def dare_linear(models: Sequence[PathLike], base: PathLike | None = None, *, density: ParamValue,
+                weights: Sequence[ParamValue] | None = None, lambda_: float = 1.0, normalize: bool = False,
+                rescale: str = "density", seed: int = DEFAULT_SEED, **options: Any) -> MergeReport:
+    """DARE, linear (Yu et al., 2024, arXiv:2311.03099; mergekit and PEFT `dare_linear`).
+
+    Keep each entry of d_i with probability `density` (a Bernoulli mask drawn from a counter-based
+    generator keyed by seed, tensor name, model and element index: the same bytes for any thread
+    count), rescale the kept entries, then out = base + lambda * sum_i w_i d_i (`normalize`:
+    / sum_i w_i). `rescale`: ``density`` (default: divide by density, the paper's rescale, which
+    keeps each element's expectation and needs no extra pass), ``l1`` (match the tensor's L1 norm,
+    as mergekit does) or ``none``. The seed is recorded in the output's recipe.
+    """
+    return _dare("dare_linear", models, base, density, weights, lambda_, normalize, rescale, seed, options)
+
+
+def dare_ties(models: Sequence[PathLike], base: PathLike | None = None, *, density: ParamValue,
+              weights: Sequence[ParamValue] | None = None, lambda_: float = 1.0, normalize: bool = False,
+              rescale: str = "density", seed: int = DEFAULT_SEED, **options: Any) -> MergeReport:
+    """DARE with TIES sign consensus (Yu et al., 2024, arXiv:2311.03099; mergekit `dare_ties`).
+
+    The DARE mask and rescale as in `dare_linear`, then per element the sign of sum_i w_i d_i is
+    elected (+ when >= 0) and only agreeing entries are summed; `normalize` divides by the sum of
+    the agreeing weights (mergekit's default for dare_ties: false).
+    """
+    return _dare("dare_ties", models, base, density, weights, lambda_, normalize, rescale, seed, options)
+
+
+def slerp(model: PathLike | Sequence[PathLike], base: PathLike | None = None, *, t: ParamValue,
+          **options: Any) -> MergeReport:
+    """Spherical interpolation from the base (t = 0) to one other model (t = 1), per tensor (mergekit `slerp`).
+
+    With a = base, b = model flattened, dot = <a/|a|, b/|b|>: out = sin((1-t) theta)/sin(theta) a +
+    sin(t theta)/sin(theta) b, theta = acos(dot); linear interpolation when |dot| > 0.9995.
+    """
+    ms = _models(model)
+    if base is None:
+        raise InputError("slerp needs a base model (base=... / --base DIR): t = 0 gives the base")
+    if len(ms) != 1:
+        raise InputError(f"slerp interpolates between the base and exactly one other model, got {len(ms)}")
+    return merge("slerp", ms, base=base, params={"t": t}, **options)
+
+
+def model_stock(models: Sequence[PathLike], base: PathLike | None = None, **options: Any) -> MergeReport:
+    """Model Stock (Jang et al., 2024, arXiv:2403.19522; mergekit `model_stock`), at least 2 models.
+
+    Per tensor: cos = mean pairwise cosine of the offsets w_i - base, t = N cos / (1 + (N-1) cos),
+    out = t * mean_i(w_i) + (1 - t) * base.
+    """
+    ms = _models(models)
+    _need_base("model_stock", base)
+    if len(ms) < 2:
+        raise InputError(f"model_stock needs at least 2 models besides the base, got {len(ms)}")
+    return merge("model_stock", ms, base=base, **options)
+
+
+__all__ = ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "slerp", "model_stock"]

@@ -1,0 +1,476 @@
+//! Reading checkpoints: single-file or sharded safetensors, validated and memory-mapped.
+//!
+//! A checkpoint is a `.safetensors` file, or a directory holding `model.safetensors.index.json`
+//! (Hugging Face sharding), `model.safetensors`, or otherwise every `*.safetensors` file in it.
+//! Every shard header is validated with the `safetensors` crate's own rules (header size cap,
+//! contiguous non-overlapping offsets, sizes equal to shape x dtype, data covering the file to
+//! its end) before any tensor is used. Shard names in the index must stay inside the directory.
+//!
+//! Tensor bytes are read straight from read-only memory maps. [`Checkpoint::release`] tells the
+//! kernel a window is consumed (`madvise(MADV_DONTNEED)`), so resident memory stays bounded by
+//! the windows in flight rather than growing with everything read. This module does not decode
+//! values (see `dtype`) or decide what to merge (see `plan`).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Component, Path, PathBuf};
+
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::SafeTensors;
+
+use crate::dtype::{elem_bytes, Dtype};
+use crate::error::{Error, Result};
+
+/// Name of the Hugging Face shard index.
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+/// Name of a single-file Hugging Face checkpoint.
+pub const SINGLE_NAME: &str = "model.safetensors";
+
+/// One memory-mapped shard file.
+#[derive(Debug)]
+pub struct Shard {
+    /// Path of the file.
+    pub path: PathBuf,
+    /// File size in bytes.
+    pub size: u64,
+    /// Byte offset where the data section starts (8 + header length).
+    pub data_start: usize,
+    mmap: Option<Mmap>,
+}
+
+/// Where one tensor lives and what it is.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    /// Index of its shard in [`Checkpoint::shards`].
+    pub shard: usize,
+    /// Storage dtype.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Absolute byte range in the shard file.
+    pub start: usize,
+    /// End of the absolute byte range (exclusive).
+    pub end: usize,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+    /// Bytes of data.
+    pub fn nbytes(&self) -> u64 {
+        (self.end - self.start) as u64
+    }
+}
+
+/// A validated, memory-mapped checkpoint.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The path as given (file or directory).
+    pub path: PathBuf,
+    /// The directory holding the shards and the non-weight files (config.json, tokenizer, ...).
+    pub dir: PathBuf,
+    /// Shard files in index order.
+    pub shards: Vec<Shard>,
+    /// Tensors by name.
+    pub tensors: BTreeMap<String, TensorInfo>,
+    /// Tensor names in storage order (shard, then offset): the order the output follows.
+    pub order: Vec<String>,
+    /// True when read through `model.safetensors.index.json`.
+    pub sharded: bool,
+}
+
+fn read_err(what: &str, path: &Path, source: std::io::Error) -> Error {
+    Error::Read { what: what.to_string(), path: path.to_path_buf(), source }
+}
+
+/// Maps and validates one safetensors file; returns the shard and its tensors in offset order.
+fn open_shard(path: &Path) -> Result<(Shard, Vec<(String, safetensors::tensor::TensorInfo)>)> {
+    let file = File::open(path).map_err(|e| read_err("safetensors file", path, e))?;
+    let size = file.metadata().map_err(|e| read_err("safetensors file", path, e))?.len();
+    if size < 8 {
+        return Err(Error::Header {
+            reason: format!("file is {size} bytes, shorter than the 8-byte header length (truncated?)"),
+            path: path.to_path_buf(),
+        });
+    }
+    // SAFETY: the map is read-only and private to this process; the files are inputs that the
+    // user must not modify during the merge (as with any reader of memory-mapped safetensors).
+    // All reads go through bounds-checked slices of the map.
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|e| read_err("safetensors file (mmap)", path, e))?;
+    let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Header {
+        reason: describe_header_error(&e, size, &mmap),
+        path: path.to_path_buf(),
+    })?;
+    let data_start = 8 + n;
+    let mut tensors: Vec<(String, safetensors::tensor::TensorInfo)> =
+        meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+    tensors.sort_by_key(|(_, info)| info.data_offsets);
+    Ok((Shard { path: path.to_path_buf(), size, data_start, mmap: Some(mmap) }, tensors))
+}
+
+fn describe_header_error(e: &safetensors::SafeTensorError, size: u64, buf: &[u8]) -> String {
+    use safetensors::SafeTensorError as E;
+    let n = buf.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).unwrap_or(0);
+    match e {
+        E::InvalidHeaderLength => {
+            format!("header length {n} runs past the end of the {size}-byte file")
+        }
+        E::MetadataIncompleteBuffer => {
+            format!("data section does not match the header: file is {size} bytes, tensors do not end exactly at its end (truncated or padded file)")
+        }
+        E::InvalidOffset(name) => {
+            format!("tensor {name} has data offsets that overlap, leave a gap or run backwards")
+        }
+        E::TensorInvalidInfo => "a tensor's byte size does not equal its shape x dtype".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Checks that a shard name from an index is a plain relative path inside the directory.
+fn safe_shard_path(dir: &Path, name: &str, index: &Path) -> Result<PathBuf> {
+    let rel = Path::new(name);
+    let ok = !name.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
+    if !ok {
+        return Err(Error::ShardOutsideDir { shard: name.to_string(), path: index.to_path_buf() });
+    }
+    let full = dir.join(rel);
+    if !full.exists() {
+        return Err(Error::MissingShard { shard: name.to_string(), path: index.to_path_buf() });
+    }
+    // A symlink could still point elsewhere: compare canonical paths.
+    let cdir = dir.canonicalize().map_err(|e| read_err("model directory", dir, e))?;
+    let cfull = full.canonicalize().map_err(|e| read_err("shard", &full, e))?;
+    if !cfull.starts_with(&cdir) {
+        return Err(Error::ShardOutsideDir { shard: name.to_string(), path: index.to_path_buf() });
+    }
+    Ok(full)
+}
+
+impl Checkpoint {
+    /// Opens and validates a checkpoint (file or directory).
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let meta = std::fs::metadata(path).map_err(|e| read_err("model path", path, e))?;
+        if meta.is_file() {
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+            return Self::from_files(path, &dir, vec![path.to_path_buf()], None, false);
+        }
+        let index = path.join(INDEX_NAME);
+        if index.is_file() {
+            return Self::open_index(path, &index);
+        }
+        let single = path.join(SINGLE_NAME);
+        if single.is_file() {
+            return Self::from_files(path, path, vec![single], None, false);
+        }
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| read_err("model directory", path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        if files.is_empty() {
+            return Err(Error::NoWeights { path: path.to_path_buf() });
+        }
+        files.sort();
+        Self::from_files(path, path, files, None, false)
+    }
+
+    fn open_index(dir: &Path, index: &Path) -> Result<Checkpoint> {
+        let text = std::fs::read_to_string(index).map_err(|e| read_err("shard index", index, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Index { reason: format!("not valid JSON: {e}"), path: index.to_path_buf() })?;
+        let wm = v.get("weight_map").and_then(|w| w.as_object()).ok_or_else(|| Error::Index {
+            reason: "no \"weight_map\" object".to_string(),
+            path: index.to_path_buf(),
+        })?;
+        let mut shard_names: Vec<String> = Vec::new();
+        let mut expected: BTreeMap<String, String> = BTreeMap::new();
+        for (tensor, shard) in wm {
+            let shard = shard.as_str().ok_or_else(|| Error::Index {
+                reason: format!("weight_map entry for {tensor} is not a string"),
+                path: index.to_path_buf(),
+            })?;
+            if !shard_names.iter().any(|s| s == shard) {
+                shard_names.push(shard.to_string());
+            }
+            expected.insert(tensor.clone(), shard.to_string());
+        }
+        shard_names.sort();
+        let mut files = Vec::with_capacity(shard_names.len());
+        for name in &shard_names {
+            files.push(safe_shard_path(dir, name, index)?);
+        }
+        Self::from_files(dir, dir, files, Some((index, expected, shard_names)), true)
+    }
+
+    fn from_files(
+        path: &Path,
+        dir: &Path,
+        files: Vec<PathBuf>,
+        index: Option<(&Path, BTreeMap<String, String>, Vec<String>)>,
+        sharded: bool,
+    ) -> Result<Checkpoint> {
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors: BTreeMap<String, TensorInfo> = BTreeMap::new();
+        let mut order = Vec::new();
+        for (si, f) in files.iter().enumerate() {
+            let (shard, infos) = open_shard(f)?;
+            for (name, info) in infos {
+                if let Some(prev) = tensors.get(&name) {
+                    return Err(Error::DuplicateTensor {
+                        tensor: name,
+                        first: shards.get(prev.shard).map(|s: &Shard| s.path.clone()).unwrap_or_default(),
+                        second: f.clone(),
+                    });
+                }
+                if elem_bytes(info.dtype).is_none() {
+                    return Err(Error::Header {
+                        reason: format!("tensor {name} has sub-byte dtype {:?}, which umerge cannot carry", info.dtype),
+                        path: f.clone(),
+                    });
+                }
+                let t = TensorInfo {
+                    shard: si,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: shard.data_start + info.data_offsets.0,
+                    end: shard.data_start + info.data_offsets.1,
+                };
+                order.push(name.clone());
+                tensors.insert(name, t);
+            }
+            shards.push(shard);
+        }
+        if let Some((index_path, expected, names)) = index {
+            for (tensor, shard) in &expected {
+                let found = tensors.get(tensor).map(|t| &names[t.shard]);
+                if found != Some(shard) {
+                    return Err(Error::Index {
+                        reason: match found {
+                            None => format!("tensor {tensor} is listed in shard {shard} but no shard holds it"),
+                            Some(other) => format!("tensor {tensor} is listed in shard {shard} but stored in {other}"),
+                        },
+                        path: index_path.to_path_buf(),
+                    });
+                }
+            }
+        }
+        let c = Checkpoint { path: path.to_path_buf(), dir: dir.to_path_buf(), shards, tensors, order, sharded };
+        c.advise_sequential();
+        Ok(c)
+    }
+
+    fn advise_sequential(&self) {
+        for s in &self.shards {
+            if let Some(m) = &s.mmap {
+                // Readahead hint only; failure is harmless.
+                let _ = m.advise(memmap2::Advice::Sequential);
+            }
+        }
+    }
+
+    /// The bytes of `len` bytes at absolute offset `start` of shard `shard`.
+    pub fn bytes(&self, shard: usize, start: usize, len: usize) -> Result<&[u8]> {
+        let m = self.shards.get(shard).and_then(|s| s.mmap.as_ref());
+        m.and_then(|m| m.get(start..start.checked_add(len)?))
+            .ok_or_else(|| Error::Internal(format!("read past the end of {}", self.display())))
+    }
+
+    /// The full data of a tensor.
+    pub fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8]> {
+        self.bytes(t.shard, t.start, t.end - t.start)
+    }
+
+    /// Releases the resident pages of a consumed window (`madvise(MADV_DONTNEED)`).
+    ///
+    /// The pages stay in the page cache; only this process's resident set shrinks. Reading the
+    /// window again later simply faults the pages back in.
+    pub fn release(&self, shard: usize, start: usize, len: usize) {
+        if let Some(m) = self.shards.get(shard).and_then(|s| s.mmap.as_ref()) {
+            if start.saturating_add(len) <= m.len() && len > 0 {
+                // SAFETY: the mapping is a read-only shared file mapping. MADV_DONTNEED drops the
+                // process's page-table entries for the range; any later access (including a slice
+                // another thread still holds) re-reads the same file contents from the page cache,
+                // so no borrowed data changes. memmap2 rounds the range to page boundaries.
+                unsafe {
+                    let _ = m.unchecked_advise_range(UncheckedAdvice::DontNeed, start, len);
+                }
+            }
+        }
+    }
+
+    /// A short name for messages: the path as given.
+    pub fn display(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Path of the shard holding `t` (for messages).
+    pub fn file_of(&self, t: &TensorInfo) -> PathBuf {
+        self.shards.get(t.shard).map(|s| s.path.clone()).unwrap_or_else(|| self.path.clone())
+    }
+
+    /// Total bytes of tensor data.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.values().map(TensorInfo::nbytes).sum()
+    }
+}
+
+/// A JSON description of a checkpoint for `umerge inspect`: format, shards, tensors (name,
+/// dtype, shape, bytes, shard), totals, and whether it is valid (with the error when not).
+pub fn inspect(path: &Path) -> serde_json::Value {
+    let c = match Checkpoint::open(path) {
+        Ok(c) => c,
+        Err(e) => {
+            return serde_json::json!({"path": path.display().to_string(), "valid": false, "error": e.to_string()});
+        }
+    };
+    let mut dtypes: BTreeMap<String, u64> = BTreeMap::new();
+    let mut params = 0u64;
+    let tensors: Vec<serde_json::Value> = c
+        .order
+        .iter()
+        .filter_map(|n| c.tensors.get(n).map(|t| (n, t)))
+        .map(|(n, t)| {
+            *dtypes.entry(format!("{:?}", t.dtype)).or_default() += t.numel();
+            params += t.numel();
+            serde_json::json!({
+                "name": n,
+                "dtype": format!("{:?}", t.dtype),
+                "shape": t.shape,
+                "bytes": t.nbytes(),
+                "shard": c.shards[t.shard].path.file_name().map(|f| f.to_string_lossy().to_string()),
+            })
+        })
+        .collect();
+    let shards: Vec<serde_json::Value> = c
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({
+                "file": s.path.file_name().map(|f| f.to_string_lossy().to_string()),
+                "bytes": s.size,
+                "tensors": c.tensors.values().filter(|t| t.shard == i).count(),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "path": path.display().to_string(),
+        "valid": true,
+        "format": if c.sharded { "sharded" } else { "single" },
+        "shards": shards,
+        "tensor_count": tensors.len(),
+        "parameters": params,
+        "elements_by_dtype": dtypes,
+        "total_bytes": c.total_bytes(),
+        "tensors": tensors,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Writes a safetensors file from (name, dtype, shape, bytes) with a raw header (test helper).
+    pub fn write_st(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+        let mut header = String::from("{");
+        let mut off = 0usize;
+        let mut data = Vec::new();
+        for (i, (name, dt, shape, bytes)) in tensors.iter().enumerate() {
+            if i > 0 {
+                header.push(',');
+            }
+            header.push_str(&format!(
+                "\"{name}\":{{\"dtype\":\"{dt}\",\"shape\":{shape:?},\"data_offsets\":[{off},{}]}}",
+                off + bytes.len()
+            ));
+            off += bytes.len();
+            data.extend_from_slice(bytes);
+        }
+        header.push('}');
+        write_raw(path, &header, &data);
+    }
+
+    pub fn write_raw(path: &Path, header: &str, data: &[u8]) {
+        let mut f = File::create(path).unwrap();
+        f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(header.as_bytes()).unwrap();
+        f.write_all(data).unwrap();
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("umerge-ckpt-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn reads_single_file() {
+        let d = tmpdir("single");
+        write_st(&d.join("model.safetensors"), &[("a", "F32", vec![2], f32s(&[1.0, 2.0]))]);
+        let c = Checkpoint::open(&d).unwrap();
+        assert_eq!(c.tensors.len(), 1);
+        let t = &c.tensors["a"];
+        assert_eq!(c.tensor_bytes(t).unwrap(), &f32s(&[1.0, 2.0])[..]);
+    }
+
+    #[test]
+    fn truncated_file_is_rejected() {
+        let d = tmpdir("trunc");
+        let p = d.join("model.safetensors");
+        write_st(&p, &[("a", "F32", vec![4], f32s(&[1.0, 2.0, 3.0, 4.0]))]);
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 3]).unwrap();
+        let e = Checkpoint::open(&d).unwrap_err();
+        assert!(matches!(e, Error::Header { .. }), "{e}");
+        assert!(e.to_string().contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn header_length_past_end_is_rejected() {
+        let d = tmpdir("hlen");
+        let p = d.join("model.safetensors");
+        let mut f = File::create(&p).unwrap();
+        f.write_all(&1000u64.to_le_bytes()).unwrap();
+        f.write_all(b"{}").unwrap();
+        drop(f);
+        let e = Checkpoint::open(&d).unwrap_err();
+        assert!(e.to_string().contains("past the end"), "{e}");
+        std::fs::write(&p, b"abc").unwrap();
+        assert!(matches!(Checkpoint::open(&d).unwrap_err(), Error::Header { .. }));
+    }
+
+    #[test]
+    fn overlapping_offsets_are_rejected() {
+        let d = tmpdir("overlap");
+        let p = d.join("model.safetensors");
+        let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
+        write_raw(&p, header, &[0u8; 12]);
+        let e = Checkpoint::open(&d).unwrap_err();
+        assert!(e.to_string().contains("overlap"), "{e}");
+    }
+
+    #[test]
+    fn index_escaping_dir_and_missing_shard_are_rejected() {
+        let d = tmpdir("index");
+        write_st(&d.join("s1.safetensors"), &[("a", "F32", vec![1], f32s(&[1.0]))]);
+        std::fs::write(d.join(INDEX_NAME), r#"{"weight_map":{"a":"../s1.safetensors"}}"#).unwrap();
+        assert!(matches!(Checkpoint::open(&d).unwrap_err(), Error::ShardOutsideDir { .. }));
+        std::fs::write(d.join(INDEX_NAME), r#"{"weight_map":{"a":"/etc/passwd"}}"#).unwrap();
+        assert!(matches!(Checkpoint::open(&d).unwrap_err(), Error::ShardOutsideDir { .. }));
+        std::fs::write(d.join(INDEX_NAME), r#"{"weight_map":{"a":"nope.safetensors"}}"#).unwrap();
+        assert!(matches!(Checkpoint::open(&d).unwrap_err(), Error::MissingShard { .. }));
+        std::fs::write(d.join(INDEX_NAME), r#"{"weight_map":{"a":"s1.safetensors"}}"#).unwrap();
+        let c = Checkpoint::open(&d).unwrap();
+        assert!(c.sharded);
+        std::fs::write(d.join(INDEX_NAME), r#"{"weight_map":{"b":"s1.safetensors"}}"#).unwrap();
+        assert!(matches!(Checkpoint::open(&d).unwrap_err(), Error::Index { .. }));
+    }
+}

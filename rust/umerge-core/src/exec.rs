@@ -1,0 +1,1253 @@
+//! Executing a plan: chunks within a memory budget, statistics passes then an apply pass, rayon.
+//!
+//! Work is cut into chunks of whole 64 Ki-element blocks ([`BLOCK`]); the chunk size comes from
+//! the memory budget and the thread count, so the buffers in flight (inputs decoded to f32, the
+//! output, the mapped windows) stay within the budget. Per tensor:
+//!
+//! 1. trim selection (see `select`): high-bit histogram pass, low-bit pass, and a tie-counting
+//!    pass when some but not all entries equal to the threshold are kept. Whole-model trims
+//!    (`TrimScope::Model`) run these passes over every tensor before any output is computed.
+//! 2. reductions, when the method asks for them, on fixed blocks summed in block order.
+//! 3. apply: decode, subtract the base, trim, [`Method::apply`], encode, positioned write.
+//!
+//! Every per-element result depends only on that element's inputs and on integer statistics, and
+//! reductions use fixed block boundaries, so the output bytes are the same for any thread count
+//! and any budget. Consumed input windows are released after each read (`Checkpoint::release`).
+
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::dtype::{decode, elem_bytes, encode, is_float, parse_out_dtype, Dtype};
+use crate::error::{Error, Result};
+use crate::methods::{self, BaseUse, Chunk, Method, Stats, TensorRecipe, Trim, TrimRule, TrimScope};
+use crate::params::Params;
+use crate::plan::{self, Action, InputId, Inputs, PlanOptions, SrcRef};
+use crate::report::{peak_rss_bytes, Report};
+use crate::select::{self, Threshold, HIGH_BINS, LOW_BINS};
+use crate::spec::{MergeSpec, DEFAULT_MAX_SHARD_SIZE, DEFAULT_MEMORY_BUDGET};
+use crate::write::{self, OutTensor, Output};
+use crate::Progress;
+
+/// Elements per block: chunk boundaries and reduction blocks are multiples of it.
+pub const BLOCK: usize = 1 << 16;
+/// Largest chunk, in elements (4 blocks = 256 Ki elements = 1 MiB of f32 per input): small
+/// enough that a chunk's inputs, base and output stay in cache between the trim and apply steps.
+pub const MAX_CHUNK: usize = 4 * BLOCK;
+
+/// Reads a tensor's elements as f32, by flat output index.
+pub trait Source: Sync {
+    /// Decodes elements `[start, start + out.len())` into `out`.
+    fn read(&self, start: u64, out: &mut [f32]) -> Result<()>;
+    /// Tells the source the window is consumed (releases mapped pages).
+    fn release(&self, _start: u64, _len: usize) {}
+}
+
+/// A tensor in a memory-mapped checkpoint.
+pub struct MappedSource<'a> {
+    ckpt: &'a Checkpoint,
+    info: &'a TensorInfo,
+    crop_cols: Option<(usize, usize)>,
+    name: &'a str,
+    check_finite: bool,
+}
+
+impl<'a> MappedSource<'a> {
+    /// A source over `info` in `ckpt`; `crop_cols` maps a narrower output onto wider rows.
+    pub fn new(ckpt: &'a Checkpoint, info: &'a TensorInfo, crop_cols: Option<(usize, usize)>, name: &'a str, check_finite: bool) -> Self {
+        MappedSource { ckpt, info, crop_cols, name, check_finite }
+    }
+
+    fn src_index(&self, i: u64) -> u64 {
+        match self.crop_cols {
+            None => i,
+            Some((oc, ic)) => (i / oc as u64) * ic as u64 + i % oc as u64,
+        }
+    }
+}
+
+impl Source for MappedSource<'_> {
+    fn read(&self, start: u64, out: &mut [f32]) -> Result<()> {
+        let eb = elem_bytes(self.info.dtype).unwrap_or(1);
+        let mut j = 0usize;
+        while j < out.len() {
+            let idx = start + j as u64;
+            let run = match self.crop_cols {
+                None => out.len() - j,
+                Some((oc, _)) => (oc - (idx % oc as u64) as usize).min(out.len() - j),
+            };
+            let s = self.info.start + self.src_index(idx) as usize * eb;
+            let bytes = self.ckpt.bytes(self.info.shard, s, run * eb)?;
+            decode(self.info.dtype, bytes, &mut out[j..j + run]);
+            j += run;
+        }
+        if self.check_finite {
+            if let Some(p) = first_nonfinite(out) {
+                return Err(Error::NonFinite {
+                    tensor: self.name.to_string(),
+                    index: self.src_index(start + p as u64),
+                    path: self.ckpt.file_of(self.info),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&self, start: u64, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let eb = elem_bytes(self.info.dtype).unwrap_or(1);
+        let a = self.src_index(start) as usize * eb;
+        let b = (self.src_index(start + len as u64 - 1) as usize + 1) * eb;
+        self.ckpt.release(self.info.shard, self.info.start + a, b - a);
+    }
+}
+
+/// Index of the first NaN or infinity. Checks blocks with a branch-free OR of "exponent all
+/// ones" (vectorises) and only searches a block that has one; the early-exit `position` loop
+/// it replaces was 20% of the benchmark's CPU time.
+pub fn first_nonfinite(v: &[f32]) -> Option<usize> {
+    for (ci, c) in v.chunks(1024).enumerate() {
+        let mut bad = false;
+        for x in c {
+            bad |= (x.to_bits() & 0x7f80_0000) == 0x7f80_0000;
+        }
+        if bad {
+            return c.iter().position(|x| !x.is_finite()).map(|p| ci * 1024 + p);
+        }
+    }
+    None
+}
+
+/// An all-zero tensor (the base of adapter merges).
+pub struct ZeroSource;
+
+impl Source for ZeroSource {
+    fn read(&self, _start: u64, out: &mut [f32]) -> Result<()> {
+        out.fill(0.0);
+        Ok(())
+    }
+}
+
+/// An in-memory f32 tensor (the `ops` kernels on numpy arrays).
+pub struct SliceSource<'a>(pub &'a [f32]);
+
+impl Source for SliceSource<'_> {
+    fn read(&self, start: u64, out: &mut [f32]) -> Result<()> {
+        let s = start as usize;
+        let src = self.0.get(s..s + out.len()).ok_or_else(|| Error::Internal("slice source read out of range".into()))?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+/// One tensor to merge.
+pub struct Job<'a> {
+    /// Tensor name.
+    pub name: &'a str,
+    /// Elements.
+    pub numel: u64,
+    /// The base, if the method uses one.
+    pub base: Option<&'a dyn Source>,
+    /// The models that have the tensor.
+    pub models: Vec<&'a dyn Source>,
+    /// Their indices in the spec's model list.
+    pub model_ids: Vec<usize>,
+    /// The method's recipe for this tensor.
+    pub recipe: &'a TensorRecipe,
+}
+
+/// Where merged values go.
+pub trait Sink: Sync {
+    /// Stores merged values of job `job` starting at flat element `start`.
+    fn write(&self, job: usize, start: u64, values: &[f32]) -> Result<()>;
+}
+
+/// Writes into in-memory f32 buffers (one per job); chunks are disjoint.
+pub struct SliceSink {
+    ptrs: Vec<(usize, usize)>,
+}
+
+impl SliceSink {
+    /// Wraps output buffers; they must outlive every `write` call (the executor's run).
+    pub fn new(bufs: &mut [&mut [f32]]) -> Self {
+        SliceSink { ptrs: bufs.iter_mut().map(|b| (b.as_mut_ptr() as usize, b.len())).collect() }
+    }
+}
+
+impl Sink for SliceSink {
+    fn write(&self, job: usize, start: u64, values: &[f32]) -> Result<()> {
+        let (p, n) = self.ptrs[job];
+        let s = start as usize;
+        if s + values.len() > n {
+            return Err(Error::Internal("slice sink write out of range".into()));
+        }
+        // SAFETY: the buffer is alive for the whole run (the caller keeps the `&mut` borrow it
+        // handed to `new`), the range was checked against its length, and the executor writes
+        // each element range of a job exactly once from one chunk, so writes never overlap.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), (p as *mut f32).add(s), values.len()) };
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Item {
+    job: usize,
+    start: u64,
+    len: usize,
+}
+
+fn items_of(job: usize, numel: u64, chunk: usize) -> Vec<Item> {
+    let mut v = Vec::with_capacity((numel as usize).div_ceil(chunk.max(1)).max(1));
+    let mut s = 0u64;
+    while s < numel {
+        let len = (numel - s).min(chunk as u64) as usize;
+        v.push(Item { job, start: s, len });
+        s += len as u64;
+    }
+    v
+}
+
+/// Reusable f32 buffers: chunk buffers are taken from and returned to this pool so the hot loop
+/// does not allocate. Measured: allocating fresh 4 MiB vectors per chunk cost ~13 M minor page
+/// faults and a third of the CPU time on the 1.1B benchmark (every large allocation is a fresh
+/// mmap whose pages fault in on first write).
+#[derive(Default)]
+struct BufPool(std::sync::Mutex<Vec<Vec<f32>>>);
+
+impl BufPool {
+    /// A buffer of exactly `len` elements; contents unspecified (callers overwrite it).
+    fn take(&self, len: usize) -> Vec<f32> {
+        let mut v = self.0.lock().ok().and_then(|mut p| p.pop()).unwrap_or_default();
+        if v.len() < len {
+            v.resize(len, 0.0);
+        } else {
+            v.truncate(len);
+        }
+        v
+    }
+    fn put(&self, v: Vec<f32>) {
+        if let Ok(mut p) = self.0.lock() {
+            if p.len() < 64 {
+                p.push(v);
+            }
+        }
+    }
+}
+
+struct Bufs {
+    base: Option<Vec<f32>>,
+    inputs: Vec<Vec<f32>>,
+}
+
+/// Trim thresholds for one selection: per key, and per (item, key) the count of threshold-equal
+/// entries before the item.
+#[derive(Default, Clone)]
+struct Selection {
+    th: Vec<Threshold>,
+    eq_before: Vec<Vec<u64>>,
+}
+
+/// A whole tensor decoded in memory (deltas when the method uses them), reused by every pass.
+struct Cache {
+    /// Per model slot: the whole tensor's deltas (or values), f32.
+    inputs: Vec<Vec<f32>>,
+    /// Per model slot: the high-bit histogram of the untrimmed inputs, computed while loading
+    /// (saves a pass over the data).
+    high: Vec<Vec<u64>>,
+    /// True once trimmed in place.
+    trimmed: bool,
+}
+
+/// Where a pass gets a chunk's inputs from.
+#[derive(Clone, Copy)]
+enum Data<'c> {
+    /// Decode from the sources each time.
+    Stream,
+    /// Slices of a cached tensor.
+    Cached(&'c Cache),
+}
+
+/// Raw pointer wrapper for filling disjoint ranges of one vector from several threads.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used to write disjoint element ranges of a vector that outlives the parallel
+// loop (see `Engine::load_cache`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Runs merge jobs through a method. Call inside the rayon pool that should do the work.
+pub struct Engine<'a> {
+    /// The method.
+    pub method: &'a dyn Method,
+    /// Elements per chunk (a multiple of [`BLOCK`], or any size for tests).
+    pub chunk: usize,
+    /// A tensor whose decoded inputs (base and models, f32) fit in this many bytes is decoded
+    /// once and kept for all its passes instead of being decoded again by each pass.
+    pub cache_bytes: u64,
+    pool: BufPool,
+    /// Whole-tensor vectors kept between tensors: reusing them avoids faulting in fresh pages
+    /// for every cached tensor (1.5 M page faults on the 1.1B benchmark).
+    cache_pool: BufPool,
+}
+
+type Targets = Vec<(usize, usize)>; // (slot, key)
+
+impl<'a> Engine<'a> {
+    /// An engine running `method` on chunks of `chunk` elements, caching tensors up to
+    /// `cache_bytes` of decoded inputs.
+    pub fn new(method: &'a dyn Method, chunk: usize, cache_bytes: u64) -> Self {
+        Engine { method, chunk: chunk.max(1), cache_bytes, pool: BufPool::default(), cache_pool: BufPool::default() }
+    }
+
+    /// Decodes one window of every input into the given slices; inputs become deltas
+    /// (x - base) when the method uses them.
+    fn gather_into(&self, job: &Job<'_>, start: u64, base: Option<&mut [f32]>, inputs: &mut [&mut [f32]]) -> Result<()> {
+        let base: Option<&[f32]> = match (job.base, base) {
+            (Some(s), Some(b)) => {
+                s.read(start, b)?;
+                s.release(start, b.len());
+                Some(b)
+            }
+            _ => None,
+        };
+        let deltas = self.method.uses_deltas();
+        for (src, v) in job.models.iter().zip(inputs.iter_mut()) {
+            src.read(start, v)?;
+            src.release(start, v.len());
+            if deltas {
+                if let Some(b) = base {
+                    for (x, y) in v.iter_mut().zip(b) {
+                        *x -= *y;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn gather(&self, job: &Job<'_>, start: u64, len: usize) -> Result<Bufs> {
+        let mut base = job.base.map(|_| self.pool.take(len));
+        let mut inputs: Vec<Vec<f32>> = job.models.iter().map(|_| self.pool.take(len)).collect();
+        let r = {
+            let mut muts: Vec<&mut [f32]> = inputs.iter_mut().map(|v| v.as_mut_slice()).collect();
+            self.gather_into(job, start, base.as_deref_mut(), &mut muts)
+        };
+        let bufs = Bufs { base, inputs };
+        match r {
+            Ok(()) => Ok(bufs),
+            Err(e) => {
+                self.recycle(bufs);
+                Err(e)
+            }
+        }
+    }
+
+    fn recycle(&self, b: Bufs) {
+        if let Some(v) = b.base {
+            self.pool.put(v);
+        }
+        for v in b.inputs {
+            self.pool.put(v);
+        }
+    }
+
+    /// Runs `f` on the (untrimmed) inputs of one item.
+    fn with_inputs<R>(&self, job: &Job<'_>, it: &Item, data: Data<'_>, f: impl FnOnce(&[&[f32]]) -> R) -> Result<R> {
+        match data {
+            Data::Cached(c) => {
+                let s = it.start as usize;
+                let views: Vec<&[f32]> = c.inputs.iter().map(|v| &v[s..s + it.len]).collect();
+                Ok(f(&views))
+            }
+            Data::Stream => {
+                let bufs = self.gather(job, it.start, it.len)?;
+                let views: Vec<&[f32]> = bufs.inputs.iter().map(|v| v.as_slice()).collect();
+                let r = f(&views);
+                self.recycle(bufs);
+                Ok(r)
+            }
+        }
+    }
+
+    /// Decodes a whole tensor's model inputs (deltas) into memory, in parallel over its items,
+    /// computing their high-bit histograms on the way. The base is not kept: the apply pass
+    /// decodes it again, once, which costs less memory than caching it.
+    fn load_cache(&self, job: &Job<'_>, items: &[Item], want_high: bool) -> Result<Cache> {
+        let n = job.numel as usize;
+        let m = job.models.len();
+        let mut inputs: Vec<Vec<f32>> = job.models.iter().map(|_| self.cache_pool.take(n)).collect();
+        let ips: Vec<SendPtr> = inputs.iter_mut().map(|v| SendPtr(v.as_mut_ptr())).collect();
+        let zero = || vec![Vec::<u64>::new(); m];
+        let high = items
+            .par_iter()
+            .try_fold(zero, |mut acc, it| -> Result<Vec<Vec<u64>>> {
+                let s = it.start as usize;
+                // SAFETY: each item covers a distinct range [s, s + len) of vectors of length n
+                // that live until after this loop; no other reference to them exists meanwhile.
+                let mut ins: Vec<&mut [f32]> =
+                    unsafe { ips.iter().map(|p| std::slice::from_raw_parts_mut(p.0.add(s), it.len)).collect() };
+                let mut base = job.base.map(|_| self.pool.take(it.len));
+                let r = self.gather_into(job, it.start, base.as_deref_mut(), &mut ins);
+                if let Some(b) = base {
+                    self.pool.put(b);
+                }
+                r?;
+                if want_high {
+                    for (slot, x) in ins.iter().enumerate() {
+                        if acc[slot].is_empty() {
+                            acc[slot] = vec![0u64; HIGH_BINS];
+                        }
+                        select::hist_high(x, &mut acc[slot]);
+                    }
+                }
+                Ok(acc)
+            })
+            .try_reduce(zero, |a, b| Ok(add_hists(a, b)))?;
+        Ok(Cache { inputs, high, trimmed: false })
+    }
+
+    /// Computes thresholds for the selection keys over `items`; `targets(item)` says which
+    /// input slots of the item's job feed which key; `spec[key]` = (total elements, trim).
+    fn select(
+        &self,
+        jobs: &[Job<'_>],
+        items: &[Item],
+        data: Data<'_>,
+        targets: &(dyn Fn(&Item) -> Targets + Sync),
+        spec: &[(u64, Option<Trim>)],
+        pre_high: Option<&[Vec<u64>]>,
+    ) -> Result<Selection> {
+        let nkeys = spec.len();
+        let mut th = vec![Threshold::KEEP_ALL; nkeys];
+        let mut ks = vec![0u64; nkeys];
+        let mut active = vec![false; nkeys];
+        for (key, (n, trim)) in spec.iter().enumerate() {
+            let Some(trim) = trim else { continue };
+            let f = select::keep_count(trim.density, *n);
+            let k = match trim.rule {
+                TrimRule::ExactK => f,
+                TrimRule::PaperKth => {
+                    if f >= *n {
+                        *n
+                    } else {
+                        f + 1
+                    }
+                }
+            };
+            if k >= *n {
+                th[key] = Threshold::KEEP_ALL;
+            } else if k == 0 {
+                th[key] = Threshold::KEEP_NONE;
+            } else {
+                ks[key] = k;
+                active[key] = true;
+            }
+        }
+        if !active.iter().any(|&a| a) {
+            return Ok(Selection { th, eq_before: Vec::new() });
+        }
+        // Pass A: high-bit histograms (unless computed while loading).
+        let zero = || vec![Vec::<u64>::new(); nkeys];
+        let usable = pre_high.filter(|h| (0..nkeys).all(|k| !active[k] || h.get(k).is_some_and(|v| !v.is_empty())));
+        let high: Vec<Vec<u64>> = if let Some(h) = usable {
+            h.to_vec()
+        } else {
+            items
+            .par_iter()
+            .try_fold(zero, |mut acc, it| -> Result<Vec<Vec<u64>>> {
+                let tg = targets(it);
+                self.with_inputs(&jobs[it.job], it, data, |inputs| {
+                    for &(slot, key) in &tg {
+                        if active[key] {
+                            if acc[key].is_empty() {
+                                acc[key] = vec![0u64; HIGH_BINS];
+                            }
+                            select::hist_high(inputs[slot], &mut acc[key]);
+                        }
+                    }
+                })?;
+                Ok(acc)
+            })
+            .try_reduce(zero, |a, b| Ok(add_hists(a, b)))?
+        };
+        let mut picks = vec![(0u32, 0u64); nkeys];
+        for key in 0..nkeys {
+            if active[key] {
+                picks[key] = select::pick_high(&high[key], ks[key]);
+            }
+        }
+        drop(high);
+        // Pass B: low-bit histograms inside the winning high bin.
+        let low: Vec<Vec<u64>> = items
+            .par_iter()
+            .try_fold(zero, |mut acc, it| -> Result<Vec<Vec<u64>>> {
+                let tg = targets(it);
+                self.with_inputs(&jobs[it.job], it, data, |inputs| {
+                    for &(slot, key) in &tg {
+                        if active[key] {
+                            if acc[key].is_empty() {
+                                acc[key] = vec![0u64; LOW_BINS];
+                            }
+                            select::hist_low(inputs[slot], picks[key].0, &mut acc[key]);
+                        }
+                    }
+                })?;
+                Ok(acc)
+            })
+            .try_reduce(zero, |a, b| Ok(add_hists(a, b)))?;
+        for key in 0..nkeys {
+            if active[key] {
+                let mut t = select::pick_low(&low[key], picks[key].0, picks[key].1, ks[key]);
+                if spec[key].1.map(|t| t.rule) == Some(TrimRule::PaperKth) {
+                    t.keep_eq = t.eq_total; // |x| >= kth value: every tie kept
+                }
+                th[key] = t;
+            }
+        }
+        // Pass C: tie ranks, only when some but not all threshold-equal entries are kept.
+        let need: Vec<bool> = th.iter().map(|t| t.needs_tie_ranks()).collect();
+        if !need.iter().any(|&x| x) {
+            return Ok(Selection { th, eq_before: Vec::new() });
+        }
+        let counts: Vec<Vec<u64>> = items
+            .par_iter()
+            .map(|it| -> Result<Vec<u64>> {
+                let tg = targets(it);
+                self.with_inputs(&jobs[it.job], it, data, |inputs| {
+                    let mut c = vec![0u64; nkeys];
+                    for &(slot, key) in &tg {
+                        if need[key] {
+                            c[key] += select::count_eq(inputs[slot], th[key].bits);
+                        }
+                    }
+                    c
+                })
+            })
+            .collect::<Result<_>>()?;
+        let mut running = vec![0u64; nkeys];
+        let mut eq_before = Vec::with_capacity(items.len());
+        for c in counts {
+            eq_before.push(running.clone());
+            for k in 0..nkeys {
+                running[k] += c[k];
+            }
+        }
+        Ok(Selection { th, eq_before })
+    }
+
+    /// Trims one item's inputs in place.
+    fn trim(&self, job: &Job<'_>, inputs: &mut [&mut [f32]], tensor_sel: &Selection, tensor_item: usize, global: Option<(&Selection, usize)>) {
+        for (slot, trim) in job.recipe.trim.iter().enumerate() {
+            let Some(trim) = trim else { continue };
+            let (sel, item, key) = match trim.scope {
+                TrimScope::Tensor => (tensor_sel, tensor_item, slot),
+                TrimScope::Model => match global {
+                    Some((g, gi)) => (g, gi, job.model_ids[slot]),
+                    None => continue,
+                },
+            };
+            let th = sel.th[key];
+            let eq = sel.eq_before.get(item).map_or(0, |v| v[key]);
+            select::apply_trim(inputs[slot], &th, eq);
+        }
+    }
+
+    fn tensor_selection(&self, jobs: &[Job<'_>], ji: usize, items: &[Item], data: Data<'_>) -> Result<Selection> {
+        let job = &jobs[ji];
+        let spec: Vec<(u64, Option<Trim>)> =
+            job.recipe.trim.iter().map(|t| (job.numel, t.filter(|t| t.scope == TrimScope::Tensor))).collect();
+        if spec.iter().all(|(_, t)| t.is_none()) {
+            return Ok(Selection { th: vec![Threshold::KEEP_ALL; spec.len()], eq_before: Vec::new() });
+        }
+        let targets = |_: &Item| -> Targets { (0..spec.len()).map(|s| (s, s)).collect() };
+        let pre = match data {
+            Data::Cached(c) => Some(c.high.as_slice()),
+            Data::Stream => None,
+        };
+        self.select(jobs, items, data, &targets, &spec, pre)
+    }
+
+    /// Runs `f` on each item's trimmed inputs (and base), in parallel; results in item order.
+    /// A cache not yet trimmed is trimmed here, item by item, just before `f` reads it (one
+    /// sweep over memory instead of two); `f` must then be the only pass after selection.
+    fn for_trimmed<R: Send>(
+        &self,
+        job: &Job<'_>,
+        items: &[Item],
+        cache: Option<&mut Cache>,
+        tsel: &Selection,
+        global: Option<(&Selection, usize)>,
+        f: &(dyn Fn(&Item, &Chunk<'_>) -> Result<R> + Sync),
+    ) -> Result<Vec<R>> {
+        let cache_ptrs: Option<(Vec<SendPtr>, bool)> =
+            cache.map(|c| (c.inputs.iter_mut().map(|v| SendPtr(v.as_mut_ptr())).collect(), c.trimmed));
+        items
+            .par_iter()
+            .enumerate()
+            .map(|(ii, it)| -> Result<R> {
+                let g = global.map(|(g, o)| (g, o + ii));
+                match &cache_ptrs {
+                    Some((ptrs, trimmed)) => {
+                        let s = it.start as usize;
+                        // SAFETY: items are disjoint ranges of the cached vectors, which the
+                        // `&mut Cache` borrow keeps alive and unaliased for this loop.
+                        let mut muts: Vec<&mut [f32]> =
+                            unsafe { ptrs.iter().map(|p| std::slice::from_raw_parts_mut(p.0.add(s), it.len)).collect() };
+                        if !*trimmed {
+                            self.trim(job, &mut muts, tsel, ii, g);
+                        }
+                        let mut base = job.base.map(|_| self.pool.take(it.len));
+                        if let (Some(src), Some(b)) = (job.base, base.as_deref_mut()) {
+                            src.read(it.start, b)?;
+                            src.release(it.start, it.len);
+                        }
+                        let views: Vec<&[f32]> = muts.iter().map(|v| &**v).collect();
+                        let chunk = Chunk { tensor: job.name, start: it.start, base: base.as_deref(), inputs: &views };
+                        let r = f(it, &chunk);
+                        if let Some(b) = base {
+                            self.pool.put(b);
+                        }
+                        r
+                    }
+                    None => {
+                        let mut bufs = self.gather(job, it.start, it.len)?;
+                        {
+                            let mut muts: Vec<&mut [f32]> = bufs.inputs.iter_mut().map(|v| v.as_mut_slice()).collect();
+                            self.trim(job, &mut muts, tsel, ii, g);
+                        }
+                        let views: Vec<&[f32]> = bufs.inputs.iter().map(|v| v.as_slice()).collect();
+                        let chunk = Chunk { tensor: job.name, start: it.start, base: bufs.base.as_deref(), inputs: &views };
+                        let r = f(it, &chunk);
+                        drop(views);
+                        self.recycle(bufs);
+                        r
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Trims a cached tensor in place, chunk by chunk (same chunks as streaming).
+    fn trim_cache(&self, job: &Job<'_>, cache: &mut Cache, tsel: &Selection, global: Option<(&Selection, usize)>) {
+        let chunk = self.chunk;
+        for (slot, trim) in job.recipe.trim.iter().enumerate() {
+            let Some(trim) = trim else { continue };
+            let (sel, off, key) = match trim.scope {
+                TrimScope::Tensor => (tsel, 0, slot),
+                TrimScope::Model => match global {
+                    Some((g, o)) => (g, o, job.model_ids[slot]),
+                    None => continue,
+                },
+            };
+            let th = sel.th[key];
+            cache.inputs[slot].par_chunks_mut(chunk).enumerate().for_each(|(ii, c)| {
+                let eq = sel.eq_before.get(off + ii).map_or(0, |v| v[key]);
+                select::apply_trim(c, &th, eq);
+            });
+        }
+        cache.trimmed = true;
+    }
+
+    /// Per-block partial reductions of one job's items, in block order.
+    fn block_reduce(
+        &self,
+        job: &Job<'_>,
+        items: &[Item],
+        cache: Option<&mut Cache>,
+        tsel: &Selection,
+        global: Option<(&Selection, usize)>,
+        n: usize,
+        is_global: bool,
+    ) -> Result<Vec<f64>> {
+        let per_item = self.for_trimmed(job, items, cache, tsel, global, &|_, c| {
+            let mut parts = Vec::new();
+            let len = c.len();
+            let mut s = 0usize;
+            while s < len {
+                let e = (s + BLOCK).min(len);
+                let views: Vec<&[f32]> = c.inputs.iter().map(|v| &v[s..e]).collect();
+                let b = Chunk { tensor: c.tensor, start: c.start + s as u64, base: c.base.map(|b| &b[s..e]), inputs: &views };
+                let mut acc = vec![0f64; n];
+                if is_global {
+                    self.method.reduce_global(job.recipe, &b, &mut acc);
+                } else {
+                    self.method.reduce(job.recipe, &b, &mut acc);
+                }
+                parts.push(acc);
+                s = e;
+            }
+            Ok(parts)
+        })?;
+        let mut total = vec![0f64; n];
+        for p in per_item.into_iter().flatten() {
+            for (a, b) in total.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Runs every job: global statistics first when needed, then each tensor in order.
+    /// `done(job)` is called after each job is written; an error from it stops the run.
+    pub fn run(&self, jobs: &[Job<'_>], n_models: usize, sink: &dyn Sink, done: &(dyn Fn(usize) -> Result<()> + Sync)) -> Result<()> {
+        let chunk = self.chunk;
+        let per_job: Vec<Vec<Item>> = jobs.iter().enumerate().map(|(i, j)| items_of(i, j.numel, chunk)).collect();
+        let mut offsets = Vec::with_capacity(jobs.len());
+        let mut all_items = Vec::new();
+        for items in &per_job {
+            offsets.push(all_items.len());
+            all_items.extend_from_slice(items);
+        }
+
+        // Whole-model trims: one selection per model over every tensor it takes part in.
+        let any_global = jobs.iter().any(|j| j.recipe.trim.iter().flatten().any(|t| t.scope == TrimScope::Model));
+        let global_sel = if any_global {
+            let mut spec: Vec<(u64, Option<Trim>)> = vec![(0, None); n_models];
+            for j in jobs {
+                for (slot, t) in j.recipe.trim.iter().enumerate() {
+                    if let Some(t) = t.filter(|t| t.scope == TrimScope::Model) {
+                        let e = &mut spec[j.model_ids[slot]];
+                        e.0 += j.numel;
+                        e.1.get_or_insert(t);
+                    }
+                }
+            }
+            let targets = |it: &Item| -> Targets {
+                let j = &jobs[it.job];
+                j.recipe
+                    .trim
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| t.is_some_and(|t| t.scope == TrimScope::Model))
+                    .map(|(s, _)| (s, j.model_ids[s]))
+                    .collect()
+            };
+            Some(self.select(jobs, &all_items, Data::Stream, &targets, &spec, None)?)
+        } else {
+            None
+        };
+
+        // Global reductions (after trimming), on fixed blocks summed in order.
+        let ng = self.method.global_reductions();
+        let mut global_acc = vec![0f64; ng];
+        if ng > 0 {
+            for (ji, job) in jobs.iter().enumerate() {
+                let items = &per_job[ji];
+                let tsel = self.tensor_selection(jobs, ji, items, Data::Stream)?;
+                let g = global_sel.as_ref().map(|g| (g, offsets[ji]));
+                let part = self.block_reduce(job, items, None, &tsel, g, ng, true)?;
+                for (a, b) in global_acc.iter_mut().zip(part) {
+                    *a += b;
+                }
+            }
+        }
+
+        for (ji, job) in jobs.iter().enumerate() {
+            let items = &per_job[ji];
+            let gref = global_sel.as_ref().map(|g| (g, offsets[ji]));
+            let decoded = job.numel * job.models.len() as u64 * 4;
+            let mut cache = if decoded <= self.cache_bytes {
+                let want_high = job.recipe.trim.iter().flatten().any(|t| t.scope == TrimScope::Tensor);
+                Some(self.load_cache(job, items, want_high)?)
+            } else {
+                None
+            };
+            let tsel = self.tensor_selection(jobs, ji, items, cache.as_ref().map_or(Data::Stream, Data::Cached))?;
+            let tensor_acc = if job.recipe.reductions > 0 {
+                // Two passes read the trimmed data: trim the cache once up front.
+                if let Some(c) = cache.as_mut() {
+                    self.trim_cache(job, c, &tsel, gref);
+                }
+                self.block_reduce(job, items, cache.as_mut(), &tsel, gref, job.recipe.reductions, false)?
+            } else {
+                Vec::new()
+            };
+            let stats = Stats { tensor: &tensor_acc, global: &global_acc };
+            self.for_trimmed(job, items, cache.as_mut(), &tsel, gref, &|it, c| {
+                let mut out = self.pool.take(it.len);
+                self.method.apply(job.recipe, &stats, c, &mut out);
+                let r = sink.write(it.job, it.start, &out);
+                self.pool.put(out);
+                r
+            })?;
+            if let Some(c) = cache {
+                for v in c.inputs {
+                    self.cache_pool.put(v);
+                }
+            }
+            done(ji)?;
+        }
+        Ok(())
+    }
+}
+
+fn add_hists(mut a: Vec<Vec<u64>>, b: Vec<Vec<u64>>) -> Vec<Vec<u64>> {
+    for (x, y) in a.iter_mut().zip(b) {
+        if x.is_empty() {
+            *x = y;
+        } else if !y.is_empty() {
+            for (p, q) in x.iter_mut().zip(y) {
+                *p += q;
+            }
+        }
+    }
+    a
+}
+
+/// Elements per chunk for a budget: the buffers in flight per thread are the decoded inputs, the
+/// base, the output (f32 each) and its encoded copy, with a factor 2 of slack for the mapped
+/// windows and the allocator; whole blocks, between 1 and 16 blocks.
+pub fn chunk_for_budget(budget: u64, threads: usize, n_inputs: usize) -> usize {
+    let per_elem = (n_inputs as u64 + 3) * 4 * 2 * threads.max(1) as u64;
+    let blocks = (budget / per_elem) as usize / BLOCK;
+    blocks.clamp(1, MAX_CHUNK / BLOCK) * BLOCK
+}
+
+/// Bytes of decoded tensor kept in memory across passes: a quarter of the budget. The rest
+/// covers the chunk buffers of streamed tensors and the output path.
+pub fn cache_bytes_for(budget: u64) -> u64 {
+    budget / 4
+}
+
+/// Writes f32 values into the output shards, encoded to the tensor's dtype.
+struct FileSink<'a> {
+    out: &'a Output,
+    /// Per job: (output tensor index, dtype).
+    targets: Vec<(usize, Dtype)>,
+}
+
+impl Sink for FileSink<'_> {
+    fn write(&self, job: usize, start: u64, values: &[f32]) -> Result<()> {
+        let (ti, dt) = self.targets[job];
+        let eb = elem_bytes(dt).unwrap_or(4);
+        let mut bytes = vec![0u8; values.len() * eb];
+        encode(dt, values, &mut bytes);
+        self.out.write_at(ti, start * eb as u64, &bytes)
+    }
+}
+
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+/// The recipe written beside the weights (JSON-compatible YAML: flow values are JSON).
+pub fn recipe_yaml(spec: &MergeSpec, method: &dyn Method) -> String {
+    let mut y = String::new();
+    y.push_str("# umerge recipe: the merge that produced these weights\n");
+    y.push_str(&format!("umerge_version: {}\n", yaml_str(crate::VERSION)));
+    y.push_str(&format!("method: {}\n", yaml_str(&spec.method)));
+    y.push_str(&format!("description: {}\n", yaml_str(&method.describe())));
+    match &spec.base {
+        Some(b) => y.push_str(&format!("base: {}\n", yaml_str(&abs_display(b)))),
+        None => y.push_str("base: null\n"),
+    }
+    y.push_str("models:\n");
+    for m in &spec.models {
+        y.push_str(&format!("  - path: {}\n", yaml_str(&abs_display(&m.path))));
+        if !m.params.is_empty() {
+            y.push_str(&format!("    params: {}\n", serde_json::to_string(&m.params).unwrap_or_default()));
+        }
+    }
+    y.push_str(&format!("params: {}\n", serde_json::to_string(&spec.params).unwrap_or_default()));
+    y.push_str(&format!(
+        "out_dtype: {}\n",
+        spec.out_dtype.as_deref().map(yaml_str).unwrap_or_else(|| "null".into())
+    ));
+    y.push_str(&format!("strict: {}\n", spec.strict));
+    y.push_str(&format!("allow_nonfinite: {}\n", spec.allow_nonfinite));
+    y
+}
+
+fn abs_display(p: &std::path::Path) -> String {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+}
+
+/// Validates the spec's options that do not need the inputs.
+fn check_spec(spec: &MergeSpec, method: &dyn Method) -> Result<()> {
+    if spec.models.is_empty() {
+        return Err(Error::Spec("no input models given".into()));
+    }
+    if method.base_use() == BaseUse::Required && spec.base.is_none() {
+        return Err(Error::Spec(format!(
+            "{} needs a base model (--base DIR): it merges task vectors, model - base, so it must know the weights the models were fine-tuned from. LoRA adapter directories carry their task vectors themselves and are merged without --base.",
+            method.name()
+        )));
+    }
+    if spec.threads == Some(0) {
+        return Err(Error::Spec("threads must be at least 1".into()));
+    }
+    if let Some(b) = spec.memory_budget {
+        if b < 16 << 20 {
+            return Err(Error::Spec(format!("memory budget {b} bytes is below the 16 MiB minimum")));
+        }
+    }
+    if spec.max_shard_size == Some(0) {
+        return Err(Error::Spec("max shard size must be positive".into()));
+    }
+    Ok(())
+}
+
+/// Reads, plans, executes and writes a whole merge (see [`crate::merge`]).
+pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Report> {
+    let t0 = Instant::now();
+    let params = Params { global: spec.params.clone(), models: spec.models.iter().map(|m| m.params.clone()).collect() };
+    let method = methods::build(&spec.method, &params)?;
+    check_spec(spec, method.as_ref())?;
+    let out_dtype = match &spec.out_dtype {
+        None => None,
+        Some(s) => Some(parse_out_dtype(s).ok_or_else(|| Error::Spec(format!("unknown output dtype {s:?} (use bf16, f16 or f32)")))?),
+    };
+
+    // Open every input, collecting all failures.
+    let mut errors = Vec::new();
+    let base = match &spec.base {
+        Some(p) => Checkpoint::open(p).map_err(|e| errors.push(e)).ok(),
+        None => None,
+    };
+    let mut models = Vec::new();
+    for m in &spec.models {
+        match Checkpoint::open(&m.path) {
+            Ok(c) => models.push(c),
+            Err(e) => errors.push(e),
+        }
+    }
+    let mut io: Vec<(std::path::PathBuf, std::path::PathBuf)> = Vec::new();
+    if let Some(b) = &spec.base {
+        io.push((b.clone(), base.as_ref().map(|c| c.dir.clone()).unwrap_or_else(|| b.clone())));
+    }
+    for (i, m) in spec.models.iter().enumerate() {
+        io.push((m.path.clone(), models.get(i).map(|c| c.dir.clone()).unwrap_or_else(|| m.path.clone())));
+    }
+    let target = match write::check_target(&spec.out, &io, spec.overwrite) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+    if let Some(e) = Error::from_many(errors) {
+        return Err(e);
+    }
+    let target = target.ok_or_else(|| Error::Internal("target missing".into()))?;
+    let inputs = Inputs { base, models, zero_base: false };
+    let plan = plan::plan(method.as_ref(), &inputs, &params, &PlanOptions { strict: spec.strict, out_dtype })?;
+
+    let out_tensors: Vec<OutTensor> =
+        plan.tensors.iter().map(|t| OutTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
+    let layout = write::layout(&out_tensors, spec.max_shard_size.unwrap_or(DEFAULT_MAX_SHARD_SIZE));
+    let out = Output::create(&target, layout)?;
+
+    let threads = spec.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pool = pool(Some(threads))?;
+    let chunk = chunk_for_budget(spec.memory_budget.unwrap_or(DEFAULT_MEMORY_BUDGET), threads, inputs.models.len() + 1);
+    let check_finite = !spec.allow_nonfinite;
+
+    // Sources for every merge job.
+    let total_tensors = plan.tensors.len() as u64;
+    let total_bytes: u64 = plan.tensors.iter().map(|t| t.in_bytes).sum();
+    let done_tensors = std::sync::atomic::AtomicU64::new(0);
+    let done_bytes = std::sync::atomic::AtomicU64::new(0);
+    let tick = |bytes: u64| -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let t = done_tensors.fetch_add(1, Relaxed) + 1;
+        let b = done_bytes.fetch_add(bytes, Relaxed) + bytes;
+        match progress {
+            Some(p) if !p(t, total_tensors, b, total_bytes) => Err(Error::Cancelled),
+            _ => Ok(()),
+        }
+    };
+
+
+    // Copies first (sequential, small), then merges.
+    for (ti, t) in plan.tensors.iter().enumerate() {
+        if let Action::Copy(src) = &t.action {
+            copy_tensor(&inputs, src, t.dtype, &t.name, ti, &out, check_finite && is_float(t.dtype))?;
+            tick(t.in_bytes)?;
+        }
+    }
+
+    let mut srcs: Vec<(Option<Box<dyn Source + '_>>, Vec<Box<dyn Source + '_>>)> = Vec::new();
+    let mut merge_idx = Vec::new();
+    for (ti, t) in plan.tensors.iter().enumerate() {
+        if let Action::Merge { base, models, .. } = &t.action {
+            let b = base.as_ref().map(|s| make_src(&inputs, s, &t.name, check_finite));
+            let ms = models.iter().map(|(_, s)| make_src(&inputs, s, &t.name, check_finite)).collect();
+            srcs.push((b, ms));
+            merge_idx.push(ti);
+        }
+    }
+    let mut jobs = Vec::with_capacity(merge_idx.len());
+    let mut targets = Vec::with_capacity(merge_idx.len());
+    for (k, &ti) in merge_idx.iter().enumerate() {
+        let t = &plan.tensors[ti];
+        let Action::Merge { models, recipe, .. } = &t.action else { continue };
+        jobs.push(Job {
+            name: &t.name,
+            numel: t.numel(),
+            base: srcs[k].0.as_deref(),
+            models: srcs[k].1.iter().map(|b| b.as_ref()).collect(),
+            model_ids: models.iter().map(|(i, _)| *i).collect(),
+            recipe,
+        });
+        targets.push((ti, t.dtype));
+    }
+    let sink = FileSink { out: &out, targets };
+    let engine = Engine::new(method.as_ref(), chunk, cache_bytes_for(spec.memory_budget.unwrap_or(DEFAULT_MEMORY_BUDGET)));
+    let done = |j: usize| tick(plan.tensors[merge_idx[j]].in_bytes);
+    pool.install(|| engine.run(&jobs, inputs.models.len(), &sink, &done))?;
+
+    let bytes_written = out.bytes();
+    let shards = out.layout.shards.len();
+    let side_src = inputs.base.as_ref().or(inputs.models.first()).map(|c| c.dir.clone());
+    let recipe = recipe_yaml(spec, method.as_ref());
+    out.finish(&out_tensors, side_src.as_deref(), out_dtype.or(plan.float_dtype), &recipe)?;
+    Ok(Report {
+        method: method.describe(),
+        output: target,
+        tensors: plan.tensors.len(),
+        shards,
+        bytes_read: total_bytes,
+        bytes_written,
+        seconds: t0.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+        threads,
+        chunk_elements: chunk,
+        warnings: plan.warnings,
+    })
+}
+
+fn make_src<'a>(inputs: &'a Inputs, s: &'a SrcRef, name: &'a str, check_finite: bool) -> Box<dyn Source + 'a> {
+    match (s.input, inputs.get(s.input), s.info.as_ref()) {
+        (InputId::Zeros, _, _) | (_, None, _) | (_, _, None) => Box::new(ZeroSource),
+        (_, Some(ck), Some(info)) => Box::new(MappedSource::new(ck, info, s.crop_cols, name, check_finite)),
+    }
+}
+
+/// Copies one tensor: raw bytes when the dtype is unchanged, else decoded and re-encoded.
+fn copy_tensor(inputs: &Inputs, src: &SrcRef, out_dtype: Dtype, name: &str, ti: usize, out: &Output, check_finite: bool) -> Result<()> {
+    let (Some(ck), Some(info)) = (inputs.get(src.input), src.info.as_ref()) else {
+        return Err(Error::Internal(format!("copy source for {name} missing")));
+    };
+    const STEP: usize = 8 << 20;
+    if info.dtype == out_dtype && !check_finite {
+        let total = info.end - info.start;
+        let mut off = 0usize;
+        while off < total {
+            let n = STEP.min(total - off);
+            out.write_at(ti, off as u64, ck.bytes(info.shard, info.start + off, n)?)?;
+            ck.release(info.shard, info.start + off, n);
+            off += n;
+        }
+        return Ok(());
+    }
+    let s = MappedSource::new(ck, info, None, name, check_finite);
+    let eb = elem_bytes(out_dtype).unwrap_or(4);
+    let n = info.numel();
+    let step = (STEP / 4) as u64;
+    let mut start = 0u64;
+    let mut vals = Vec::new();
+    let mut bytes = Vec::new();
+    while start < n {
+        let len = step.min(n - start) as usize;
+        vals.resize(len, 0f32);
+        s.read(start, &mut vals)?;
+        s.release(start, len);
+        bytes.resize(len * eb, 0u8);
+        encode(out_dtype, &vals, &mut bytes);
+        out.write_at(ti, start * eb as u64, &bytes)?;
+        start += len as u64;
+    }
+    Ok(())
+}
+
+/// A rayon thread pool.
+pub type Pool = rayon::ThreadPool;
+
+/// A pool of `threads` workers (default: all cores).
+pub fn pool(threads: Option<usize>) -> Result<Pool> {
+    let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads == 0 {
+        return Err(Error::Spec("threads must be at least 1".into()));
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Internal(format!("cannot start {threads} threads: {e}")))
+}
+
+/// Merges in-memory f32 arrays as one tensor named `name` (the `umerge.ops` kernels).
+///
+/// `base` may be `None` only for methods that do not need one; a trim over the whole model
+/// (`paper` preset) then covers exactly this tensor. Runs on the current rayon pool.
+pub fn merge_in_memory(
+    method_name: &str,
+    params: &Params,
+    base: Option<&[f32]>,
+    models: &[&[f32]],
+    name: &str,
+    chunk: usize,
+    cache_bytes: u64,
+) -> Result<Vec<f32>> {
+    let method = methods::build(method_name, params)?;
+    if models.is_empty() {
+        return Err(Error::Spec("no input arrays given".into()));
+    }
+    let n = models[0].len();
+    for (i, m) in models.iter().enumerate() {
+        if m.len() != n {
+            return Err(Error::Spec(format!("array {} has {} elements but array 1 has {n}", i + 1, m.len())));
+        }
+    }
+    if let Some(b) = base {
+        if b.len() != n {
+            return Err(Error::Spec(format!("base has {} elements but the models have {n}", b.len())));
+        }
+    }
+    let zero = ZeroSource;
+    let base_src: Option<SliceSource<'_>> = base.map(SliceSource);
+    let base_ref: Option<&dyn Source> = match (&base_src, method.base_use()) {
+        (Some(s), BaseUse::Required | BaseUse::Optional) => Some(s),
+        (None, BaseUse::Required) => Some(&zero),
+        _ => None,
+    };
+    let model_srcs: Vec<SliceSource<'_>> = models.iter().map(|m| SliceSource(m)).collect();
+    let model_ids: Vec<usize> = (0..models.len()).collect();
+    let shape = [n];
+    let ctx = methods::TensorCtx {
+        name,
+        shape: &shape,
+        pos: crate::params::TensorPos { name, t: 0.0 },
+        params,
+        models: &model_ids,
+    };
+    let recipe = method.plan_tensor(&ctx)?;
+    for (i, m) in models.iter().enumerate() {
+        if let Some(p) = m.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite { tensor: name.into(), index: p as u64, path: format!("<array {}>", i + 1).into() });
+        }
+    }
+    let job = Job {
+        name,
+        numel: n as u64,
+        base: base_ref,
+        models: model_srcs.iter().map(|s| s as &dyn Source).collect(),
+        model_ids,
+        recipe: &recipe,
+    };
+    let mut out = vec![0f32; n];
+    {
+        let mut bufs = [out.as_mut_slice()];
+        let sink = SliceSink::new(&mut bufs);
+        let engine = Engine::new(method.as_ref(), chunk, cache_bytes);
+        engine.run(std::slice::from_ref(&job), models.len(), &sink, &|_| Ok(()))?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::ParamValue;
+    use proptest::prelude::*;
+
+    fn params(density: f64, weights: &[f64], preset: &str) -> Params {
+        let mut p = Params::default();
+        p.global.insert("density".into(), ParamValue::Number(density));
+        p.global.insert("preset".into(), ParamValue::Text(preset.into()));
+        p.models = weights
+            .iter()
+            .map(|w| [("weight".to_string(), ParamValue::Number(*w))].into_iter().collect())
+            .collect();
+        p
+    }
+
+    /// Naive TIES (mergekit preset) in f64 over sorted indices, for comparison.
+    fn naive_mergekit(base: &[f32], models: &[Vec<f32>], density: f64, w: &[f64]) -> Vec<f64> {
+        let n = base.len();
+        let k = (density * n as f64).floor() as usize;
+        let trimmed: Vec<Vec<f64>> = models
+            .iter()
+            .map(|m| {
+                let d: Vec<f32> = m.iter().zip(base).map(|(x, b)| x - b).collect();
+                let mut idx: Vec<usize> = (0..n).collect();
+                idx.sort_by(|&a, &b| d[b].abs().partial_cmp(&d[a].abs()).unwrap().then(a.cmp(&b)));
+                let mut t = vec![0f64; n];
+                for &i in idx.iter().take(k) {
+                    t[i] = d[i] as f64;
+                }
+                t
+            })
+            .collect();
+        (0..n)
+            .map(|j| {
+                let wd: Vec<f64> = trimmed.iter().zip(w).map(|(t, w)| t[j] * w).collect();
+                let s: f64 = wd.iter().sum();
+                let maj = if s >= 0.0 { 1.0 } else { -1.0 };
+                let mut mixed = 0.0;
+                let mut div = 0.0;
+                for (x, wi) in wd.iter().zip(w) {
+                    if x.signum() == maj && *x != 0.0 {
+                        mixed += x;
+                        div += wi;
+                    }
+                }
+                if div == 0.0 {
+                    div = 1.0;
+                }
+                base[j] as f64 + mixed / div
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn ties_matches_naive_and_is_chunk_independent(
+            n in 1usize..300,
+            m in 1usize..4,
+            seed in any::<u64>(),
+            density in 0.05f64..=1.0,
+            chunk in 1usize..50,
+        ) {
+            // Simple LCG so the data is reproducible from the seed.
+            let mut s = seed | 1;
+            let mut rnd = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5 };
+            let base: Vec<f32> = (0..n).map(|_| rnd()).collect();
+            let models: Vec<Vec<f32>> = (0..m).map(|_| (0..n).map(|_| rnd()).collect()).collect();
+            let w: Vec<f64> = (0..m).map(|i| 0.5 + i as f64 * 0.25).collect();
+            let p = params(density, &w, "mergekit");
+            let views: Vec<&[f32]> = models.iter().map(|v| v.as_slice()).collect();
+            // Streamed in small chunks vs decoded once in one chunk: the same bits.
+            let a = merge_in_memory("ties", &p, Some(&base), &views, "t", chunk, 0).unwrap();
+            let b = merge_in_memory("ties", &p, Some(&base), &views, "t", 1 << 20, u64::MAX).unwrap();
+            prop_assert_eq!(&a, &b);
+            for preset in ["peft", "paper"] {
+                let p = params(density, &w, preset);
+                let a = merge_in_memory("ties", &p, Some(&base), &views, "t", chunk, 0).unwrap();
+                let b = merge_in_memory("ties", &p, Some(&base), &views, "t", 1 << 20, u64::MAX).unwrap();
+                prop_assert_eq!(&a, &b);
+            }
+            let r = naive_mergekit(&base, &models, density, &w);
+            for j in 0..n {
+                prop_assert!((a[j] as f64 - r[j]).abs() <= 1e-5 * (1.0 + r[j].abs()), "j={} {} vs {}", j, a[j], r[j]);
+            }
+        }
+    }
+
+    #[test]
+    fn paper_preset_keeps_ties_and_uses_kth_value() {
+        // |d| = [1, 2, 2, 3], density 0.5: the paper's threshold is the (4 - 2) = 2nd smallest = 2,
+        // and every |d| >= 2 is kept (three entries, ties included).
+        let base = [0.0f32; 4];
+        let m1 = [1.0f32, 2.0, -2.0, 3.0];
+        let p = params(0.5, &[1.0], "paper");
+        let out = merge_in_memory("ties", &p, Some(&base), &[&m1], "t", 1, 0).unwrap();
+        assert_eq!(out, vec![0.0, 2.0, -2.0, 3.0]);
+        // mergekit keeps exactly k = 2: 3 and the first 2 (lowest index).
+        let p = params(0.5, &[1.0], "mergekit");
+        let out = merge_in_memory("ties", &p, Some(&base), &[&m1], "t", 1, 0).unwrap();
+        assert_eq!(out, vec![0.0, 2.0, 0.0, 3.0]);
+    }
+}

@@ -1,0 +1,164 @@
+//! Model Stock (Jang et al., 2024, "Model Stock: All we need is just a few fine-tuned models",
+//! arXiv:2403.19522), as mergekit's `model_stock`.
+//!
+//! Per tensor, with base w_0, the models w_1..w_N (N >= 2) and offsets o_i = w_i - w_0:
+//! cos = the mean over pairs i < j of <o_i, o_j> / max(|o_i| |o_j|, 1e-6), each clamped to
+//! [-1, 1]; t = N cos / (1 + (N - 1) cos) (t = 0 when |1 + (N - 1) cos| < 1e-6: keep the base);
+//! out = t * mean_i(w_i) + (1 - t) * w_0. The norms and dot products are f64 sums over fixed
+//! blocks (a statistics pass); the output is computed in f32 in mergekit's order. A tensor that
+//! fewer than two models have keeps the base. mergekit's `filter_wise: true` (one t per row) is
+//! not supported and is refused.
+
+use crate::error::{Error, Result};
+use crate::methods::{BaseUse, Chunk, Method, ParamSpec, Stats, TensorCtx, TensorRecipe};
+use crate::params::Params;
+
+const PARAMS: &[ParamSpec] = &[ParamSpec {
+    name: "filter_wise",
+    per_model: false,
+    default: "false",
+    doc: "mergekit's per-row variant; only false is supported",
+}];
+
+/// Model Stock.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelStock;
+
+impl ModelStock {
+    /// Checks the model count and `filter_wise`.
+    pub fn from_params(params: &Params) -> Result<ModelStock> {
+        let fw = params
+            .flag("filter_wise", false)
+            .map_err(|r| Error::Param { name: "filter_wise".into(), reason: r, place: String::new() })?;
+        if fw {
+            return Err(Error::Param {
+                name: "filter_wise".into(),
+                reason: "true (one interpolation factor per row) is not supported; use false".into(),
+                place: String::new(),
+            });
+        }
+        if params.models.len() < 2 {
+            return Err(Error::Spec(format!("model_stock needs at least 2 models besides the base, got {}", params.models.len())));
+        }
+        Ok(ModelStock)
+    }
+}
+
+/// Index of the dot product of models i < j among the reductions (after the m norms).
+fn pair_index(m: usize, i: usize, j: usize) -> usize {
+    m + i * m - i * (i + 1) / 2 + (j - i - 1)
+}
+
+/// The interpolation factor t from the reductions (m squared norms, then the pair dots).
+pub fn factor(m: usize, red: &[f64]) -> f32 {
+    if m < 2 {
+        return 0.0;
+    }
+    let mut sum = 0f64;
+    let mut pairs = 0usize;
+    for i in 0..m {
+        for j in i + 1..m {
+            let norm = (red[i].sqrt() * red[j].sqrt()).max(1e-6);
+            sum += (red[pair_index(m, i, j)] / norm).clamp(-1.0, 1.0);
+            pairs += 1;
+        }
+    }
+    let cos = sum / pairs as f64;
+    let n = m as f64;
+    let den = 1.0 + (n - 1.0) * cos;
+    if den.abs() < 1e-6 {
+        0.0
+    } else {
+        (n * cos / den) as f32
+    }
+}
+
+impl Method for ModelStock {
+    fn name(&self) -> &'static str {
+        "model_stock"
+    }
+
+    fn base_use(&self) -> BaseUse {
+        BaseUse::Required
+    }
+
+    fn uses_deltas(&self) -> bool {
+        false
+    }
+
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+
+    fn plan_tensor(&self, t: &TensorCtx<'_>) -> Result<TensorRecipe> {
+        let m = t.models.len();
+        Ok(TensorRecipe { trim: vec![None; m], scalars: Vec::new(), reductions: m + m * m.saturating_sub(1) / 2 })
+    }
+
+    fn reduce(&self, _r: &TensorRecipe, c: &Chunk<'_>, acc: &mut [f64]) {
+        let Some(base) = c.base else { return };
+        let m = c.inputs.len();
+        let n = base.len();
+        let mut off = vec![0f32; m];
+        for k in 0..n {
+            for i in 0..m {
+                off[i] = c.inputs[i][k] - base[k];
+            }
+            for i in 0..m {
+                let a = off[i] as f64;
+                acc[i] += a * a;
+                for j in i + 1..m {
+                    acc[pair_index(m, i, j)] += a * off[j] as f64;
+                }
+            }
+        }
+    }
+
+    fn apply(&self, _r: &TensorRecipe, s: &Stats<'_>, c: &Chunk<'_>, out: &mut [f32]) {
+        let Some(base) = c.base else { return };
+        let m = c.inputs.len();
+        if m < 2 {
+            out.copy_from_slice(base);
+            return;
+        }
+        let t = factor(m, s.tensor);
+        let count = m as f32;
+        let one_minus_t = 1.0 - t;
+        for (k, o) in out.iter_mut().enumerate() {
+            let mut sum = 0.0f32;
+            for x in c.inputs {
+                sum += x[k];
+            }
+            *o = t * (sum / count) + one_minus_t * base[k];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::merge_in_memory;
+
+    #[test]
+    fn pair_indices_are_dense() {
+        let m = 4;
+        let mut seen = vec![];
+        for i in 0..m {
+            for j in i + 1..m {
+                seen.push(pair_index(m, i, j));
+            }
+        }
+        assert_eq!(seen, (m..m + 6).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn orthogonal_offsets_keep_the_base_and_equal_offsets_take_the_average() {
+        let base = [1.0f32, 1.0, 1.0];
+        let a = [2.0f32, 1.0, 1.0]; // offset e1
+        let b = [1.0f32, 2.0, 1.0]; // offset e2: cos 0 -> t 0
+        let p = Params { global: Default::default(), models: vec![Default::default(); 2] };
+        assert_eq!(merge_in_memory("model_stock", &p, Some(&base), &[&a, &b], "t", 1, 0).unwrap(), base.to_vec());
+        // equal offsets: cos 1 -> t = 2 / 2 = 1: the average.
+        assert_eq!(merge_in_memory("model_stock", &p, Some(&base), &[&a, &a], "t", 1, 0).unwrap(), a.to_vec());
+    }
+}

@@ -1,0 +1,373 @@
+//! Task arithmetic (Ilharco et al., 2023, "Editing Models with Task Arithmetic",
+//! arXiv:2212.04089) and the shared kernel of the task-vector family that mergekit calls
+//! "generalized task arithmetic": `task_arithmetic`, `magnitude_prune`, `dare_linear`,
+//! `dare_ties` (see `magnitude_prune.rs`, `dare.rs`).
+//!
+//! For task vectors d_i = x_i - base, weights w_i and scale lambda, per element:
+//!
+//! 1. **sparsify** each d_i: none (task arithmetic); keep the top k = floor(density * n)
+//!    magnitudes of the tensor (magnitude pruning; done by the executor from the recipe's
+//!    [`Trim`]); or keep each entry independently with probability density (DARE's Bernoulli
+//!    mask, drawn from the counter-based generator in `rng`) and rescale the kept entries
+//!    ([`Rescale`]);
+//! 2. **weight**: v_i = w_i * d_i;
+//! 3. **combine**: without consensus, m = sum_i v_i and divisor D = sum_i w_i (|D| < 1e-8 -> 1);
+//!    with consensus (TIES sign election, mergekit's `sum` method), the elected sign is + when
+//!    sum_i v_i >= 0, m = sum of the v_i whose sign equals it and D = sum of their w_i (0 -> 1);
+//! 4. **normalize** (optional): m = m / D;
+//! 5. out = base + lambda * m.
+//!
+//! This follows mergekit's `GeneralizedTaskArithmeticMerge` step for step (same f32 operations
+//! in the same order), so deterministic variants agree with it bit for bit except where its
+//! top-k picks a different entry among equal magnitudes.
+
+use crate::error::{Error, Result};
+use crate::methods::ties::sign;
+use crate::methods::{rng, BaseUse, Chunk, Method, ParamSpec, Stats, TensorCtx, TensorRecipe, Trim, TrimRule, TrimScope};
+use crate::params::{ParamValue, Params};
+
+/// How task vectors are sparsified before merging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sparsify {
+    /// Kept whole.
+    None,
+    /// Top-k magnitudes per tensor (exact k = floor(density * n), lowest index first at ties).
+    Magnitude,
+    /// Bernoulli(density) keep mask per element (DARE).
+    Random,
+}
+
+/// How the entries a random mask keeps are rescaled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rescale {
+    /// Not rescaled.
+    None,
+    /// Divided by density: the DARE paper's rescale (Yu et al., 2023, arXiv:2311.03099), which
+    /// keeps every element's expectation, E[mask * d / density] = d. Element-local: no extra
+    /// pass over the tensor. The default.
+    Density,
+    /// Multiplied by L1(d) / L1(mask * d) per tensor, so the kept entries have the L1 norm of the
+    /// whole task vector (current mergekit, `rescale: true`); factor 1 when either norm is below
+    /// 1e-7, as in mergekit. Needs a statistics pass (two sums per model).
+    L1,
+}
+
+impl Rescale {
+    fn name(self) -> &'static str {
+        match self {
+            Rescale::None => "none",
+            Rescale::Density => "density",
+            Rescale::L1 => "l1",
+        }
+    }
+}
+
+/// The task-vector merge kernel, configured per method.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskVectorMerge {
+    /// Method name.
+    pub name: &'static str,
+    /// Sparsification.
+    pub sparsify: Sparsify,
+    /// TIES sign consensus.
+    pub consensus: bool,
+    /// Divide by the (agreeing) weight sum.
+    pub normalize: bool,
+    /// Rescale of randomly kept entries.
+    pub rescale: Rescale,
+    /// Seed of the random masks.
+    pub seed: u64,
+    /// The method's documented parameters.
+    pub params: &'static [ParamSpec],
+}
+
+/// Default seed of the random methods (recorded in the recipe's description).
+pub const DEFAULT_SEED: u64 = 0;
+
+/// Parameter docs shared by the family.
+pub const WEIGHT: ParamSpec = ParamSpec { name: "weight", per_model: true, default: "1.0", doc: "weight of each model's task vector" };
+/// `lambda`.
+pub const LAMBDA: ParamSpec = ParamSpec { name: "lambda", per_model: false, default: "1.0", doc: "scale of the merged task vector added to the base" };
+/// `density`, required.
+pub const DENSITY: ParamSpec = ParamSpec { name: "density", per_model: true, default: "required", doc: "fraction of each task vector's entries kept, in (0, 1]" };
+/// `seed`.
+pub const SEED: ParamSpec = ParamSpec { name: "seed", per_model: false, default: "0", doc: "seed of the counter-based random masks (keyed by seed, tensor name, model, element)" };
+/// `rescale`.
+pub const RESCALE: ParamSpec = ParamSpec { name: "rescale", per_model: false, default: "density", doc: "density (divide kept entries by density, DARE paper) | l1 (match the L1 norm, mergekit) | none" };
+
+const PARAMS: &[ParamSpec] = &[
+    WEIGHT,
+    LAMBDA,
+    ParamSpec { name: "normalize", per_model: false, default: "false", doc: "divide the weighted sum by the sum of weights" },
+];
+
+impl TaskVectorMerge {
+    /// Task arithmetic: base + lambda * sum_i w_i d_i (normalize: divided by sum_i w_i).
+    pub fn task_arithmetic(params: &Params) -> Result<Self> {
+        Self::configure("task_arithmetic", Sparsify::None, false, false, PARAMS, params)
+    }
+
+    /// Builds a family member, reading `normalize`, `rescale` and `seed` from the parameters.
+    pub fn configure(
+        name: &'static str,
+        sparsify: Sparsify,
+        consensus: bool,
+        default_normalize: bool,
+        specs: &'static [ParamSpec],
+        params: &Params,
+    ) -> Result<Self> {
+        let perr = |n: &str, reason: String| Error::Param { name: n.into(), reason, place: String::new() };
+        let normalize = params.flag("normalize", default_normalize).map_err(|r| perr("normalize", r))?;
+        let rescale = if sparsify == Sparsify::Random {
+            match params.text("rescale", "density").map_err(|r| perr("rescale", r))?.as_str() {
+                "density" => Rescale::Density,
+                "l1" => Rescale::L1,
+                "none" => Rescale::None,
+                other => return Err(perr("rescale", format!("{other:?} is not one of density, l1, none"))),
+            }
+        } else {
+            Rescale::None
+        };
+        let seed = match params.global.get("seed") {
+            None => DEFAULT_SEED,
+            Some(ParamValue::Number(x)) if *x >= 0.0 && x.fract() == 0.0 && *x <= 9.007_199_254_740_992e15 => *x as u64,
+            Some(other) => {
+                return Err(perr("seed", format!("{} is not a non-negative integer", serde_json::to_string(other).unwrap_or_default())))
+            }
+        };
+        Ok(TaskVectorMerge { name, sparsify, consensus, normalize, rescale, seed, params: specs })
+    }
+
+    fn needs_density(&self) -> bool {
+        self.sparsify != Sparsify::None
+    }
+}
+
+/// Elements per tile of the apply kernel (the weighted values of every model for one tile stay
+/// in L1/L2 cache).
+const TILE: usize = 1024;
+
+/// Recipe scalars: `[lambda, w_0..w_m, density_0..density_m, model_0..model_m]` (model indices
+/// as f32, exact below 2^24).
+struct Scalars<'a> {
+    lambda: f32,
+    w: &'a [f32],
+    p: &'a [f32],
+    ids: &'a [f32],
+}
+
+fn scalars(r: &TensorRecipe, m: usize) -> Scalars<'_> {
+    Scalars { lambda: r.scalars[0], w: &r.scalars[1..1 + m], p: &r.scalars[1 + m..1 + 2 * m], ids: &r.scalars[1 + 2 * m..1 + 3 * m] }
+}
+
+/// The L1 rescale factor L1(d) / L1(mask * d) from the two sums, 1 when either is below 1e-7.
+pub fn l1_factor(before: f64, after: f64) -> f32 {
+    if before < 1e-7 || after < 1e-7 {
+        1.0
+    } else {
+        (before / after) as f32
+    }
+}
+
+impl Method for TaskVectorMerge {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn base_use(&self) -> BaseUse {
+        BaseUse::Required
+    }
+
+    fn params(&self) -> &'static [ParamSpec] {
+        self.params
+    }
+
+    fn plan_tensor(&self, t: &TensorCtx<'_>) -> Result<TensorRecipe> {
+        let m = t.models.len();
+        let lambda = t.global_number("lambda", Some(1.0))?;
+        let mut ws = Vec::with_capacity(m);
+        let mut ps = Vec::with_capacity(m);
+        let mut trim = Vec::with_capacity(m);
+        for slot in 0..m {
+            ws.push(t.model_number(slot, "weight", Some(1.0))? as f32);
+            let density = if self.needs_density() { t.model_number(slot, "density", None)? } else { 1.0 };
+            if !(density > 0.0 && density <= 1.0) {
+                return Err(Error::Param {
+                    name: "density".into(),
+                    reason: format!("{density} is outside (0, 1]: it is the fraction of entries kept"),
+                    place: format!(" (model {}, tensor {})", t.models[slot] + 1, t.name),
+                });
+            }
+            ps.push(density as f32);
+            trim.push(match self.sparsify {
+                Sparsify::Magnitude => Some(Trim { density, scope: TrimScope::Tensor, rule: TrimRule::ExactK }),
+                _ => None,
+            });
+        }
+        let mut s = vec![lambda as f32];
+        s.extend(&ws);
+        s.extend(&ps);
+        s.extend(t.models.iter().map(|&i| i as f32));
+        let reductions = if self.sparsify == Sparsify::Random && self.rescale == Rescale::L1 { 2 * m } else { 0 };
+        Ok(TensorRecipe { trim, scalars: s, reductions })
+    }
+
+    /// L1 rescale: per model, sum |d| and sum |d| over the kept entries.
+    fn reduce(&self, r: &TensorRecipe, c: &Chunk<'_>, acc: &mut [f64]) {
+        let m = c.inputs.len();
+        let sc = scalars(r, m);
+        for (i, x) in c.inputs.iter().enumerate() {
+            let key = rng::stream_key(self.seed, c.tensor, sc.ids[i] as u64);
+            let cut = rng::keep_cutoff(sc.p[i] as f64);
+            let (mut before, mut after) = (0f64, 0f64);
+            for (j, &d) in x.iter().enumerate() {
+                let a = d.abs() as f64;
+                before += a;
+                if rng::keep(key, c.start + j as u64, cut) {
+                    after += a;
+                }
+            }
+            acc[2 * i] += before;
+            acc[2 * i + 1] += after;
+        }
+    }
+
+    fn apply(&self, r: &TensorRecipe, st: &Stats<'_>, c: &Chunk<'_>, out: &mut [f32]) {
+        let m = c.inputs.len();
+        let sc = scalars(r, m);
+        let n = out.len();
+        // Per model: stream key, keep cutoff and the scale applied to kept entries.
+        let keys: Vec<u64> = (0..m).map(|i| rng::stream_key(self.seed, c.tensor, sc.ids[i] as u64)).collect();
+        let cuts: Vec<u64> = (0..m).map(|i| rng::keep_cutoff(sc.p[i] as f64)).collect();
+        let scale: Vec<f32> = (0..m)
+            .map(|i| match (self.sparsify, self.rescale) {
+                (Sparsify::Random, Rescale::Density) if sc.p[i] < 1.0 => (1.0 / sc.p[i] as f64) as f32,
+                (Sparsify::Random, Rescale::L1) if sc.p[i] < 1.0 => l1_factor(st.tensor[2 * i], st.tensor[2 * i + 1]),
+                _ => 1.0,
+            })
+            .collect();
+        let wsum: f32 = sc.w.iter().fold(0.0f32, |a, &b| a + b);
+        let mut vals = vec![0f32; m * TILE];
+        let mut t0 = 0;
+        while t0 < n {
+            let len = TILE.min(n - t0);
+            // v_i = w_i * sparsify(d_i)
+            for i in 0..m {
+                let v = &mut vals[i * TILE..i * TILE + len];
+                let x = &c.inputs[i][t0..t0 + len];
+                let w = sc.w[i];
+                if self.sparsify == Sparsify::Random && sc.p[i] < 1.0 {
+                    let (key, cut, s) = (keys[i], cuts[i], scale[i]);
+                    let first = c.start + t0 as u64;
+                    for (j, (v, &d)) in v.iter_mut().zip(x).enumerate() {
+                        let kept = rng::keep(key, first + j as u64, cut);
+                        let d = if kept { d * s } else { 0.0 };
+                        *v = d * w;
+                    }
+                } else {
+                    for (v, &d) in v.iter_mut().zip(x) {
+                        *v = d * w;
+                    }
+                }
+            }
+            let o = &mut out[t0..t0 + len];
+            for (j, o) in o.iter_mut().enumerate() {
+                let mut mixed = 0.0f32;
+                let div;
+                if self.consensus {
+                    let mut s = 0.0f32;
+                    for i in 0..m {
+                        s += vals[i * TILE + j];
+                    }
+                    let maj = if s >= 0.0 { 1.0 } else { -1.0 };
+                    let mut dv = 0.0f32;
+                    for i in 0..m {
+                        let v = vals[i * TILE + j];
+                        if sign(v) == maj {
+                            mixed += v;
+                            dv += sc.w[i];
+                        }
+                    }
+                    div = if dv == 0.0 { 1.0 } else { dv };
+                } else {
+                    for i in 0..m {
+                        mixed += vals[i * TILE + j];
+                    }
+                    div = if wsum.abs() < 1e-8 { 1.0 } else { wsum };
+                }
+                if self.normalize {
+                    mixed /= div;
+                }
+                if sc.lambda != 1.0 {
+                    mixed *= sc.lambda;
+                }
+                *o = match c.base {
+                    Some(b) => b[t0 + j] + mixed,
+                    None => mixed,
+                };
+            }
+            t0 += len;
+        }
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!("{} (normalize {}", self.name, self.normalize);
+        if self.sparsify == Sparsify::Random {
+            s.push_str(&format!(", rescale {}, seed {}", self.rescale.name(), self.seed));
+        }
+        s.push(')');
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::merge_in_memory;
+
+    fn p(pairs: &[(&str, ParamValue)], weights: &[f64]) -> Params {
+        let mut p = Params::default();
+        for (k, v) in pairs {
+            p.global.insert(k.to_string(), v.clone());
+        }
+        p.models = weights.iter().map(|w| [("weight".to_string(), ParamValue::Number(*w))].into_iter().collect()).collect();
+        p
+    }
+
+    #[test]
+    fn task_arithmetic_by_hand() {
+        let base = [1.0f32, 2.0, 3.0];
+        let a = [2.0f32, 2.0, 1.0]; // d = [1, 0, -2]
+        let b = [1.0f32, 4.0, 3.0]; // d = [0, 2, 0]
+        let pr = p(&[("lambda", ParamValue::Number(0.5))], &[1.0, 0.5]);
+        let out = merge_in_memory("task_arithmetic", &pr, Some(&base), &[&a, &b], "t", 2, 0).unwrap();
+        // base + 0.5 * (1*d_a + 0.5*d_b) = [1.5, 2.5, 2.0]
+        assert_eq!(out, vec![1.5, 2.5, 2.0]);
+        let pr = p(&[("normalize", ParamValue::Bool(true))], &[1.0, 0.5]);
+        let out = merge_in_memory("task_arithmetic", &pr, Some(&base), &[&a, &b], "t", 2, 0).unwrap();
+        // divided by 1.5
+        assert_eq!(out, vec![1.0 + 1.0 / 1.5, 2.0 + 1.0 / 1.5, 3.0 - 2.0 / 1.5]);
+    }
+
+    #[test]
+    fn dare_density_one_is_task_arithmetic_and_masks_are_chunk_independent() {
+        let n = 5000;
+        let base: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.05).sin() * 2.0).collect();
+        let full = p(&[("density", ParamValue::Number(1.0))], &[1.0, 0.7]);
+        let ta = merge_in_memory("task_arithmetic", &p(&[], &[1.0, 0.7]), Some(&base), &[&a, &b], "t", 64, 0).unwrap();
+        let d1 = merge_in_memory("dare_linear", &full, Some(&base), &[&a, &b], "t", 64, 0).unwrap();
+        assert_eq!(ta, d1);
+        // Bitwise independence of chunking for element-local rescales (the L1 sums are
+        // block-ordered and only chunk-independent for whole-block chunks, as in the engine).
+        for rescale in ["density", "none"] {
+            let half = p(&[("density", ParamValue::Number(0.5)), ("rescale", ParamValue::Text(rescale.into()))], &[1.0, 0.7]);
+            for m in ["dare_linear", "dare_ties"] {
+                let x = merge_in_memory(m, &half, Some(&base), &[&a, &b], "t", 7, 0).unwrap();
+                let y = merge_in_memory(m, &half, Some(&base), &[&a, &b], "t", 1 << 20, u64::MAX).unwrap();
+                assert_eq!(x, y, "{m} {rescale}");
+            }
+        }
+    }
+}

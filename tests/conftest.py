@@ -1,0 +1,128 @@
+"""Shared pytest fixtures: synthetic checkpoints, the `umerge` command, and the peer (mergekit) venv.
+
+Checkpoints come from `umerge.testing` (seeded, written in the Hugging Face layout); the merge
+engine is reached through its public surfaces only: the `umerge` command and `umerge.ties`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from umerge.testing import TINY_ODD, CheckpointSpec, make_family
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # so tests can `import reference_merge`
+
+
+@dataclass(frozen=True)
+class Family:
+    """A base checkpoint and its fine-tuned variants on disk."""
+
+    spec: CheckpointSpec
+    base: Path
+    finetuned: list[Path]
+
+    @property
+    def all(self) -> list[Path]:
+        return [self.base, *self.finetuned]
+
+
+@pytest.fixture(scope="session")
+def odd_f32_family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """Llama-shaped float32 family with awkward sizes, 3 shards each, a base and 2 fine-tuned."""
+    spec = CheckpointSpec(TINY_ODD, dtype="F32", shards=3, seed=11)
+    base, fts = make_family(tmp_path_factory.mktemp("odd_f32"), spec, 2)
+    return Family(spec, base, fts)
+
+
+@pytest.fixture(scope="session")
+def odd_bf16_family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """The same shapes in bfloat16, 2 shards, a base and 3 fine-tuned."""
+    spec = CheckpointSpec(TINY_ODD, dtype="BF16", shards=2, seed=12)
+    base, fts = make_family(tmp_path_factory.mktemp("odd_bf16"), spec, 3)
+    return Family(spec, base, fts)
+
+
+@pytest.fixture
+def make_family_at(tmp_path: Path) -> Callable[..., Family]:
+    """Factory: `make_family_at(spec, n_finetuned=2, name="fam")` writes a family under tmp_path."""
+
+    def make(spec: CheckpointSpec, n_finetuned: int = 2, name: str = "fam") -> Family:
+        base, fts = make_family(tmp_path / name, spec, n_finetuned)
+        return Family(spec, base, fts)
+
+    return make
+
+
+def umerge_command() -> list[str]:
+    """The `umerge` console script of this interpreter's environment (or an equivalent -c line)."""
+    script = Path(sys.executable).parent / "umerge"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from umerge.cli import main; main()"]
+
+
+@dataclass
+class Result:
+    """Outcome of one CLI run."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_umerge(args: Sequence[str | os.PathLike[str]], cwd: str | os.PathLike[str] | None = None,
+               timeout: float = 120, env: dict[str, str] | None = None) -> Result:
+    """Run `umerge ARGS...` in a subprocess and capture its output (`env`: extra variables)."""
+    env = {**os.environ, **(env or {})}
+    env.setdefault("PYTHONPATH", str(REPO / "python"))
+    proc = subprocess.run([*umerge_command(), *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=env)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def umerge_cli() -> Callable[..., Result]:
+    """Fixture form of `run_umerge`."""
+    return run_umerge
+
+
+def tree_digest(*roots: Path) -> dict[str, str]:
+    """sha256 and mode of every file under the given directories (to prove inputs are unchanged)."""
+    out: dict[str, str] = {}
+    for root in roots:
+        for path in sorted(Path(root).rglob("*")):
+            if path.is_file():
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                out[str(path)] = f"{digest} {path.stat().st_mode:o}"
+    return out
+
+
+def peer_venv() -> Path | None:
+    """The peer venv with mergekit ($UMERGE_PEERS, else <repo>/.venv-peers), or None."""
+    root = Path(os.environ.get("UMERGE_PEERS", REPO / ".venv-peers"))
+    if (root / "bin" / "mergekit-yaml").exists() and (root / "bin" / "python").exists():
+        return root
+    return None
+
+
+@pytest.fixture(scope="session")
+def peers() -> Path:
+    """Path of the peer venv; skips (printing why) when mergekit is not installed there."""
+    root = peer_venv()
+    if root is None:
+        where = os.environ.get("UMERGE_PEERS", str(REPO / ".venv-peers"))
+        reason = (f"mergekit not found: no {where}/bin/mergekit-yaml "
+                  "(create it with `bash benches/make_peer_venv.sh`)")
+        print(f"\nSKIP parity with mergekit: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    return root
+

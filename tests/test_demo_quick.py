@@ -1,0 +1,147 @@
+"""`umerge demo --quick` end to end through the CLI, as CI runs it (needs the `train` extra).
+
+Checks that the run succeeds and prints the report path, that report.md has every table and figure,
+that every score printed in report.md's tables equals report.json's value (parsed back from the
+Markdown, not re-rendered), and that the calibration (the vanilla model memorises) holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="the demo needs the train extra (torch)")
+pytest.importorskip("peft", reason="the demo needs the train extra (peft)")
+
+pytestmark = [pytest.mark.train, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _section(md: str, title: str) -> str:
+    m = re.search(rf"^## {re.escape(title)}.*?$(.*?)(?=^## |\Z)", md, flags=re.M | re.S)
+    assert m, f"report.md has no section '## {title}'"
+    return m.group(1)
+
+
+def _table_rows(section: str) -> list[list[str]]:
+    """Body rows of every Markdown table in a section, as lists of cell strings."""
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("|") and not re.match(r"^\|[-| ]+\|$", line):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return [r for r in rows if not r[0] in ("Model", "Method", "Density", "Round", "Stage")]
+
+
+def _num(cell: str) -> float | None:
+    return None if cell == "n/a" else float(cell)
+
+
+def _mia(cell: str) -> tuple[float | None, float | None]:
+    if cell == "n/a":
+        return None, None
+    a, b = cell.split(" / ")
+    return float(a), float(b)
+
+
+def _same(cell_value: float | None, json_value: float | None) -> bool:
+    if json_value is None:
+        return cell_value is None
+    return cell_value is not None and abs(cell_value - round(float(json_value), 4)) < 1e-9
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "python") + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "umerge.cli", "demo", "--quick", "-o", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_cli_prints_report_path_and_progress(demo_run: tuple[Path, str]) -> None:
+    out, stdout = demo_run
+    assert f"report: {out / 'report.md'}" in stdout
+    assert (out / "report.md").is_file() and (out / "report.json").is_file()
+
+
+def test_report_has_every_table_and_figure(demo_run: tuple[Path, str]) -> None:
+    out, _ = demo_run
+    md = (out / "report.md").read_text(encoding="utf-8")
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    for title in ("Finding", "Table 1", "Table 2", "Density sweep", "Figures", "Calibration", "Setup"):
+        _section(md, title)
+    for key in ("loss_curves", "score_curves", "angles", "density_sweep"):
+        rel = rep["figures"][key]
+        assert f"]({rel})" in md
+        png = out / rel
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rep["command"] in md and "--quick" in rep["command"]
+    assert "Seeds:" in md
+
+
+def test_table_numbers_equal_report_json(demo_run: tuple[Path, str]) -> None:
+    out, _ = demo_run
+    md = (out / "report.md").read_text(encoding="utf-8")
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+
+    t1 = _table_rows(_section(md, "Table 1"))
+    names = rep["table1"]
+    assert len(t1) == 2 * len(names) and {"vanilla", "model1", "model2", "merge-ties-factorwise"} <= set(names)
+    for cells, name in zip(t1[: len(names)], names):
+        s = rep["scores"][name]
+        mia_score, mia_auc = _mia(cells[2])
+        assert _same(_num(cells[1]), s["task_aggregate"]) and _same(mia_score, s["mia_score"])
+        assert _same(mia_auc, s["mia_auc"]) and _same(_num(cells[3]), s["mmlu"]) and _same(_num(cells[4]), s["aggregate"])
+    for cells, name in zip(t1[len(names):], names):
+        s = rep["scores"][name]
+        keys = ("forget_regurgitation", "forget_knowledge", "retain_regurgitation", "retain_knowledge")
+        assert all(_same(_num(c), s[k]) for c, k in zip(cells[1:], keys))
+
+    t2 = _table_rows(_section(md, "Table 2"))
+    assert len(t2) == len(rep["table2"]) >= 5
+    for cells, row in zip(t2, rep["table2"]):
+        assert cells[0] == row["method"] and cells[1] == row["path"]
+        mia_score, mia_auc = _mia(cells[3])
+        assert _same(_num(cells[2]), row["task_aggregate"]) and _same(mia_score, row["mia_score"])
+        assert _same(mia_auc, row["mia_auc"]) and _same(_num(cells[4]), row["mmlu"]) and _same(_num(cells[5]), row["aggregate"])
+
+    sweep = _table_rows(_section(md, "Density sweep"))
+    assert len(sweep) == len(rep["sweep"]) == len(rep["config"]["sweep_densities"])
+    for cells, row in zip(sweep, rep["sweep"]):
+        assert _same(_num(cells[0]), row["density"]) and _same(_num(cells[1]), row["task_aggregate"])
+        assert _same(_num(cells[3]), row["mmlu"]) and _same(_num(cells[4]), row["aggregate"])
+
+    geo = [r for r in _table_rows(_section(md, "Finding")) if r[0] != "norm Δ model1"]
+    g = rep["factorwise_update"]
+    keys = ("norm_model1", "norm_model2", "norm_mean", "norm_merged", "cos_merged_mean", "cos_merged_model1",
+            "cos_merged_model2", "cos_model1_model2")
+    assert len(geo) == 1 and all(_same(_num(c), g[k]) for c, k in zip(geo[0], keys))
+
+    # the headline scores are the evaluation's own report.json values (no copy drift)
+    for name in names:
+        ev = json.loads((out / rep["scores"][name]["report"]).read_text(encoding="utf-8"))
+        assert rep["scores"][name]["task_aggregate"] == ev["harmonic-mean-task-aggregate"]
+        assert rep["scores"][name]["mia_auc"] == ev["mia_loss_acc"]
+
+
+def test_calibration_holds_and_findings_are_stated(demo_run: tuple[Path, str]) -> None:
+    out, _ = demo_run
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    cal = rep["calibration"]
+    last = cal["rounds"][-1]
+    assert cal["passed"] is True
+    assert last["forget_regurgitation"] >= 0.8 and last["retain_regurgitation"] >= 0.8
+    f = rep["findings"]
+    assert f["available"] is True
+    assert f["model1_over_forgets"] == (rep["scores"]["model1"]["mia_auc"] < f["thresholds"]["over_forgets_if_auc_below"])
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "model1 over-forgets" in md and "model2 under-forgets" in md and "lands between them" in md

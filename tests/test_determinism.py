@@ -1,0 +1,55 @@
+"""Determinism: the same inputs and options give the same output bytes whatever the thread count or
+memory budget (the budget changes the chunking, so tensors here are larger than a chunk).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import Family, run_umerge
+from ties_support import weight_files
+from umerge.testing import CheckpointSpec, LlamaShape
+
+# One layer, 11M parameters; embeddings of 4.1M elements (8 MiB in bf16): several chunks each.
+MEDIUM = LlamaShape(hidden=512, intermediate=1376, layers=1, heads=8, kv_heads=2, vocab=8003)
+
+
+@pytest.fixture(scope="module")
+def medium_bf16(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    from umerge.testing import make_family
+
+    spec = CheckpointSpec(MEDIUM, "BF16", shards=2, seed=31)
+    base, fts = make_family(tmp_path_factory.mktemp("medium"), spec, 2)
+    return Family(spec, base, fts)
+
+
+def _merge(fam: Family, out: Path, *options: str) -> dict[str, bytes]:
+    result = run_umerge(["ties", *fam.finetuned, "--base", fam.base, "--density", "0.8", "-o", out, "--quiet",
+                         *options])
+    assert result.returncode == 0, result.stderr
+    files = weight_files(out)
+    assert any(name.endswith(".safetensors") for name in files)
+    return files
+
+
+@pytest.mark.parametrize("preset", ["mergekit", "paper"])
+def test_same_bytes_for_one_and_two_threads(medium_bf16: Family, tmp_path: Path, preset: str) -> None:
+    one = _merge(medium_bf16, tmp_path / "t1", "--threads", "1", "--preset", preset)
+    two = _merge(medium_bf16, tmp_path / "t2", "--threads", "2", "--preset", preset)
+    assert one == two
+
+
+def test_same_bytes_for_different_memory_budgets(medium_bf16: Family, tmp_path: Path) -> None:
+    small = _merge(medium_bf16, tmp_path / "small", "--memory-budget", "24MiB", "--threads", "2")
+    large = _merge(medium_bf16, tmp_path / "large", "--memory-budget", "2GiB", "--threads", "2")
+    assert small == large
+
+
+def test_same_bytes_with_weights_and_sharded_output(medium_bf16: Family, tmp_path: Path) -> None:
+    opts = ("--weight", "0.7", "--weight", "1.1", "--lambda", "0.9", "--max-shard-size", "10MB")
+    a = _merge(medium_bf16, tmp_path / "a", "--threads", "1", "--memory-budget", "32MiB", *opts)
+    b = _merge(medium_bf16, tmp_path / "b", "--threads", "2", "--memory-budget", "1GiB", *opts)
+    assert a == b
+    assert sum(name.endswith(".safetensors") for name in a) > 1

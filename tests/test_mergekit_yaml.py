@@ -1,0 +1,174 @@
+"""`umerge run` (mergekit YAML -> spec), the method commands' errors, and `umerge methods`.
+
+- parameter resolution against hand-computed values (gradients as mergekit interpolates them,
+  filter rules, rule lists falling through to the global value, mergekit's defaults made explicit);
+- bad configs and bad method arguments: one-line error, exit 2, no output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import Family, run_umerge
+from umerge import mergekit_yaml as mk
+from umerge.errors import InputError
+from umerge.testing.safetensors_io import load_checkpoint
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "merge.yml"
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_evaluate_matches_mergekit_rules_by_hand() -> None:
+    # gradient [0, 1, 0.5] at t = 0.25: scaled 0.5 between 0 and 1 -> 0.5; at t = 0.75 -> 0.75
+    assert mk.evaluate([0.0, 1.0, 0.5], "x", 0.25) == 0.5
+    assert mk.evaluate([0.0, 1.0, 0.5], "x", 0.75) == 0.75
+    rules = mk._normalize_setting([{"filter": "mlp", "value": [0.0, 1.0]}, {"filter": "*", "value": 0.3}], "t", "c")
+    assert mk.evaluate(rules, "model.layers.1.mlp.up_proj.weight", 0.5) == 0.5
+    assert mk.evaluate(rules, "model.layers.1.self_attn.q_proj.weight", 0.5) == 0.3
+    only_mlp = mk._normalize_setting({"filter": "mlp", "value": 0.2}, "w", "c")
+    assert mk.evaluate(only_mlp, "attn", 0.0) is None
+
+
+def test_simple_config_passes_filters_through_and_makes_mergekit_defaults_explicit(odd_f32_family: Family,
+                                                                                   tmp_path: Path) -> None:
+    b, (a, c) = odd_f32_family.base, odd_f32_family.finetuned
+    cfg = {
+        "merge_method": "dare_ties", "base_model": str(b),
+        "models": [{"model": str(a), "parameters": {"weight": [{"filter": "mlp", "value": 0.5}]}},
+                   {"model": str(c), "parameters": {"weight": 0.7, "density": 0.4}}],
+        "parameters": {"weight": 0.9, "int8_mask": True},
+    }
+    spec, tok = mk.to_spec(cfg, tmp_path / "o")
+    assert tok is None
+    assert spec["method"] == "dare_ties" and spec["base"] == str(b)
+    # mergekit: rescale true (L1), density 1.0 where not given, normalize false; int8_mask dropped
+    assert spec["params"]["rescale"] == "l1" and spec["params"]["normalize"] is False
+    assert "int8_mask" not in spec["params"]
+    m0, m1 = (m.get("params", {}) for m in spec["models"])
+    # model 0's rule list has no default: it falls through to the global weight, as in mergekit
+    assert m0["weight"] == [{"filter": "mlp", "value": 0.5}, {"value": 0.9}]
+    assert m1["weight"] == 0.7 and m1["density"] == 0.4
+    assert m0.get("density", spec["params"].get("density")) == 1.0
+
+
+def test_gradient_is_resolved_per_tensor_as_mergekit_does(odd_f32_family: Family, tmp_path: Path) -> None:
+    b, (a, c) = odd_f32_family.base, odd_f32_family.finetuned
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(b),
+           "models": [{"model": str(a)}, {"model": str(c)}], "parameters": {"lambda": [0.0, 1.0]}}
+    spec, _ = mk.to_spec(cfg, tmp_path / "o")
+    rules = {r["filter"]: r["value"] for r in spec["params"]["lambda"]}
+    # 3 layers: t = 0, 0.5, 1; tensors outside the layers sit at t = 0 (mergekit), lm_head included
+    assert rules["model.layers.0.mlp.up_proj.weight"] == 0.0
+    assert rules["model.layers.1.mlp.up_proj.weight"] == 0.5
+    assert rules["model.layers.2.mlp.up_proj.weight"] == 1.0
+    assert rules["lm_head.weight"] == 0.0 and rules["model.norm.weight"] == 0.0
+    names = [r["filter"] for r in spec["params"]["lambda"]]
+    assert names == sorted(names, key=len, reverse=True)  # each tensor's own rule matches first
+
+
+def test_run_linear_with_base_model_merges_the_base_as_an_input(odd_f32_family: Family, tmp_path: Path) -> None:
+    b, (a, _) = odd_f32_family.base, odd_f32_family.finetuned
+    cfg = _write(tmp_path, f"""
+        merge_method: linear
+        base_model: {b}
+        models:
+          - model: {a}
+            parameters: {{weight: 3.0}}
+        parameters: {{weight: 1.0}}
+        dtype: float32
+    """)
+    r = run_umerge(["run", cfg, "-o", tmp_path / "out", "--quiet"])
+    assert r.returncode == 0, r.stderr
+    got, xa, xb = load_checkpoint(tmp_path / "out"), load_checkpoint(a), load_checkpoint(b)
+    for n in got:
+        np.testing.assert_allclose(got[n], (3 * xa[n].astype(np.float64) + xb[n]) / 4, rtol=1e-6, atol=1e-7)
+
+
+def test_tokenizer_source_model_copies_its_tokenizer(make_family_at, tmp_path: Path) -> None:
+    from umerge.testing import TINY, CheckpointSpec
+
+    fam = make_family_at(CheckpointSpec(TINY, dtype="F32", shards=1, seed=2), 1)
+    (fam.finetuned[0] / "tokenizer.json").write_text('{"from": "ft"}')
+    cfg = _write(tmp_path, f"""
+        merge_method: task_arithmetic
+        base_model: {fam.base}
+        models:
+          - model: {fam.finetuned[0]}
+        tokenizer_source: {fam.finetuned[0]}
+    """)
+    r = run_umerge(["run", cfg, "-o", tmp_path / "out", "--quiet"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "tokenizer.json").read_text()) == {"from": "ft"}
+
+
+BAD_CONFIGS = {
+    "unknown top-level key": ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {a}\nfoo: 1\n", "'foo'"),
+    "unknown model key": ("merge_method: linear\nmodels:\n  - model: {a}\n    weight: 1\n", "'weight'"),
+    "unknown parameter": ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{wieght: 1}}\n", "wieght"),
+    "unsupported method": ("merge_method: della\nbase_model: {b}\nmodels:\n  - model: {a}\n", "della"),
+    "breadcrumbs outliers": ("merge_method: breadcrumbs\nbase_model: {b}\nmodels:\n  - model: {a}\n"
+                             "parameters: {{density: 0.5, gamma: 0.01}}\n", "gamma"),
+    "modules": ("merge_method: linear\nmodules: {{x: {{}}}}\nmodels:\n  - model: {a}\n", "modules"),
+    "missing slerp t": ("merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {a}\n", "t"),
+    "zero weight sum": ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1.0}}\n"
+                        "  - model: {c}\n    parameters: {{weight: -1.0}}\n", "sum to 0"),
+    "union tokenizer": ("merge_method: linear\nmodels:\n  - model: {a}\ntokenizer_source: union\n", "union"),
+    "layer remapping": ("merge_method: linear\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [1, 3]\n",
+                        "layer_range"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_one_line_exit_2_no_output(odd_f32_family: Family, tmp_path: Path, case: str) -> None:
+    b, (a, c) = odd_f32_family.base, odd_f32_family.finetuned
+    text, needle = BAD_CONFIGS[case]
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text(text.format(a=a, b=b, c=c))
+    r = run_umerge(["run", cfg, "-o", tmp_path / "out"])
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("umerge: error: ") and needle in lines[0], r.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("bad.yml",)]  # no temporary left either
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["linear", "{a}", "{c}", "--weight", "1", "--weight", "-1"], "sum to 0"),
+    (["magnitude_prune", "{a}", "{c}", "--base", "{b}"], "--density"),
+    (["dare_ties", "{a}", "--base", "{b}", "--density", "0"], "density"),
+    (["slerp", "{a}", "--base", "{b}"], "--t"),
+    (["task_arithmetic", "{a}"], "base"),
+    (["model_stock", "{a}", "--base", "{b}"], "at least 2"),
+])
+def test_method_commands_refuse_bad_arguments(odd_f32_family: Family, tmp_path: Path, args: list[str],
+                                              needle: str) -> None:
+    b, (a, c) = odd_f32_family.base, odd_f32_family.finetuned
+    r = run_umerge([x.format(a=a, b=b, c=c) for x in args] + ["-o", tmp_path / "out"])
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith(("umerge: error: ", "Error: ")) or "umerge: error" in r.stderr, r.stderr
+    assert needle in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_methods_command_lists_every_method() -> None:
+    r = run_umerge(["methods"])
+    assert r.returncode == 0, r.stderr
+    for m in ["ties", "linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "slerp",
+              "model_stock"]:
+        assert m in r.stdout.split()
+
+
+def test_translate_rejects_non_mapping(tmp_path: Path) -> None:
+    p = tmp_path / "x.yml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(InputError, match="mapping"):
+        mk.load_config(p)
