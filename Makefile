@@ -23,7 +23,7 @@ peers:
 	bash benches/make_peer_venv.sh $(PEERS)
 
 test-rust:
-	cargo test -p umerge-core
+	cargo test --release -p umerge-core
 
 test-python: install
 	$(BIN)/python -m pytest -q

@@ -4,7 +4,7 @@ Generates (once, then reuses) a base and two fine-tuned checkpoints with TinyLla
 (hidden 2048, intermediate 5632, 32 heads, 4 kv heads, vocab 32000; bf16; 3 shards each) under
 --dir, warms the page cache, then runs each tool once in a fresh child process with the same
 inputs (TIES, density 0.8, weights 1, lambda 1, bf16 output) and reports wall time and peak RSS
-(`os.wait4` rusage of the child), the speed-up, and a Markdown table to paste into the README.
+(the kernel's ru_maxrss of that process, see measure.py), the speed-up, and a Markdown table for the README.
 
     .venv/bin/python benches/bench_ties.py                     # 22 layers: umerge and mergekit -j 2
     .venv/bin/python benches/bench_ties.py --layers 22 44      # and twice the layers (RSS flat?)
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"Machine: {machine()}; load average before/after: {load_before} / {_load()}. Inputs: base + 2 "
           f"fine-tuned, bf16, {args.shards} shards each, page cache warm; TIES density {args.density}; each tool run "
-          "once in a fresh process; CPU time = user + system; peak RSS from wait4.")
+          "once in a fresh process; CPU time = user + system; peak RSS = the process's ru_maxrss.")
     print(f"Command: .venv/bin/python benches/bench_ties.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print()
     if args.out_of_core:

@@ -67,7 +67,7 @@ def scratch(name: str) -> Path:
 def short(line: str, tmp: Path) -> str:
     line = line.replace(str(tmp), "…")
     line = re.sub(r"/tmp/[^ )]*?/(models|small|elsewhere)/", r"…/\1/", line)
-    return line if len(line) <= 170 else line[:167] + "..."
+    return line if len(line) <= 240 else line[:237] + "..."
 
 
 def bad_inputs() -> dict[str, Any]:
@@ -107,7 +107,7 @@ def kill_points(n: int) -> dict[str, Any]:
     parent = root / "targets"
     parent.mkdir()
     target = parent / "merged"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "python")}
+    env = {"PYTHONPATH": str(REPO / "python"), **os.environ}
     outcomes = []
     for i in range(n):
         at = t_ref * (0.02 + 0.96 * i / max(n - 1, 1))
@@ -207,7 +207,7 @@ def changed_while_mapped() -> dict[str, Any]:
         shape = LlamaShape(hidden=128, intermediate=352, layers=4, heads=4, kv_heads=2, vocab=2000)
         base, fts = make_family(root / "models", CheckpointSpec(shape, "F32", shards=3, seed=6), 2)
         victim = fts[1] / "model-00003-of-00003.safetensors"
-        env = {**os.environ, "PYTHONPATH": str(REPO / "python")}
+        env = {"PYTHONPATH": str(REPO / "python"), **os.environ}
         r = subprocess.run([sys.executable, "-c", CHANGE_WHILE_MAPPED, mode, str(victim), str(base), str(root / "merged"),
                             *map(str, fts)], capture_output=True, text=True, env=env, timeout=300)
         msg = short(r.stdout.strip().removeprefix("ERROR "), root)

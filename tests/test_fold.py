@@ -151,3 +151,19 @@ def test_fold_fan_in_fan_out_gpt2(tmp_path: Path) -> None:
     for k, v in ours.items():
         assert _rel(v, ref[k]) <= RTOL, k
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "gpt2"
+
+
+def test_factorwise_ties_with_base_is_peft_add_weighted_adapter_then_merge_and_unload(family: dict[str, Path], tmp_path: Path) -> None:
+    """The ZJUKLAB pipeline: add_weighted_adapter(ties, density 0.8, weights [1, 1]) + merge_and_unload."""
+    from umerge.adapters import merge_adapters
+
+    out = tmp_path / "paper"
+    merge_adapters([family["a"], family["b"]], out, method="ties", density=0.8, base=family["base"])
+    pm = peft_model(family["base"], {"a": family["a"], "b": family["b"]})
+    pm.add_weighted_adapter(["a", "b"], [1.0, 1.0], "m", combination_type="ties", density=0.8)
+    pm.set_adapter("m")
+    ref = {k: v.detach().numpy() for k, v in pm.merge_and_unload().state_dict().items()}
+    ours = load_checkpoint(out)
+    for k, v in ours.items():
+        assert _rel(v, ref[k]) <= RTOL, k
+    assert not any(p.name.startswith(".umerge") for p in tmp_path.iterdir())

@@ -138,7 +138,7 @@ def test_nan_and_inf_scan(tmp_path: Path) -> None:
 def test_recipe_tampering_is_caught(merged: Path, tmp_path: Path) -> None:
     d = copy(merged, tmp_path / "m")
     text = (d / "umerge.yml").read_text()
-    first = re.search(r'"sha256": "([0-9a-f]{64})"', text)
+    first = re.search(r"\"sha256\":\s*\"([0-9a-f]{64})\"", text)
     assert first
     (d / "umerge.yml").write_text(text.replace(first.group(1), "0" * 64, 1))
     expect_invalid(d, "sha256")

@@ -19,6 +19,7 @@ from umerge.methods import dare_linear, dare_ties, linear, magnitude_prune, mode
 
 __all__ = ["__version__", "InputError", "UmergeError", "MergeReport", "inspect", "merge", "ties", "ops"]
 __all__ += ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "slerp", "model_stock"]
+__all__ += ["adapters", "fold"]
 
 
 def __getattr__(name: str) -> object:
@@ -27,4 +28,12 @@ def __getattr__(name: str) -> object:
         import importlib
 
         return importlib.import_module("umerge.ops")
+    if name == "adapters":  # LoRA adapters: merge_adapters, fold (numpy, loaded on first use)
+        import importlib
+
+        return importlib.import_module("umerge.adapters")
+    if name == "fold":
+        from umerge.adapters.fold import fold
+
+        return fold
     raise AttributeError(f"module 'umerge' has no attribute {name!r}")

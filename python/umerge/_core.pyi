@@ -12,6 +12,10 @@ def merge(spec_json: str, progress: Optional[Callable[[int, int, int, int], None
     """Runs the merge described by the JSON spec (see umerge.merge); returns the report as JSON.
     `progress(tensors_done, tensors_total, bytes_done, bytes_total)` is called after each tensor."""
 
+def fold(spec_json: str, progress: Optional[Callable[[int, int, int, int], None]] = None) -> str:
+    """Folds LoRA adapters into their base (W + scaling * B @ A per targeted module) as described by
+    the JSON fold spec (see umerge.adapters.fold); returns the report as JSON. Progress as in merge."""
+
 def inspect(path: str) -> str:
     """Describes a checkpoint as JSON: format, shards, tensors, totals, validity."""
 

@@ -210,11 +210,30 @@ def merge(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: ProgressArg = True,
-) -> MergeReport:
+    delta: str = "factors",
+    svd_rank: int | None = None,
+) -> Any:
     """Merges checkpoints with any engine method; `params` are global, `model_params` per model.
 
     Example: ``merge("ties", ["a/", "b/"], base="base/", params={"density": 0.8})``.
+
+    PEFT LoRA adapter directories as `models` go to `umerge.adapters` (PEFT's
+    add_weighted_adapter semantics; `delta="full"` merges the updates B @ A, `svd_rank` truncates
+    them back to an adapter; with `base` the result is folded into a full model) and the result is
+    an `AdapterMergeReport` when the output is an adapter. Mixing adapters and full models is an error.
     """
+    if isinstance(models, (str, os.PathLike)):
+        models = [models]
+    from umerge.adapters.routing import adapter_inputs, merge_adapter_inputs
+
+    if adapter_inputs(models, base):
+        return merge_adapter_inputs(
+            method, models, base=base, params=params or {}, model_params=model_params, out=out, delta=delta,
+            svd_rank=svd_rank, out_dtype=out_dtype, threads=threads, memory_budget=memory_budget,
+            max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+        )
+    if delta != "factors" or svd_rank is not None:
+        raise InputError("delta and svd_rank (--delta, --svd-rank) apply to LoRA adapter inputs only")
     spec = build_spec(
         method, models, base=base, params=params, model_params=model_params, out=out, out_dtype=out_dtype,
         threads=threads, memory_budget=memory_budget, max_shard_size=max_shard_size, strict=strict,
@@ -239,7 +258,7 @@ def ties(
     density: ParamValue,
     weights: Sequence[ParamValue] | None = None,
     lambda_: float = 1.0,
-    preset: str = "mergekit",
+    preset: str | None = None,
     majority_sign: str | None = None,
     out: PathLike = "merged",
     out_dtype: str | None = None,
@@ -250,7 +269,9 @@ def ties(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: ProgressArg = True,
-) -> MergeReport:
+    delta: str = "factors",
+    svd_rank: int | None = None,
+) -> Any:
     """TIES-merge fine-tuned checkpoints onto their base (Yadav et al., 2023, arXiv:2306.01708).
 
     For task vectors d_i = model_i - base: keep the k = floor(density * n) largest |d_i| of each
@@ -263,10 +284,19 @@ def ties(
     weights), ``peft`` (sign on unweighted deltas, mean over the count of agreeing entries;
     `majority_sign` total or frequency) or ``paper`` (trim over the whole model at once, zero
     signs take the model's majority sign, mean over the count).
+
+    PEFT LoRA adapter directories are merged as PEFT's add_weighted_adapter(combination_type=
+    "ties") does, factor-wise, without a base (preset ``peft``, the default for adapters); see
+    `merge` for `delta` and `svd_rank`.
     """
     if isinstance(models, (str, os.PathLike)):
         models = [models]
-    if base is None:
+    from umerge.adapters.routing import adapter_inputs
+
+    adapters = adapter_inputs(models, base)
+    if preset is None:
+        preset = "peft" if adapters else "mergekit"
+    if base is None and not adapters:
         raise InputError(
             "ties needs a base model (base=... / --base DIR): it merges task vectors, model - base, "
             "so it must know the weights the models were fine-tuned from. LoRA adapter directories "
@@ -284,7 +314,7 @@ def ties(
     return merge(
         "ties", models, base=base, params=params, model_params=model_params, out=out, out_dtype=out_dtype,
         threads=threads, memory_budget=memory_budget, max_shard_size=max_shard_size, strict=strict,
-        overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=progress,
+        overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=progress, delta=delta, svd_rank=svd_rank,
     )
 
 

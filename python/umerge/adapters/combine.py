@@ -39,7 +39,7 @@ reproducible but not PEFT's torch draws: DARE results agree with PEFT in distrib
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -149,8 +149,6 @@ def base_kind(combination: str) -> str:
         return "linear"
     return combination[: -len("_svd")] if combination.endswith("_svd") else combination
 
-
-Step = Callable[..., np.ndarray]
 
 __all__ = ["COMBINATIONS", "EXACT", "FACTORWISE", "MAJORITY", "NEEDS_DENSITY", "SVD", "base_kind", "combine",
            "dare_prune", "magnitude_prune_mask", "split_weights", "svd_factors"]

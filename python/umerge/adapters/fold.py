@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Union
 
 from umerge.adapters.combine import MAJORITY, NEEDS_DENSITY
@@ -114,6 +113,7 @@ def fold_merged(
     density: float | None = None,
     majority_sign: str = "total",
     seed: int = 0,
+    preset: str = "peft",
     out_dtype: str | None = None,
     threads: int | None = None,
     memory_budget: Union[str, int, None] = None,
@@ -148,7 +148,7 @@ def fold_merged(
         if density is not None:
             params["density"] = float(density)
         if engine_method == "ties":
-            params["majority_sign"] = majority_sign
+            params.update(preset=preset, majority_sign=majority_sign)
         if engine_method.startswith("dare"):
             params["seed"] = int(seed)
         spec.update(method=engine_method, params=params, model_params=[{"weight": wi} for wi in w])

@@ -112,6 +112,7 @@ def merge_adapters(
     svd_clamp: float | None = None,
     base: PathLike | None = None,
     seed: int = 0,
+    preset: str | None = None,
     out_dtype: str | None = None,
     threads: int | None = None,
     memory_budget: str | int | None = None,
@@ -136,16 +137,22 @@ def merge_adapters(
     if out_dtype is not None and out_dtype not in _OUT_DTYPES:
         raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(_OUT_DTYPES)})")
     combination = peft_combination(method, delta)
-    if base is not None:
-        if delta != "full":
-            raise InputError("--base with adapters needs --delta full (factor-wise merges produce an adapter; fold it with `umerge fold`)")
+    if base is not None and delta == "full":
         from umerge.adapters.fold import fold_merged
 
         return fold_merged(
             adapters, base, out, method=base_kind(combination), weights=weights, density=density,
-            majority_sign=majority_sign, seed=seed, out_dtype=out_dtype, threads=threads,
+            majority_sign=majority_sign, seed=seed, preset=preset or "peft", out_dtype=out_dtype, threads=threads,
             memory_budget=memory_budget, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
         )
+    if base is not None:
+        return _merge_then_fold(
+            adapters, base, out, method=method, weights=weights, density=density, majority_sign=majority_sign,
+            svd_rank=svd_rank, svd_clamp=svd_clamp, seed=seed, out_dtype=out_dtype, threads=threads,
+            memory_budget=memory_budget, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+        )
+    if preset not in (None, "peft"):
+        raise InputError(f"the {preset} TIES preset has no factor-wise form; adapters follow PEFT's semantics (preset peft)")
     t0 = time.perf_counter()
     loaded = [load_adapter(a) for a in adapters]
     w = _check_args(combination, len(loaded), weights, density, majority_sign)
@@ -193,6 +200,11 @@ def merge_adapters(
     order = [n for mod in loaded[0].modules for n in factor_names(mod)]
     tensors = {n: tensors[n] for n in order}
     cfg = new_config(loaded, rank)
+    if cfg.get("use_rslora"):
+        warnings.append(
+            f"the first adapter uses rsLoRA, so the merged adapter (r = lora_alpha = {rank}, as PEFT sets them) "
+            f"is scaled by sqrt({rank}) when loaded, exactly as PEFT's own merged adapter is"
+        )
     dtype = _OUT_DTYPES[out_dtype] if out_dtype else loaded[0].dtype
     recipe = {
         "umerge_adapter_merge": {
@@ -205,6 +217,26 @@ def merge_adapters(
         combination=combination, output=target, modules=len(loaded[0].modules), rank=rank,
         lora_alpha=float(rank), seconds=time.perf_counter() - t0, warnings=tuple(warnings),
     )
+
+
+def _merge_then_fold(adapters: Sequence[PathLike], base: PathLike, out: PathLike, *, out_dtype: str | None,
+                     threads: int | None, memory_budget: Any, max_shard_size: Any, overwrite: bool, progress: Any,
+                     **merge_kw: Any) -> Any:
+    """PEFT's add_weighted_adapter followed by merge_and_unload: merge the adapters into a
+    temporary adapter beside `out`, fold it into `base`, remove it."""
+    import shutil
+    import tempfile
+
+    from umerge.adapters.fold import fold
+
+    target = check_output(out, [*adapters, base], overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".umerge-adapter-{target.name}-", dir=target.parent))
+    try:
+        merge_adapters(adapters, tmp / "adapter", threads=threads, **merge_kw)
+        return fold(tmp / "adapter", base, out, out_dtype=out_dtype, threads=threads, memory_budget=memory_budget,
+                    max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["AdapterMergeReport", "DELTAS", "merge_adapters", "new_config", "peft_combination"]

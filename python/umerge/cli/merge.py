@@ -34,10 +34,17 @@ def _print_summary(report: object, quiet: bool) -> None:
               help="Fraction of each task vector's entries kept, by magnitude: exactly floor(density * n) per tensor (0 < D <= 1; 1 keeps all). TIES paper and mergekit commonly use 0.2-0.8.")
 @click.option("--weight", "weights", type=float, multiple=True, help="Weight of each model's task vector, given once per model in order (default 1.0 each).")
 @click.option("--lambda", "lambda_", type=float, default=1.0, show_default=True, help="Scale of the merged task vector added to the base.")
-@click.option("--preset", type=click.Choice(["mergekit", "peft", "paper"]), default="mergekit", show_default=True,
-              help="mergekit: sign elected on weighted deltas, mean divided by the sum of agreeing weights. "
+@click.option("--preset", type=click.Choice(["mergekit", "peft", "paper"]), default=None,
+              help="Default: mergekit for full models, peft for LoRA adapters. mergekit: sign elected on weighted deltas, mean divided by the sum of agreeing weights. "
                    "peft: sign on unweighted deltas, mean over the count of agreeing entries (PEFT merge_utils.ties). "
                    "paper: trim over the whole model at once, zero signs take the model's majority, mean over the count.")
+@click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
+              help="peft preset (and adapters): elect the sign of the sum (total, default) or of the vote (frequency).")
+@click.option("--delta", type=click.Choice(["factors", "full"]), default="factors", show_default=True,
+              help="LoRA adapter inputs only: factors merges lora_A and lora_B separately (PEFT add_weighted_adapter); "
+                   "full merges each module's update scaling * B @ A (then --base writes a full model, else --svd-rank truncates).")
+@click.option("--svd-rank", type=click.IntRange(min=1), default=None,
+              help="LoRA adapters with --delta full and no --base: rank of the SVD-truncated adapter (default: the largest input rank).")
 @click.option("-o", "--out", default="merged", show_default=True, type=click.Path(), help="Output directory (built beside it and renamed in when complete).")
 @click.option("--out-dtype", type=click.Choice(["bf16", "f16", "f32"]), default=None, help="Output dtype (default: the base's). Rounded to nearest even.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: all cores). Output bytes do not depend on it.")
@@ -53,7 +60,10 @@ def ties(
     density: float,
     weights: tuple[float, ...],
     lambda_: float,
-    preset: str,
+    preset: str | None,
+    majority_sign: str | None,
+    delta: str,
+    svd_rank: int | None,
     out: str,
     out_dtype: str | None,
     threads: int | None,
@@ -74,14 +84,19 @@ def ties(
     MODELS are checkpoint directories (model.safetensors, a sharded
     model.safetensors.index.json, or *.safetensors) or .safetensors files.
     Memory stays within --memory-budget whatever the model size.
+    MODELS may instead be PEFT LoRA adapter directories: they are merged
+    as PEFT's add_weighted_adapter(combination_type="ties") does (factor-wise,
+    preset peft, no --base needed) into a new adapter, or, with --base, folded
+    into a full model (umerge ties a/ b/ --density 0.8 -o ab/).
 
     \b
     Example:
         umerge ties ft1/ ft2/ --base base/ --density 0.8 -o merged/
     """
+    from umerge.adapters.routing import adapter_inputs
     from umerge.merge import ties as ties_api
 
-    if base is None:
+    if base is None and not adapter_inputs(models):
         raise InputError(
             "ties needs --base DIR: TIES merges task vectors (model - base), so it must know the weights "
             "the models were fine-tuned from. LoRA adapter directories carry their task vectors "
@@ -96,6 +111,9 @@ def ties(
         weights=list(weights) if weights else None,
         lambda_=lambda_,
         preset=preset,
+        majority_sign=majority_sign,
+        delta=delta,
+        svd_rank=svd_rank,
         out=out,
         out_dtype=out_dtype,
         threads=threads,

@@ -778,6 +778,10 @@ impl<'a> Engine<'a> {
                     self.cache_pool.put(v);
                 }
             }
+            // Drop whatever fault-around mapped back in while this tensor was read.
+            for src in job.base.iter().chain(job.models.iter()) {
+                src.release(0, job.numel as usize);
+            }
             done(ji)?;
         }
         Ok(())

@@ -616,6 +616,81 @@ mod tests {
         }
     }
 
+    fn f32s(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("umerge-fold-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn spec(base: &Path, adapter: &Path, out: &Path) -> FoldSpec {
+        FoldSpec::from_json(&serde_json::json!({
+            "base": base, "adapters": [{"path": adapter, "scaling": 0.5}], "out": out, "threads": 2
+        }).to_string())
+        .unwrap()
+    }
+
+    #[test]
+    fn folds_targeted_weights_and_copies_the_rest() {
+        use crate::checkpoint::tests::write_st;
+        let d = tmpdir("e2e");
+        let mut seed = 3u64;
+        let (out_d, in_d, r) = (6usize, 5usize, 2usize);
+        let w: Vec<f32> = (0..out_d * in_d).map(|_| lcg(&mut seed)).collect();
+        let a: Vec<f32> = (0..r * in_d).map(|_| lcg(&mut seed)).collect();
+        let b: Vec<f32> = (0..out_d * r).map(|_| lcg(&mut seed)).collect();
+        let norm = vec![1.0f32, 2.0, 3.0];
+        std::fs::create_dir_all(d.join("base")).unwrap();
+        write_st(&d.join("base/model.safetensors"), &[
+            ("m.norm.weight", "F32", vec![3], f32s(&norm)),
+            ("m.proj.weight", "F32", vec![out_d, in_d], f32s(&w)),
+        ]);
+        std::fs::write(d.join("base/config.json"), "{}").unwrap();
+        std::fs::create_dir_all(d.join("ad")).unwrap();
+        write_st(&d.join("ad/adapter_model.safetensors"), &[
+            ("base_model.model.m.proj.lora_A.weight", "F32", vec![r, in_d], f32s(&a)),
+            ("base_model.model.m.proj.lora_B.weight", "F32", vec![out_d, r], f32s(&b)),
+        ]);
+        let rep = fold(&spec(&d.join("base"), &d.join("ad"), &d.join("out")), None).unwrap();
+        assert_eq!(rep.tensors, 2);
+        let c = Checkpoint::open(&d.join("out")).unwrap();
+        let mut got = vec![0f32; out_d * in_d];
+        decode(Dtype::F32, c.tensor_bytes(&c.tensors["m.proj.weight"]).unwrap(), &mut got);
+        let f = Factors { a, b, r, scaling: 0.5, fan_in_fan_out: false };
+        let upd = naive(&f, out_d, in_d);
+        for i in 0..got.len() {
+            let want = w[i] as f64 + upd[i];
+            assert!((got[i] as f64 - want).abs() <= 1e-6, "{i}: {} vs {want}", got[i]);
+        }
+        assert_eq!(c.tensor_bytes(&c.tensors["m.norm.weight"]).unwrap(), &f32s(&norm)[..]);
+        assert!(d.join("out/config.json").is_file() && d.join("out/umerge.yml").is_file());
+    }
+
+    #[test]
+    fn an_adapter_that_does_not_fit_the_base_is_refused_before_writing() {
+        use crate::checkpoint::tests::write_st;
+        let d = tmpdir("misfit");
+        std::fs::create_dir_all(d.join("base")).unwrap();
+        write_st(&d.join("base/model.safetensors"), &[("m.proj.weight", "F32", vec![4, 3], f32s(&[0.0; 12]))]);
+        std::fs::create_dir_all(d.join("ad")).unwrap();
+        write_st(&d.join("ad/adapter_model.safetensors"), &[
+            ("base_model.model.m.proj.lora_A.weight", "F32", vec![2, 5], f32s(&[0.0; 10])),
+            ("base_model.model.m.proj.lora_B.weight", "F32", vec![4, 2], f32s(&[0.0; 8])),
+            ("base_model.model.m.gone.lora_A.weight", "F32", vec![2, 3], f32s(&[0.0; 6])),
+            ("base_model.model.m.gone.lora_B.weight", "F32", vec![4, 2], f32s(&[0.0; 8])),
+        ]);
+        let e = fold(&spec(&d.join("base"), &d.join("ad"), &d.join("out")), None).unwrap_err();
+        let msg = e.to_string();
+        assert!(e.is_input(), "{msg}");
+        assert!(msg.contains("does not fit this base") && msg.contains("m.gone.weight"), "{msg}");
+        assert!(!d.join("out").exists());
+        assert!(std::fs::read_dir(&d).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".umerge-tmp")));
+    }
+
     #[test]
     fn module_names_strip_the_peft_prefix() {
         assert_eq!(module_of("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", PEFT_PREFIX), Some(("model.layers.0.mlp.up_proj", true)));

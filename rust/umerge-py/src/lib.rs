@@ -42,13 +42,13 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
     }
 }
 
-/// Runs a merge from a JSON spec; returns the report as JSON. `progress(tensors_done,
-/// tensors_total, bytes_done, bytes_total)` is called after each tensor; an exception raised in
-/// it (or Ctrl-C) cancels the merge and is re-raised.
-#[pyfunction]
-#[pyo3(signature = (spec_json, progress=None))]
-fn merge(py: Python<'_>, spec_json: &str, progress: Option<Py<PyAny>>) -> PyResult<String> {
-    let spec = MergeSpec::from_json(spec_json).map_err(|e| to_py(py, e))?;
+/// Runs `work` with the GIL released, giving it a progress callback that calls `progress(
+/// tensors_done, tensors_total, bytes_done, bytes_total)` (when given) and checks for Ctrl-C; an
+/// exception raised there cancels the work and is re-raised. Returns the report as JSON.
+fn run_reported<F>(py: Python<'_>, progress: Option<Py<PyAny>>, work: F) -> PyResult<String>
+where
+    F: for<'a> FnOnce(umerge_core::Progress<'a>) -> Result<umerge_core::Report, Error> + Send,
+{
     let pending: Mutex<Option<PyErr>> = Mutex::new(None);
     let cb = |t: u64, tt: u64, b: u64, bt: u64| -> bool {
         Python::attach(|py| {
@@ -67,15 +67,34 @@ fn merge(py: Python<'_>, spec_json: &str, progress: Option<Py<PyAny>>) -> PyResu
             }
         })
     };
-    let result = py.detach(|| umerge_core::merge(&spec, Some(&cb)));
+    let result = py.detach(|| work(&cb));
     match result {
         Ok(report) => serde_json::to_string(&report).map_err(|e| UmergeError::new_err(e.to_string())),
         Err(Error::Cancelled) => match pending.lock().ok().and_then(|mut s| s.take()) {
             Some(e) => Err(e),
-            None => Err(UmergeError::new_err("merge cancelled")),
+            None => Err(UmergeError::new_err("cancelled")),
         },
         Err(e) => Err(to_py(py, e)),
     }
+}
+
+/// Runs a merge from a JSON spec; returns the report as JSON. `progress(tensors_done,
+/// tensors_total, bytes_done, bytes_total)` is called after each tensor; an exception raised in
+/// it (or Ctrl-C) cancels the merge and is re-raised.
+#[pyfunction]
+#[pyo3(signature = (spec_json, progress=None))]
+fn merge(py: Python<'_>, spec_json: &str, progress: Option<Py<PyAny>>) -> PyResult<String> {
+    let spec = MergeSpec::from_json(spec_json).map_err(|e| to_py(py, e))?;
+    run_reported(py, progress, |cb| umerge_core::merge(&spec, Some(cb)))
+}
+
+/// Folds LoRA adapters into their base from a JSON spec (`umerge_core::fold::FoldSpec`);
+/// returns the report as JSON. Progress and cancellation as in `merge`.
+#[pyfunction]
+#[pyo3(signature = (spec_json, progress=None))]
+fn fold(py: Python<'_>, spec_json: &str, progress: Option<Py<PyAny>>) -> PyResult<String> {
+    let spec = umerge_core::fold::FoldSpec::from_json(spec_json).map_err(|e| to_py(py, e))?;
+    run_reported(py, progress, |cb| umerge_core::fold::fold(&spec, Some(cb)))
 }
 
 /// Describes a checkpoint as JSON (see `umerge_core::checkpoint::inspect`).
@@ -149,6 +168,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("UmergeError", py.get_type::<UmergeError>())?;
     m.add("InputError", input_error(py)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
+    m.add_function(wrap_pyfunction!(fold, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(merge_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
