@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PEERS  ?= .venv-peers
 
-.PHONY: install install-base test test-rust test-python peers demo bench clean
+.PHONY: install install-base test test-rust test-python peers demo example bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +34,16 @@ test: install
 	$(MAKE) test-rust
 	$(MAKE) test-python
 
-demo: install-base
+# The main job: the whole paper pipeline on a built-in synthetic world, CPU only (<= 15 min).
+demo: install
+	$(BIN)/umerge demo -o demo-out --overwrite
+
+# The engine alone (no torch): small example checkpoints merged with TIES.
+example: install-base
 	$(BIN)/umerge example -o example-out --overwrite
 
 bench: install
 	$(BIN)/python benches/bench_ties.py
 
 clean:
-	rm -rf target $(VENV) $(PEERS) example-out bench-out
+	rm -rf target $(VENV) $(PEERS) example-out demo-out bench-out

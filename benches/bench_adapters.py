@@ -4,7 +4,7 @@ bf16 base.
 Reuses (or generates) the base of benches/bench_ties.py under --dir, writes two random r=32
 LoRA adapters on every linear layer (float32 factors, lora_alpha 64, PEFT's file layout), warms
 the page cache, then runs each job once in a fresh child process and reports wall time, CPU time
-and peak RSS (rusage of the child):
+and peak RSS (rusage of the child; CPU time is the steadier figure on a shared machine):
 
 - fold:  `umerge fold A --base BASE` vs PEFT's from_pretrained + PeftModel.from_pretrained +
          merge_and_unload + save_pretrained (bf16);
@@ -133,16 +133,18 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\nmachine: {machine()}")
     print(f"base: TinyLlama-1.1B shapes, bf16, 3 shards; adapters: r={args.rank}, alpha={2 * args.rank}, all linear layers, f32\n")
-    print("| job | umerge wall s | umerge peak RSS MiB | PEFT wall s | PEFT peak RSS MiB | speed-up | outputs within 1 bf16 ulp |")
+    print("| job | umerge wall s (CPU s) | umerge peak RSS MiB | PEFT wall s (CPU s) | PEFT peak RSS MiB | speed-up wall (CPU) | outputs within 1 bf16 ulp |")
     print("|---|---|---|---|---|---|---|")
     for name, ums, mp, agree in rows:
         uw = sum(m.seconds for m in ums)
+        uc = sum(m.cpu_seconds for m in ums)
         ur = max(m.peak_rss_mib for m in ums)
         if mp is None or mp.returncode:
             tail = "" if mp is None else mp.stderr_tail.strip().splitlines()[-1:]
-            print(f"| {name} | {uw:.1f} | {ur:.0f} | failed {tail} | | | |")
+            print(f"| {name} | {uw:.1f} ({uc:.1f}) | {ur:.0f} | failed {tail} | | | |")
         else:
-            print(f"| {name} | {uw:.1f} | {ur:.0f} | {mp.seconds:.1f} | {mp.peak_rss_mib:.0f} | {mp.seconds / uw:.1f}x | {agree:.4%} |")
+            print(f"| {name} | {uw:.1f} ({uc:.1f}) | {ur:.0f} | {mp.seconds:.1f} ({mp.cpu_seconds:.1f}) | {mp.peak_rss_mib:.0f} "
+                  f"| {mp.seconds / uw:.1f}x ({mp.cpu_seconds / max(uc, 1e-9):.1f}x) | {agree:.4%} |")
     for p in (out_u, out_p):
         shutil.rmtree(p, ignore_errors=True)
 

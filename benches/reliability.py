@@ -110,7 +110,9 @@ def kill_points(n: int) -> dict[str, Any]:
     env = {"PYTHONPATH": str(REPO / "python"), **os.environ}
     outcomes = []
     for i in range(n):
-        at = t_ref * (0.02 + 0.96 * i / max(n - 1, 1))
+        # From just after the start to 1.3x the reference time, so that some runs finish first
+        # (and later kills hit an --overwrite of a complete output).
+        at = t_ref * (0.02 + 1.28 * i / max(n - 1, 1))
         proc = subprocess.Popen([*umerge_command(), *args(target)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(at)
@@ -123,8 +125,9 @@ def kill_points(n: int) -> dict[str, Any]:
             state = "complete"
         else:
             state = "PARTIAL"
-        stale = sorted(p.name for p in parent.iterdir() if p.name.startswith(".umerge"))
-        outcomes.append({"at_s": round(at, 3), "killed": killed, "target": state, "temp_dirs_left": len(stale)})
+        # Killed while writing: its own temporary directory is left (the next run removes it).
+        writing = any(p.name.endswith(f"-{proc.pid}") for p in parent.iterdir() if p.name.startswith(".umerge"))
+        outcomes.append({"at_s": round(at, 3), "killed": killed, "target": state, "while_writing": writing})
     stale_before = sorted(p.name for p in parent.iterdir() if p.name.startswith(".umerge"))
     r = run_umerge(args(target))
     final_ok = r.returncode == 0 and digest_tree(target) == expected
@@ -132,12 +135,13 @@ def kill_points(n: int) -> dict[str, Any]:
     killed = sum(o["killed"] for o in outcomes)
     partial = sum(o["target"] == "PARTIAL" for o in outcomes)
     print(f"\n## Kill points: {killed} SIGKILLs over a {t_ref:.2f} s merge "
-          f"(21 M parameters, bf16, 3 shards, --threads 1, same target with --overwrite)\n")
-    print("| kill at (s) | killed | target after the kill |")
-    print("|---|---|---|")
+          f"(15 M parameters, bf16, 3 shards, --threads 1, same target with --overwrite)\n")
+    print("| kill at (s) | killed | phase | target after the kill |")
+    print("|---|---|---|---|")
     for o in outcomes:
-        print(f"| {o['at_s']:.2f} | {'yes' if o['killed'] else 'finished first'} | {o['target']} |")
-    print(f"\npartial outputs: {partial}; absent: {sum(o['target'] == 'absent' for o in outcomes)}; "
+        phase = "writing the output" if o["while_writing"] else ("start-up / reading / planning" if o["killed"] else "-")
+        print(f"| {o['at_s']:.2f} | {'yes' if o['killed'] else 'finished first'} | {phase} | {o['target']} |")
+    print(f"\nkilled while writing the output: {sum(o['while_writing'] for o in outcomes)}; partial outputs: {partial}; absent: {sum(o['target'] == 'absent' for o in outcomes)}; "
           f"complete: {sum(o['target'] == 'complete' for o in outcomes)}")
     print(f"stale temporary directories before the next run: {len(stale_before)}, after it: {len(stale_after)}; "
           f"next run output identical to the reference: {final_ok}")
@@ -254,7 +258,7 @@ def fuzz(seconds: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kill-points", type=int, default=24)
+    ap.add_argument("--kill-points", type=int, default=30)
     ap.add_argument("--fuzz-seconds", type=int, default=60)
     ap.add_argument("--only", nargs="*", default=None,
                     help="sections to run: bad kill det disk mapped fuzz (default: all)")

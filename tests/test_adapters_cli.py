@@ -96,3 +96,14 @@ def test_umerge_fold_cli(fam: dict[str, Path], tmp_path: Path) -> None:
                  "--threads", "1", "-q", "-o", str(out)]) is None
     assert set(checkpoint_dtypes(out).values()) == {"BF16"}
     assert '"bfloat16"' in (out / "config.json").read_text()
+
+
+def test_umerge_linear_on_adapters_normalizes_weights(fam: dict[str, Path], tmp_path: Path) -> None:
+    """umerge.linear (normalize=True by default) on adapters = PEFT linear with weights / sum(weights)."""
+    import umerge
+    from umerge.adapters import merge_adapters
+
+    umerge.linear([fam["a"], fam["b"]], weights=[1.0, 3.0], out=tmp_path / "lin", progress=False)
+    merge_adapters([fam["a"], fam["b"]], tmp_path / "ref", method="linear", weights=[0.25, 0.75])
+    ours, ref = load_checkpoint(tmp_path / "lin"), load_checkpoint(tmp_path / "ref")
+    assert ours.keys() == ref.keys() and all(np.array_equal(ours[k], ref[k]) for k in ref)

@@ -165,6 +165,10 @@ def test_methods_command_lists_every_method() -> None:
     for m in ["ties", "linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "slerp",
               "model_stock"]:
         assert m in r.stdout.split()
+    info = {m["name"]: m for m in json.loads(run_umerge(["methods", "--json"]).stdout)}
+    assert {p["name"] for p in info["dare_ties"]["params"]} >= {"density", "weight", "seed", "rescale"}
+    assert next(p for p in info["slerp"]["params"] if p["name"] == "t")["default"] == "required"
+    assert info["linear"]["base"] == "unused" and info["ties"]["base"] == "required"
 
 
 def test_translate_rejects_non_mapping(tmp_path: Path) -> None:

@@ -35,8 +35,8 @@ import pytest
 from conftest import Family, run_umerge, umerge_command
 from umerge.testing import CheckpointSpec, LlamaShape, make_family
 
-#: About 21 M parameters (42 MB per bf16 model): a merge takes 1-3 s on one thread here.
-KILL_SHAPE = LlamaShape(hidden=512, intermediate=1408, layers=6, heads=8, kv_heads=2, vocab=4000)
+#: About 15 M parameters (30 MB per bf16 model): a merge takes 1-3 s on one thread here.
+KILL_SHAPE = LlamaShape(hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=2, vocab=4000)
 KILL_POINTS = 24
 MIN_KILLS = 20
 

@@ -249,6 +249,13 @@ def index_symlink_escape(tmp: Path, fam: Family) -> Setup:
     return ties_setup(tmp, fam, inputs=[*fam.all, tmp / "elsewhere"])
 
 
+def index_names_a_fifo(tmp: Path, fam: Family) -> Setup:
+    # opening a FIFO blocks until someone writes to it: the reader must refuse it, not hang
+    os.mkfifo(fam.finetuned[0] / "model-pipe.safetensors")
+    edit_index(fam.finetuned[0], lambda ix: ix["weight_map"].__setitem__("model.norm.weight", "model-pipe.safetensors"))
+    return ties_setup(tmp, fam)
+
+
 def index_tensor_nobody_holds(tmp: Path, fam: Family) -> Setup:
     edit_index(fam.finetuned[0], lambda ix: ix["weight_map"].__setitem__("model.layers.99.ghost.weight", SHARD1))
     return ties_setup(tmp, fam)
@@ -421,6 +428,7 @@ CASES: list[Case] = [
     Case("index path escapes with ..", index_relative_escape, "outside the model directory"),
     Case("index names an absolute path", index_absolute_path, "outside the model directory"),
     Case("index names a symlink leading outside", index_symlink_escape, "outside the model directory"),
+    Case("index names a FIFO (would block for ever)", index_names_a_fifo, "not a regular file"),
     Case("index lists a tensor no shard holds", index_tensor_nobody_holds, "model.layers.99.ghost.weight"),
     Case("index puts a tensor in the wrong shard", index_wrong_shard, "stored in"),
     Case("directory without weights", directory_without_weights, "no safetensors weights"),

@@ -33,7 +33,7 @@ def __getattr__(name: str) -> object:
 
         return importlib.import_module("umerge.adapters")
     if name == "fold":
-        from umerge.adapters.fold import fold
+        from umerge.adapters.folding import fold
 
         return fold
     raise AttributeError(f"module 'umerge' has no attribute {name!r}")

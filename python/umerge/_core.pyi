@@ -14,7 +14,11 @@ def merge(spec_json: str, progress: Optional[Callable[[int, int, int, int], None
 
 def fold(spec_json: str, progress: Optional[Callable[[int, int, int, int], None]] = None) -> str:
     """Folds LoRA adapters into their base (W + scaling * B @ A per targeted module) as described by
-    the JSON fold spec (see umerge.adapters.fold); returns the report as JSON. Progress as in merge."""
+    the JSON fold spec (see umerge.adapters.folding); returns the report as JSON. Progress as in merge."""
+
+def verify(path: str, scan_nonfinite: bool = False, hash: bool = True) -> str:
+    """Verifies a checkpoint (headers, index, sizes, NaN/Inf scan, sha256 against the recipe); returns
+    the report as JSON (`valid`, `shards`, `errors`, `warnings`, ...)."""
 
 def inspect(path: str) -> str:
     """Describes a checkpoint as JSON: format, shards, tensors, totals, validity."""
@@ -33,3 +37,6 @@ def version() -> str:
 
 def methods() -> list[str]:
     """Names of the merge methods this build knows."""
+
+def method_info() -> str:
+    """The methods and their parameters as JSON: [{name, base, params: [{name, per_model, default, doc}]}]."""

@@ -4,20 +4,32 @@ the full updates), and fold them into their base model, without torch.
 - `merge_adapters(["a/", "b/"], "ab/", method="ties", density=0.8)`: a new PEFT adapter.
 - `fold("ab/", base="base/", out="model/")`: W + scaling * B @ A streamed into a full checkpoint.
 - `is_adapter_dir(path)`: whether a path is a PEFT adapter directory.
+
+Submodules: `config` (adapter_config.json), `lora` (factors in memory, writing an adapter),
+`combine` (PEFT's combination formulas), `merge` (`merge_adapters`), `fold` (the Rust fold),
+`routing` (the hook that sends adapter inputs of `umerge ties` / `umerge.merge` here).
+The numpy-based parts load on first use, so detecting adapters costs nothing.
 """
 
 from __future__ import annotations
 
-from umerge.adapters.combine import COMBINATIONS
+import importlib
+from typing import Any
+
 from umerge.adapters.config import AdapterConfig, is_adapter_dir, read_config
-from umerge.adapters.merge import AdapterMergeReport, merge_adapters
 
-__all__ = ["AdapterConfig", "AdapterMergeReport", "COMBINATIONS", "fold", "is_adapter_dir", "merge_adapters", "read_config"]
+_LAZY = {
+    "merge_adapters": "umerge.adapters.merge",
+    "AdapterMergeReport": "umerge.adapters.merge",
+    "COMBINATIONS": "umerge.adapters.combine",
+    "fold": "umerge.adapters.folding",
+    "fold_merged": "umerge.adapters.folding",
+}
+
+__all__ = ["AdapterConfig", "is_adapter_dir", "read_config", *_LAZY]
 
 
-def __getattr__(name: str) -> object:
-    if name == "fold":
-        from umerge.adapters.fold import fold
-
-        return fold
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'umerge.adapters' has no attribute {name!r}")

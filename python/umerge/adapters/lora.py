@@ -2,7 +2,7 @@
 
 Adapters are small (a few hundred MB at most for 7B models at r = 64), so the factor-wise
 merges load them whole as float32 numpy arrays; the base model is never loaded here (folding
-streams it in Rust, see `umerge.adapters.fold`). Also writes an adapter directory that
+streams it in Rust, see `umerge.adapters.folding`). Also writes an adapter directory that
 `PeftModel.from_pretrained` loads, built in a temporary directory and renamed into place.
 """
 

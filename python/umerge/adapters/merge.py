@@ -9,7 +9,7 @@ and writes the result as a PEFT adapter directory that `PeftModel.from_pretraine
 `delta="full"` merges each module's whole update s_i * B_i @ A_i instead of the factors:
 without `base` the result is truncated back to a low-rank adapter by SVD (PEFT's `*_svd`
 combination types); with `base` the merged update is added to the base weights and a full
-checkpoint is written, streamed through the Rust engine (see `umerge.adapters.fold`).
+checkpoint is written, streamed through the Rust engine (see `umerge.adapters.folding`).
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def merge_adapters(
         raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(_OUT_DTYPES)})")
     combination = peft_combination(method, delta)
     if base is not None and delta == "full":
-        from umerge.adapters.fold import fold_merged
+        from umerge.adapters.folding import fold_merged
 
         return fold_merged(
             adapters, base, out, method=base_kind(combination), weights=weights, density=density,
@@ -227,7 +227,7 @@ def _merge_then_fold(adapters: Sequence[PathLike], base: PathLike, out: PathLike
     import shutil
     import tempfile
 
-    from umerge.adapters.fold import fold
+    from umerge.adapters.folding import fold
 
     target = check_output(out, [*adapters, base], overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".umerge-adapter-{target.name}-", dir=target.parent))

@@ -5,6 +5,8 @@ models, and translate the engine's method parameters into `merge_adapters` argum
 For adapters the default semantics are PEFT's (`add_weighted_adapter`): TIES with the `peft`
 preset on the factors. The mergekit and paper presets have no factor-wise meaning in PEFT and
 are refused unless `delta="full"` with a base, where the engine merges the full updates.
+`normalize` (the default of `umerge linear`) divides the adapter weights by their sum; lambda,
+per-tensor filter rules and gradients have no PEFT counterpart and are refused.
 """
 
 from __future__ import annotations
@@ -67,10 +69,9 @@ def merge_adapter_inputs(
     lam = p.pop("lambda", 1.0)
     if float(lam) != 1.0:
         raise InputError("lambda is not supported for adapter merges (PEFT's add_weighted_adapter has none); scale the weights instead")
-    if p.get("normalize") in (False, None):
-        p.pop("normalize", None)
-    else:
-        raise InputError("normalize is not supported for adapter merges (PEFT's combinations do not normalise)")
+    normalize = bool(p.pop("normalize", False))
+    if normalize and method not in ("linear", "task_arithmetic", "magnitude_prune", "dare_linear"):
+        raise InputError(f"normalize is not supported for {method} on adapters (PEFT's combinations do not normalise)")
     density = p.pop("density", None)
     majority = p.pop("majority_sign", "total")
     seed = int(p.pop("seed", 0))
@@ -85,6 +86,13 @@ def merge_adapter_inputs(
         if extra:
             raise InputError(f"per-adapter parameter(s) {', '.join(extra)} are not supported (only weight)")
         weights = [float(mp.get("weight", 1.0)) for mp in model_params]
+    if normalize:
+        # weighted-sum methods: divide the weights by their sum (mergekit's linear default)
+        w = weights if weights is not None else [1.0] * len(models)
+        total = sum(w)
+        if abs(total) < 1e-8:
+            raise InputError("normalize: the adapter weights sum to 0")
+        weights = [x / total for x in w]
     for name, v in (("density", density),):
         if v is not None and not isinstance(v, (int, float)):
             raise InputError(f"{name} must be one number for adapter merges (filter rules and gradients are not supported)")

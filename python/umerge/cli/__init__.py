@@ -27,6 +27,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("umerge.cli.train", "train"),
     "presets": ("umerge.cli.train", "presets"),
     "demo": ("umerge.cli.demo", "demo"),
+    "world": ("umerge.cli.demo", "world"),
     "eval": ("umerge.cli.eval", "eval_cmd"), "analyze": ("umerge.cli.analyze", "analyze"),
 }
 

@@ -41,7 +41,7 @@ def fold(adapters: tuple[str, ...], base: str, out: str, out_dtype: str | None, 
     Example:
         umerge fold unlearned-adapter/ --base olmo-7b/ -o olmo-7b-unlearned/
     """
-    from umerge.adapters.fold import fold as run
+    from umerge.adapters.folding import fold as run
 
     report = run(list(adapters), base, out, out_dtype=out_dtype, threads=threads, memory_budget=memory_budget,
                  max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=not quiet)

@@ -94,6 +94,7 @@ def ties(
         umerge ties ft1/ ft2/ --base base/ --density 0.8 -o merged/
     """
     from umerge.adapters.routing import adapter_inputs
+    from umerge.errors import UmergeError
     from umerge.merge import ties as ties_api
 
     if base is None and not adapter_inputs(models):
@@ -104,26 +105,33 @@ def ties(
         )
     if weights and len(weights) != len(models):
         raise click.UsageError(f"{len(weights)} --weight given for {len(models)} models: give one per model, in order")
-    report = ties_api(
-        list(models),
-        base,
-        density=density,
-        weights=list(weights) if weights else None,
-        lambda_=lambda_,
-        preset=preset,
-        majority_sign=majority_sign,
-        delta=delta,
-        svd_rank=svd_rank,
-        out=out,
-        out_dtype=out_dtype,
-        threads=threads,
-        memory_budget=memory_budget,
-        max_shard_size=max_shard_size,
-        strict=strict,
-        overwrite=overwrite,
-        allow_nonfinite=allow_nonfinite,
-        progress=(not quiet) and (sys.stderr.isatty() or _force_bar()),
-    )
+    try:
+        report = ties_api(
+            list(models),
+            base,
+            density=density,
+            weights=list(weights) if weights else None,
+            lambda_=lambda_,
+            preset=preset,
+            majority_sign=majority_sign,
+            delta=delta,
+            svd_rank=svd_rank,
+            out=out,
+            out_dtype=out_dtype,
+            threads=threads,
+            memory_budget=memory_budget,
+            max_shard_size=max_shard_size,
+            strict=strict,
+            overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
+            progress=(not quiet) and (sys.stderr.isatty() or _force_bar()),
+        )
+    except UmergeError as exc:
+        # Not the user's input and not a bug (disk full, permissions): one clear line, exit 1.
+        if isinstance(exc, InputError) or "--debug" in sys.argv:
+            raise
+        click.echo(f"umerge: error: {exc}", err=True)
+        sys.exit(1)
     _print_summary(report, quiet)
 
 

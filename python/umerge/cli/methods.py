@@ -242,7 +242,7 @@ def methods_cmd(as_json: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     for m in info:
-        click.echo(m["name"])
+        click.echo(f"{m['name']}" + (f"  (base model: {m['base']})" if "base" in m else ""))
         for p in m.get("params", []):
             scope = "per model" if p["per_model"] else "global"
             click.echo(f"    {p['name']:<14} {scope:<9} default {p['default']:<9} {p['doc']}")

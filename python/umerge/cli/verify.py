@@ -45,7 +45,7 @@ def _size(n: int) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("path", type=click.Path(exists=True))
-@click.option("--scan-nonfinite", "--nan", "scan", is_flag=True,
+@click.option("--scan-nonfinite", "--scan", "--nan", "scan", is_flag=True,
               help="Also read every float tensor and report NaN and Inf values (reads all the data).")
 @click.option("--no-hash", is_flag=True, help="Skip the sha256 of each shard (and the comparison with the recipe).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

@@ -10,10 +10,25 @@
 //! kernel a window is consumed (`madvise(MADV_DONTNEED)`), so resident memory stays bounded by
 //! the windows in flight rather than growing with everything read. This module does not decode
 //! values (see `dtype`) or decide what to merge (see `plan`).
+//!
+//! **Inputs changed while mapped.** Reading a page of a mapped file that has since been truncated
+//! raises SIGBUS, which would kill the process. So before every window is handed out
+//! ([`Checkpoint::bytes`]) the open file is `fstat`ed: a size or modification time different from
+//! when it was opened is an [`Error::InputChanged`] naming the file, not a crash. A file replaced
+//! by renaming a new one over it (what downloaders and `save_pretrained` do) is harmless: the map
+//! keeps the old file's pages, so the merge finishes with the data it started with. The one case
+//! this cannot rule out is a truncation that lands in the microseconds between the check and the
+//! read of that very window; inputs must not be modified during a merge.
+//!
+//! **Pickles are refused.** PyTorch `.bin`/`.pt`/`.pth`/`.ckpt` files are pickles, and unpickling
+//! can run arbitrary code: the reader never opens one as data, and says how to convert it
+//! ([`Error::Pickle`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::Read;
 use std::path::{Component, Path, PathBuf};
+use std::time::SystemTime;
 
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::SafeTensors;
@@ -36,6 +51,61 @@ pub struct Shard {
     /// Byte offset where the data section starts (8 + header length).
     pub data_start: usize,
     mmap: Option<Mmap>,
+    /// The open file, to check before each window that it has not changed.
+    file: Option<File>,
+    /// Its modification time when opened.
+    mtime: Option<SystemTime>,
+}
+
+impl Shard {
+    /// Errors when the file no longer has the size and modification time it had when opened
+    /// (truncated or rewritten in place): reading the map then could raise SIGBUS.
+    fn check_unchanged(&self) -> Result<()> {
+        let Some(f) = &self.file else { return Ok(()) };
+        let m = f.metadata().map_err(|e| read_err("safetensors file", &self.path, e))?;
+        if m.len() != self.size {
+            return Err(Error::InputChanged {
+                reason: format!("its size went from {} to {} bytes (truncated or rewritten?)", self.size, m.len()),
+                path: self.path.clone(),
+            });
+        }
+        if self.mtime.is_some() && m.modified().ok() != self.mtime {
+            return Err(Error::InputChanged {
+                reason: "it was rewritten in place (its modification time changed)".to_string(),
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Extensions of PyTorch pickle checkpoints.
+const PICKLE_EXTENSIONS: &[&str] = &["bin", "pt", "pth", "ckpt", "pkl", "pickle"];
+
+/// True for a file that is a pickle checkpoint: by extension, or (any other name but
+/// `.safetensors`) by its first bytes: a zip container (`torch.save` since 1.6) or a pickle
+/// protocol 2-5 opcode.
+pub fn is_pickle_file(path: &Path) -> bool {
+    let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
+    match ext.as_deref() {
+        Some(e) if PICKLE_EXTENSIONS.contains(&e) => return true,
+        Some("safetensors") => return false,
+        _ => {}
+    }
+    let mut head = [0u8; 4];
+    let n = File::open(path).and_then(|mut f| f.read(&mut head)).unwrap_or(0);
+    n >= 2 && (head.starts_with(b"PK\x03\x04") || (head[0] == 0x80 && (2..=5).contains(&head[1])))
+}
+
+/// The first pickle checkpoint in a directory that holds no safetensors weights, if any.
+fn pickle_in_dir(dir: &Path) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().and_then(|e| e.to_str()).is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())))
+        .collect();
+    found.sort();
+    found.into_iter().next()
 }
 
 /// Where one tensor lives and what it is.
@@ -87,6 +157,10 @@ fn read_err(what: &str, path: &Path, source: std::io::Error) -> Error {
 
 /// Maps and validates one safetensors file; returns the shard and its tensors in offset order.
 fn open_shard(path: &Path) -> Result<(Shard, Vec<(String, safetensors::tensor::TensorInfo)>)> {
+    // Opening a FIFO blocks until a writer appears: only regular files (or links to them) are read.
+    if !std::fs::metadata(path).map_err(|e| read_err("safetensors file", path, e))?.is_file() {
+        return Err(Error::Header { reason: "not a regular file".to_string(), path: path.to_path_buf() });
+    }
     let file = File::open(path).map_err(|e| read_err("safetensors file", path, e))?;
     let size = file.metadata().map_err(|e| read_err("safetensors file", path, e))?.len();
     if size < 8 {
@@ -107,7 +181,8 @@ fn open_shard(path: &Path) -> Result<(Shard, Vec<(String, safetensors::tensor::T
     let mut tensors: Vec<(String, safetensors::tensor::TensorInfo)> =
         meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
     tensors.sort_by_key(|(_, info)| info.data_offsets);
-    Ok((Shard { path: path.to_path_buf(), size, data_start, mmap: Some(mmap) }, tensors))
+    let mtime = file.metadata().ok().and_then(|m| m.modified().ok());
+    Ok((Shard { path: path.to_path_buf(), size, data_start, mmap: Some(mmap), file: Some(file), mtime }, tensors))
 }
 
 fn describe_header_error(e: &safetensors::SafeTensorError, size: u64, buf: &[u8]) -> String {
@@ -145,6 +220,13 @@ fn safe_shard_path(dir: &Path, name: &str, index: &Path) -> Result<PathBuf> {
     if !cfull.starts_with(&cdir) {
         return Err(Error::ShardOutsideDir { shard: name.to_string(), path: index.to_path_buf() });
     }
+    // A FIFO or device would block or never end on open/read (found while fuzzing the index).
+    if !cfull.is_file() {
+        return Err(Error::Index {
+            reason: format!("shard {name} named in the index is not a regular file"),
+            path: index.to_path_buf(),
+        });
+    }
     Ok(full)
 }
 
@@ -153,6 +235,9 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let meta = std::fs::metadata(path).map_err(|e| read_err("model path", path, e))?;
         if meta.is_file() {
+            if is_pickle_file(path) {
+                return Err(Error::Pickle { path: path.to_path_buf() });
+            }
             let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
             return Self::from_files(path, &dir, vec![path.to_path_buf()], None, false);
         }
@@ -170,6 +255,9 @@ impl Checkpoint {
             .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
         if files.is_empty() {
+            if let Some(p) = pickle_in_dir(path) {
+                return Err(Error::Pickle { path: p });
+            }
             return Err(Error::NoWeights { path: path.to_path_buf() });
         }
         files.sort();
@@ -271,7 +359,12 @@ impl Checkpoint {
     }
 
     /// The bytes of `len` bytes at absolute offset `start` of shard `shard`.
+    ///
+    /// Checks first that the file has not changed since it was opened (see the module docs).
     pub fn bytes(&self, shard: usize, start: usize, len: usize) -> Result<&[u8]> {
+        if let Some(s) = self.shards.get(shard) {
+            s.check_unchanged()?;
+        }
         let m = self.shards.get(shard).and_then(|s| s.mmap.as_ref());
         m.and_then(|m| m.get(start..start.checked_add(len)?))
             .ok_or_else(|| Error::Internal(format!("read past the end of {}", self.display())))

@@ -27,6 +27,20 @@ pub enum Error {
         /// The path given.
         path: PathBuf,
     },
+    /// A PyTorch pickle checkpoint (`pytorch_model.bin`, `.pt`, ...) was given: never unpickled.
+    #[error("{} is a PyTorch pickle checkpoint: umerge reads only safetensors, because loading a pickle can run arbitrary code. Convert it once, in an environment you trust: python -c \"import torch; from safetensors.torch import save_file; save_file(torch.load('{}', weights_only=True), 'model.safetensors')\" (or transformers' save_pretrained(dir, safe_serialization=True)) ({})", .path.display(), .path.display(), .path.display())]
+    Pickle {
+        /// The pickle file.
+        path: PathBuf,
+    },
+    /// An input file changed (truncated, rewritten) while the merge had it mapped.
+    #[error("input changed while being read: {reason}: inputs must not be modified during a merge ({path})")]
+    InputChanged {
+        /// What changed.
+        reason: String,
+        /// The file.
+        path: PathBuf,
+    },
     /// A safetensors header breaks the format's rules (size cap, offsets, sizes, coverage).
     #[error("invalid safetensors file: {reason} ({path})")]
     Header {
@@ -155,6 +169,16 @@ pub enum Error {
     /// Several problems found while planning, all reported at once.
     #[error("{} problems found before merging: {}", .0.len(), join_errors(.0))]
     Many(Vec<Error>),
+    /// The output filesystem has no room left (ENOSPC), when reserving the shards or writing.
+    #[error("disk full: no space left on device for the output ({need} bytes needed) while writing {what}; nothing was kept ({path})")]
+    DiskFull {
+        /// What was being written.
+        what: String,
+        /// Bytes the whole output needs.
+        need: u64,
+        /// The output directory.
+        path: PathBuf,
+    },
     /// Writing the output failed (disk full, permissions).
     #[error("cannot write {what}: {source} ({path})")]
     Write {
@@ -181,7 +205,7 @@ impl Error {
     /// True when the error is the user's input or options (CLI exit 2), false for internal failures.
     pub fn is_input(&self) -> bool {
         match self {
-            Error::Write { .. } | Error::Internal(_) | Error::Cancelled => false,
+            Error::Write { .. } | Error::DiskFull { .. } | Error::Internal(_) | Error::Cancelled => false,
             Error::Many(v) => v.iter().all(Error::is_input),
             _ => true,
         }

@@ -223,8 +223,11 @@ fn file_name(p: &Path) -> String {
     p.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_else(|| p.display().to_string())
 }
 
+/// What a recipe records per shard file: (bytes, if recorded; sha256 in lowercase hex).
+pub type RecipeShards = BTreeMap<String, (Option<u64>, String)>;
+
 /// The recorded `{file: (bytes, sha256)}` from a recipe's `shards:` line, if any.
-pub fn recipe_shards(recipe: &str) -> Result<Option<BTreeMap<String, (Option<u64>, String)>>, String> {
+pub fn recipe_shards(recipe: &str) -> Result<Option<RecipeShards>, String> {
     let prefix = format!("{RECIPE_SHARDS_KEY}:");
     let Some(line) = recipe.lines().find(|l| l.starts_with(&prefix)) else {
         return Ok(None);
@@ -330,8 +333,12 @@ fn find_layout(path: &Path, errors: &mut Vec<String>, warnings: &mut Vec<String>
                 continue;
             }
             let full = path.join(name);
-            if !full.is_file() {
+            if !full.exists() {
                 errors.push(format!("shard {name} named in the index does not exist ({})", index.display()));
+                continue;
+            }
+            if !full.is_file() {
+                errors.push(format!("shard {name} named in the index is not a regular file ({})", index.display()));
                 continue;
             }
             let inside = match (path.canonicalize(), full.canonicalize()) {

@@ -13,11 +13,32 @@
 //! output lives in `.umerge-tmp-<name>-<pid>` beside the target and is renamed to the target
 //! only when complete (dropping an unfinished [`Output`] removes it), so an interrupted merge
 //! never leaves a half-written model under the target name.
+//!
+//! Crash safety, beyond the rename:
+//! - **Killed runs.** A process killed outright (SIGKILL, power loss) cannot remove its
+//!   temporary directory. The next merge to the same target removes every
+//!   `.umerge-tmp-<name>-<pid>` (and `.umerge-old-<name>-<pid>`) whose process is gone, leaves
+//!   alone one whose process is alive, and reports both as warnings ([`Output::notes`]).
+//! - **Overwrite.** An existing target is first renamed aside (`.umerge-old-<name>-<pid>`), the new
+//!   output renamed in, then the old one deleted: at every instant the target name holds the
+//!   complete old output, the complete new one, or nothing — never a half-deleted directory.
+//! - **Durability.** Shards, index, side files and recipe are fsynced, then the directory, before
+//!   the rename; the parent directory after it.
+//! - **Disk full.** Every shard's blocks are reserved up front (`fallocate`), so a full disk is
+//!   found before any work, as [`Error::DiskFull`] with the bytes needed; an ENOSPC later (a
+//!   filesystem without `fallocate`) maps to the same error. The temporary directory is removed
+//!   either way. For tests, `UMERGE_TEST_WRITE_LIMIT=<bytes>` makes the reservation fail with
+//!   ENOSPC once the output would exceed that many bytes (fault injection where no small
+//!   filesystem can be mounted).
+//! - **Checksums.** The sha256 of every finished shard is recorded in the recipe (`shards:` line,
+//!   see `verify`), so `umerge verify` can prove later that the weights are the ones written.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
 
 use crate::checkpoint::INDEX_NAME;
 use crate::dtype::{elem_bytes, header_name, hf_name, Dtype};
@@ -195,6 +216,11 @@ pub fn check_target(target: &Path, inputs: &[(PathBuf, PathBuf)], overwrite: boo
     Ok(abs)
 }
 
+/// Name prefix of the temporary directory an output is built in, beside the target.
+pub const TMP_PREFIX: &str = ".umerge-tmp-";
+/// Name prefix of a replaced output moved aside while `overwrite` renames the new one in.
+pub const OLD_PREFIX: &str = ".umerge-old-";
+
 /// An output being built in its temporary directory.
 #[derive(Debug)]
 pub struct Output {
@@ -204,10 +230,106 @@ pub struct Output {
     /// The layout being filled.
     pub layout: Layout,
     done: bool,
+    notes: Vec<String>,
 }
 
 fn werr(what: &str, path: &Path, source: std::io::Error) -> Error {
     Error::Write { what: what.to_string(), path: path.to_path_buf(), source }
+}
+
+/// [`werr`], except that "no space left on device" becomes [`Error::DiskFull`] naming the
+/// output directory and the bytes the output needs.
+fn werr_out(what: &str, path: &Path, source: std::io::Error, need: u64, target: &Path) -> Error {
+    if source.raw_os_error() == Some(libc::ENOSPC) {
+        let file = path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+        let dir = target.parent().map(Path::to_path_buf).unwrap_or_else(|| target.to_path_buf());
+        return Error::DiskFull { what: format!("{what} {file}").trim().to_string(), need, path: dir };
+    }
+    werr(what, path, source)
+}
+
+/// True while process `pid` exists (signal 0 checks without sending anything).
+fn pid_alive(pid: u32) -> bool {
+    let Ok(p) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: kill(pid, 0) sends no signal; it only asks whether the process exists.
+    let r = unsafe { libc::kill(p, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Removes the temporary directories that interrupted merges to `parent/name` left behind
+/// (`.umerge-tmp-<name>-<pid>`, `.umerge-old-<name>-<pid>`) when their process is gone; one
+/// whose process still runs is left alone. Returns a sentence for each, for the report.
+pub fn clean_stale(parent: &Path, name: &str) -> Vec<String> {
+    let mut notes = Vec::new();
+    let Ok(rd) = std::fs::read_dir(parent) else { return notes };
+    for e in rd.flatten() {
+        let fname = e.file_name().to_string_lossy().to_string();
+        for prefix in [TMP_PREFIX, OLD_PREFIX] {
+            let Some(pid) = fname
+                .strip_prefix(prefix)
+                .and_then(|r| r.strip_prefix(name))
+                .and_then(|r| r.strip_prefix('-'))
+                .and_then(|r| r.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == std::process::id() {
+                continue;
+            }
+            let p = e.path();
+            if pid_alive(pid) {
+                notes.push(format!(
+                    "left {} alone: process {pid}, which made it, is still running (another merge to the same output?)",
+                    p.display()
+                ));
+            } else {
+                match std::fs::remove_dir_all(&p) {
+                    Ok(()) => notes.push(format!("removed {}, left by an interrupted merge (process {pid} is gone)", p.display())),
+                    Err(err) => notes.push(format!("could not remove {}, left by an interrupted merge: {err}", p.display())),
+                }
+            }
+        }
+    }
+    notes.sort();
+    notes
+}
+
+/// The injected write limit of the fault-injection hook (`UMERGE_TEST_WRITE_LIMIT`), if set.
+fn test_write_limit() -> Option<u64> {
+    std::env::var("UMERGE_TEST_WRITE_LIMIT").ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// Reserves `size` bytes of blocks for `f` so that a full disk fails now, not mid-merge.
+/// Filesystems without `fallocate` keep the sparse file (later writes may then hit ENOSPC).
+fn reserve(f: &File, size: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let Ok(len) = libc::off_t::try_from(size) else { return Ok(()) };
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: the descriptor is open for writing for the duration of the call; fallocate
+        // (mode 0) only allocates blocks for the range and changes no data.
+        let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) => Ok(()),
+                _ => Err(e),
+            };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (f, size);
+    Ok(())
+}
+
+/// Writes a file and fsyncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = File::create(path)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()
 }
 
 impl Output {
@@ -215,17 +337,28 @@ impl Output {
     pub fn create(target_abs: &Path, layout: Layout) -> Result<Output> {
         let parent = target_abs.parent().unwrap_or(Path::new("/"));
         let name = target_abs.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
-        let tmp = parent.join(format!(".umerge-tmp-{name}-{}", std::process::id()));
+        let notes = clean_stale(parent, &name);
+        let tmp = parent.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| werr("stale temporary directory", &tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| werr("temporary directory", &tmp, e))?;
-        let mut out = Output { target: target_abs.to_path_buf(), tmp, files: Vec::new(), layout, done: false };
+        let need: u64 = layout.shards.iter().map(|s| s.size).sum();
+        let target = target_abs.to_path_buf();
+        let mut out = Output { target, tmp, files: Vec::new(), layout, done: false, notes };
+        let limit = test_write_limit();
+        let mut reserved = 0u64;
         for s in &out.layout.shards {
             let p = out.tmp.join(&s.name);
-            let f = File::options().read(true).write(true).create_new(true).open(&p).map_err(|e| werr("shard", &p, e))?;
-            f.set_len(s.size).map_err(|e| werr("shard (allocating)", &p, e))?;
-            f.write_all_at(&s.header, 0).map_err(|e| werr("shard header", &p, e))?;
+            let err = |what: &str, e: std::io::Error| werr_out(what, &p, e, need, &out.target);
+            let f = File::options().read(true).write(true).create_new(true).open(&p).map_err(|e| err("shard", e))?;
+            f.set_len(s.size).map_err(|e| err("shard (allocating)", e))?;
+            reserved += s.size;
+            if limit.is_some_and(|l| reserved > l) {
+                return Err(err("shard (reserving space)", std::io::Error::from_raw_os_error(libc::ENOSPC)));
+            }
+            reserve(&f, s.size).map_err(|e| err("shard (reserving space)", e))?;
+            f.write_all_at(&s.header, 0).map_err(|e| err("shard header", e))?;
             out.files.push(f);
         }
         Ok(out)
@@ -236,7 +369,13 @@ impl Output {
         let (shard, base) = self.layout.place[tensor];
         self.files[shard]
             .write_all_at(bytes, base + offset)
-            .map_err(|e| werr("tensor data", &self.tmp.join(&self.layout.shards[shard].name), e))
+            .map_err(|e| werr_out("tensor data", &self.tmp.join(&self.layout.shards[shard].name), e, self.bytes(), &self.target))
+    }
+
+    /// What creating the output found and did beside the target (stale temporary directories
+    /// removed or left alone), for the report's warnings.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     /// The temporary directory.
@@ -258,9 +397,32 @@ impl Output {
         float_dtype: Option<Dtype>,
         recipe_yaml: &str,
     ) -> Result<()> {
+        let need = self.bytes();
         for (f, s) in self.files.iter().zip(&self.layout.shards) {
-            f.sync_all().map_err(|e| werr("shard (sync)", &self.tmp.join(&s.name), e))?;
+            let p = self.tmp.join(&s.name);
+            f.sync_all().map_err(|e| werr_out("shard (sync)", &p, e, need, &self.target))?;
         }
+        // The sha256 of every finished shard, recorded in the recipe for `umerge verify`.
+        let sums: Vec<Result<(String, u64, String)>> = self
+            .layout
+            .shards
+            .par_iter()
+            .map(|s| {
+                let p = self.tmp.join(&s.name);
+                crate::verify::sha256_file(&p).map(|h| (s.name.clone(), s.size, h)).map_err(|e| werr("shard (checksum)", &p, e))
+            })
+            .collect();
+        let mut shards_json = serde_json::Map::new();
+        for r in sums {
+            let (name, size, sha) = r?;
+            shards_json.insert(name, serde_json::json!({"bytes": size, "sha256": sha}));
+        }
+        let recipe = format!(
+            "{}{}: {}\n",
+            recipe_yaml,
+            crate::verify::RECIPE_SHARDS_KEY,
+            serde_json::Value::Object(shards_json)
+        );
         if self.layout.shards.len() > 1 {
             let mut wm = BTreeMap::new();
             for (i, t) in tensors.iter().enumerate() {
@@ -269,24 +431,47 @@ impl Output {
             let index = serde_json::json!({"metadata": {"total_size": self.layout.total_size}, "weight_map": wm});
             let p = self.tmp.join(INDEX_NAME);
             let text = serde_json::to_string_pretty(&index).unwrap_or_default() + "\n";
-            std::fs::write(&p, text).map_err(|e| werr("shard index", &p, e))?;
+            write_synced(&p, text.as_bytes()).map_err(|e| werr_out("shard index", &p, e, need, &self.target))?;
         }
         if let Some(src) = side_files_from {
-            copy_side_files(src, &self.tmp, float_dtype)?;
+            copy_side_files(src, &self.tmp, float_dtype).map_err(|e| match e {
+                Error::Write { what, path, source } => werr_out(&what, &path, source, need, &self.target),
+                other => other,
+            })?;
         }
         let p = self.tmp.join("umerge.yml");
-        std::fs::write(&p, recipe_yaml).map_err(|e| werr("recipe", &p, e))?;
-        if self.target.exists() {
-            let r = if self.target.is_dir() { std::fs::remove_dir_all(&self.target) } else { std::fs::remove_file(&self.target) };
-            r.map_err(|e| werr("existing output (removing)", &self.target, e))?;
+        write_synced(&p, recipe.as_bytes()).map_err(|e| werr_out("recipe", &p, e, need, &self.target))?;
+        if let Ok(d) = File::open(&self.tmp) {
+            let _ = d.sync_all();
         }
-        std::fs::rename(&self.tmp, &self.target).map_err(|e| werr("output (renaming into place)", &self.target, e))?;
-        if let Some(parent) = self.target.parent() {
-            if let Ok(d) = File::open(parent) {
-                let _ = d.sync_all();
+        // Replace an existing target without ever leaving it half-deleted: move it aside, rename
+        // the new output in, then delete the old one (see the module docs).
+        let parent = self.target.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+        let name = self.target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let old = if self.target.exists() {
+            let old = parent.join(format!("{OLD_PREFIX}{name}-{}", std::process::id()));
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| werr("stale replaced output", &old, e))?;
             }
+            std::fs::rename(&self.target, &old).map_err(|e| werr("existing output (moving aside)", &self.target, e))?;
+            Some(old)
+        } else {
+            None
+        };
+        if let Err(e) = std::fs::rename(&self.tmp, &self.target) {
+            if let Some(old) = &old {
+                let _ = std::fs::rename(old, &self.target);
+            }
+            return Err(werr("output (renaming into place)", &self.target, e));
         }
         self.done = true;
+        if let Ok(d) = File::open(&parent) {
+            let _ = d.sync_all();
+        }
+        if let Some(old) = old {
+            let r = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
+            r.map_err(|e| werr("replaced output (removing)", &old, e))?;
+        }
         Ok(())
     }
 }

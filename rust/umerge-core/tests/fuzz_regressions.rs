@@ -70,3 +70,32 @@ proptest! {
         props::planner(&data);
     }
 }
+
+/// Regression: an index naming a FIFO made the reader block for ever in `open` (a hang, found
+/// from the `shard_index` name pool). It must now be refused at once.
+#[test]
+fn index_naming_a_fifo_is_refused_without_blocking() {
+    let d = std::env::temp_dir().join(format!("umerge-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let ok = props::st_bytes(&[("a".into(), "F32".into(), vec![1], vec![0, 0, 128, 63])]);
+    std::fs::write(d.join("s0.safetensors"), ok).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(d.join("pipe.safetensors")).status().unwrap().success());
+    std::fs::write(
+        d.join(umerge_core::checkpoint::INDEX_NAME),
+        r#"{"weight_map":{"a":"s0.safetensors","b":"pipe.safetensors"}}"#,
+    )
+    .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let dd = d.clone();
+    std::thread::spawn(move || {
+        let r = umerge_core::checkpoint::Checkpoint::open(&dd).map(|_| ()).map_err(|e| e.to_string());
+        let v = umerge_core::verify::verify(&dd, &Default::default());
+        let _ = tx.send((r, v.valid, v.errors));
+    });
+    let (r, valid, errors) = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("opening the checkpoint hung");
+    let e = r.unwrap_err();
+    assert!(e.contains("pipe.safetensors") && e.contains("not a regular file"), "{e}");
+    assert!(!valid);
+    assert!(errors.iter().any(|x| x.contains("not a regular file")), "{errors:?}");
+}

@@ -97,6 +97,17 @@ fn fold(py: Python<'_>, spec_json: &str, progress: Option<Py<PyAny>>) -> PyResul
     run_reported(py, progress, |cb| umerge_core::fold::fold(&spec, Some(cb)))
 }
 
+/// Verifies a checkpoint (headers, index, sizes, optional NaN/Inf scan, sha256 against the
+/// recipe); returns the report as JSON (see `umerge_core::verify`).
+#[pyfunction]
+#[pyo3(signature = (path, scan_nonfinite=false, hash=true))]
+fn verify(py: Python<'_>, path: &str, scan_nonfinite: bool, hash: bool) -> PyResult<String> {
+    let p = path.to_string();
+    let opts = umerge_core::verify::VerifyOptions { scan_nonfinite, hash };
+    let r = py.detach(|| umerge_core::verify::verify(Path::new(&p), &opts));
+    serde_json::to_string(&r).map_err(|e| UmergeError::new_err(e.to_string()))
+}
+
 /// Describes a checkpoint as JSON (see `umerge_core::checkpoint::inspect`).
 #[pyfunction]
 fn inspect(py: Python<'_>, path: &str) -> PyResult<String> {
@@ -162,6 +173,36 @@ fn methods() -> Vec<&'static str> {
     umerge_core::methods::METHODS.to_vec()
 }
 
+/// The methods and their documented parameters, as JSON:
+/// `[{"name", "base", "params": [{"name", "per_model", "default", "doc"}]}]`.
+///
+/// A method is built with empty parameters for 1, 2 or 3 models (methods check their model
+/// count) only to read its `ParamSpec`s; nothing is merged.
+#[pyfunction]
+fn method_info() -> String {
+    use umerge_core::methods::{build, BaseUse, METHODS};
+    let mut out = Vec::new();
+    for &name in METHODS {
+        let built = (1..=3).find_map(|n| {
+            let p = Params { global: ParamMap::new(), models: vec![ParamMap::new(); n] };
+            build(name, &p).ok()
+        });
+        let Some(m) = built else { continue };
+        let params: Vec<serde_json::Value> = m
+            .params()
+            .iter()
+            .map(|p| serde_json::json!({"name": p.name, "per_model": p.per_model, "default": p.default, "doc": p.doc}))
+            .collect();
+        let base = match m.base_use() {
+            BaseUse::Required => "required",
+            BaseUse::Optional => "optional",
+            BaseUse::Unused => "unused",
+        };
+        out.push(serde_json::json!({"name": name, "base": base, "params": params}));
+    }
+    serde_json::Value::Array(out).to_string()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -170,8 +211,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(fold, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(merge_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     m.add_function(wrap_pyfunction!(methods, m)?)?;
+    m.add_function(wrap_pyfunction!(method_info, m)?)?;
     Ok(())
 }

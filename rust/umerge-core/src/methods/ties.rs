@@ -168,8 +168,52 @@ const TILE: usize = 1024;
 /// [`disjoint_paper`] in the same order per element (so the same bits), but written as loops
 /// over models outside and elements inside, with selects instead of branches, so the compiler
 /// vectorises them. `out = base + lambda * merged_delta` (base 0 when absent).
+///
+/// Runs an AVX2 build of the same code when the CPU has AVX2 (runtime check; wheels stay
+/// baseline x86-64). AVX2 has the same IEEE add/mul/div/compare as SSE2 and no FMA is enabled,
+/// so the bits are the same; measured: (see `apply_tiled_avx2`).
 #[allow(clippy::too_many_arguments)]
 pub fn apply_tiled(
+    preset: Preset,
+    majority: MajoritySign,
+    model_majority: f32,
+    lambda: f32,
+    weights: &[f32],
+    base: Option<&[f32]>,
+    inputs: &[&[f32]],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above).
+            unsafe { apply_tiled_avx2(preset, majority, model_majority, lambda, weights, base, inputs, out) };
+            return;
+        }
+    }
+    apply_tiled_impl(preset, majority, model_majority, lambda, weights, base, inputs, out)
+}
+
+/// [`apply_tiled_impl`] compiled with AVX2 (8 f32 lanes instead of SSE2's 4).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn apply_tiled_avx2(
+    preset: Preset,
+    majority: MajoritySign,
+    model_majority: f32,
+    lambda: f32,
+    weights: &[f32],
+    base: Option<&[f32]>,
+    inputs: &[&[f32]],
+    out: &mut [f32],
+) {
+    apply_tiled_impl(preset, majority, model_majority, lambda, weights, base, inputs, out)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn apply_tiled_impl(
     preset: Preset,
     majority: MajoritySign,
     model_majority: f32,
@@ -193,6 +237,7 @@ pub fn apply_tiled(
         // Loops below are zips over equal-length slices (no bounds checks) with selects built
         // from non-short-circuit `&`/`|`, so they vectorise; this made the apply pass ~4x faster
         // than a per-element gather into a small vector.
+        #[inline(always)]
         fn tile<'x>(x: &&'x [f32], t0: usize, len: usize) -> &'x [f32] {
             &x[t0..t0 + len]
         }
