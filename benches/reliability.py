@@ -227,7 +227,7 @@ def fuzz(seconds: int) -> dict[str, Any]:
     have = shutil.which("cargo-fuzz") or (Path.home() / ".cargo" / "bin" / "cargo-fuzz").exists()
     print(f"\n## Fuzzing ({seconds} s per target with libFuzzer)\n" if seconds and have else "\n## Fuzzing\n")
     if seconds and have:
-        print("| target | executions | crashes | corpus after |")
+        print("| target | executions | crashes | new corpus inputs |")
         print("|---|---|---|---|")
         env = {**os.environ, "RUSTC_BOOTSTRAP": "1"}
         for t in FUZZ_TARGETS:

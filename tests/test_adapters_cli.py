@@ -107,3 +107,16 @@ def test_umerge_linear_on_adapters_normalizes_weights(fam: dict[str, Path], tmp_
     merge_adapters([fam["a"], fam["b"]], tmp_path / "ref", method="linear", weights=[0.25, 0.75])
     ours, ref = load_checkpoint(tmp_path / "lin"), load_checkpoint(tmp_path / "ref")
     assert ours.keys() == ref.keys() and all(np.array_equal(ours[k], ref[k]) for k in ref)
+
+
+def test_umerge_magnitude_prune_on_adapters_is_peft_add_weighted_adapter(fam: dict[str, Path], tmp_path: Path) -> None:
+    """The method commands route adapter inputs too (no --base needed), with PEFT's semantics."""
+    out = tmp_path / "mp"
+    assert main(["magnitude_prune", str(fam["a"]), str(fam["b"]), "--density", "0.6", "-q", "-o", str(out)]) is None
+    pm = peft_model(fam["base"], {"a": fam["a"], "b": fam["b"]})
+    pm.add_weighted_adapter(["a", "b"], [1.0, 1.0], "m", combination_type="magnitude_prune", density=0.6)
+    ref = {k: v.numpy() for k, v in peft_adapter_state(pm, "m").items()}
+    ours = load_checkpoint(out / "adapter_model.safetensors")
+    assert set(ours) == set(ref)
+    for k in ref:
+        assert _rel(ours[k], ref[k]) <= 1e-5, k

@@ -127,6 +127,45 @@ def _progress_fn(progress: ProgressArg) -> tuple[Callable[[int, int, int, int], 
     return None, None
 
 
+def run_engine(entry: Callable[[str, Any], str], spec: Mapping[str, Any], progress: ProgressArg) -> MergeReport:
+    """Calls a native entry point (`_core.merge`, `_core.fold`) with the JSON spec and a progress
+    callback (a bar for ``True``), closes the bar whatever happens, and parses the JSON report."""
+    fn, bar = _progress_fn(progress)
+    try:
+        text = entry(json.dumps(spec), fn)
+    finally:
+        if bar is not None:
+            bar.close()
+    return MergeReport.from_json(text)
+
+
+def output_options(
+    out_dtype: str | None,
+    threads: int | None,
+    memory_budget: Union[str, int, None],
+    max_shard_size: Union[str, int, None],
+) -> dict[str, Any]:
+    """The optional output/resource fields of an engine spec, checked: `out_dtype` (one of
+    OUT_DTYPES), `threads` (>= 1), `memory_budget` and `max_shard_size` (bytes, see `parse_size`).
+    Fields left as None are omitted, so the engine applies its defaults."""
+    if out_dtype is not None and out_dtype not in OUT_DTYPES:
+        raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(OUT_DTYPES)})")
+    if threads is not None and threads < 1:
+        raise InputError(f"threads must be at least 1, got {threads}")
+    opts: dict[str, Any] = {}
+    if out_dtype is not None:
+        opts["out_dtype"] = out_dtype
+    if threads is not None:
+        opts["threads"] = int(threads)
+    mb = parse_size(memory_budget, "memory budget")
+    if mb is not None:
+        opts["memory_budget"] = mb
+    ms = parse_size(max_shard_size, "max shard size")
+    if ms is not None:
+        opts["max_shard_size"] = ms
+    return opts
+
+
 def build_spec(
     method: str,
     models: Sequence[PathLike],
@@ -150,10 +189,7 @@ def build_spec(
         raise InputError("no input models given")
     if model_params is not None and len(model_params) != len(models):
         raise InputError(f"{len(model_params)} per-model parameter sets given for {len(models)} models")
-    if out_dtype is not None and out_dtype not in OUT_DTYPES:
-        raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(OUT_DTYPES)})")
-    if threads is not None and threads < 1:
-        raise InputError(f"threads must be at least 1, got {threads}")
+    opts = output_options(out_dtype, threads, memory_budget, max_shard_size)
     spec: dict[str, Any] = {
         "method": method,
         "models": [
@@ -168,16 +204,7 @@ def build_spec(
     }
     if base is not None:
         spec["base"] = os.fspath(base)
-    if out_dtype is not None:
-        spec["out_dtype"] = out_dtype
-    if threads is not None:
-        spec["threads"] = int(threads)
-    mb = parse_size(memory_budget, "memory budget")
-    if mb is not None:
-        spec["memory_budget"] = mb
-    ms = parse_size(max_shard_size, "max shard size")
-    if ms is not None:
-        spec["max_shard_size"] = ms
+    spec.update(opts)
     return spec
 
 
@@ -185,13 +212,7 @@ def run_spec(spec: Mapping[str, Any], progress: ProgressArg = True) -> MergeRepo
     """Runs a spec dict through the engine and returns its report."""
     from umerge import _core
 
-    fn, bar = _progress_fn(progress)
-    try:
-        text = _core.merge(json.dumps(spec), fn)
-    finally:
-        if bar is not None:
-            bar.close()
-    return MergeReport.from_json(text)
+    return run_engine(_core.merge, spec, progress)
 
 
 def merge(
@@ -328,4 +349,4 @@ def inspect(path: PathLike) -> dict[str, Any]:
     return json.loads(_core.inspect(os.fspath(path)))
 
 
-__all__ = ["MergeReport", "build_spec", "inspect", "merge", "parse_size", "run_spec", "ties"]
+__all__ = ["MergeReport", "build_spec", "inspect", "merge", "output_options", "parse_size", "run_engine", "run_spec", "ties"]

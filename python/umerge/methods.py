@@ -31,8 +31,11 @@ def _models(models: Sequence[PathLike] | PathLike) -> list[PathLike]:
     return list(models)
 
 
-def _need_base(method: str, base: PathLike | None) -> None:
-    if base is None:
+def _need_base(method: str, base: PathLike | None, models: Sequence[PathLike] = ()) -> None:
+    # LoRA adapters need no base: `merge` routes them to the factor-wise PEFT path.
+    from umerge.adapters.routing import adapter_inputs
+
+    if base is None and not adapter_inputs(models):
         raise InputError(
             f"{method} needs a base model (base=... / --base DIR): it merges task vectors, model - base, "
             "so it must know the weights the models were fine-tuned from"
@@ -73,7 +76,7 @@ def task_arithmetic(models: Sequence[PathLike], base: PathLike | None = None, *,
     out = base + lambda * sum_i w_i d_i (with `normalize`: divided by sum_i w_i).
     """
     ms = _models(models)
-    _need_base("task_arithmetic", base)
+    _need_base("task_arithmetic", base, ms)
     return merge("task_arithmetic", ms, base=base, params={"lambda": float(lambda_), "normalize": bool(normalize)},
                  model_params=_weights(weights, len(ms)), **options)
 
@@ -88,7 +91,7 @@ def magnitude_prune(models: Sequence[PathLike], base: PathLike | None = None, *,
     election (with `normalize`: divided by sum_i w_i).
     """
     ms = _models(models)
-    _need_base("magnitude_prune", base)
+    _need_base("magnitude_prune", base, ms)
     return merge("magnitude_prune", ms, base=base,
                  params={"density": _density(density), "lambda": float(lambda_), "normalize": bool(normalize)},
                  model_params=_weights(weights, len(ms)), **options)
@@ -98,7 +101,7 @@ def _dare(method: str, models: Sequence[PathLike], base: PathLike | None, densit
           weights: Sequence[ParamValue] | None, lambda_: float, normalize: bool, rescale: str, seed: int,
           options: dict[str, Any]) -> MergeReport:
     ms = _models(models)
-    _need_base(method, base)
+    _need_base(method, base, ms)
     if rescale not in RESCALES:
         raise InputError(f"unknown rescale {rescale!r} (use one of {', '.join(RESCALES)})")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -15,7 +15,6 @@ factors. `linear` is W + sum_i w_i s_i B_i A_i (PEFT's `svd` combination before 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any, Union
@@ -24,7 +23,7 @@ from umerge.adapters.combine import MAJORITY, NEEDS_DENSITY
 from umerge.adapters.config import PathLike, read_config, weights_path
 from umerge.adapters.lora import check_same_modules, load_adapter
 from umerge.errors import InputError
-from umerge.merge import OUT_DTYPES, MergeReport, ProgressArg, _progress_fn, parse_size
+from umerge.merge import MergeReport, ProgressArg, output_options, run_engine
 
 # --delta full method -> (engine method, fixed engine parameters). linear needs no engine method.
 _ENGINE_METHODS: dict[str, tuple[str | None, dict[str, Any]]] = {
@@ -50,32 +49,13 @@ def _run(spec: dict[str, Any], progress: ProgressArg) -> MergeReport:
 
     if not hasattr(_core, "fold"):
         raise InputError("this build of umerge has no fold engine (umerge._core.fold); rebuild the extension")
-    fn, bar = _progress_fn(progress)
-    try:
-        text = _core.fold(json.dumps(spec), fn)
-    finally:
-        if bar is not None:
-            bar.close()
-    return MergeReport.from_json(text)
+    return run_engine(_core.fold, spec, progress)
 
 
 def _common(out: PathLike, out_dtype: str | None, threads: int | None, memory_budget: Union[str, int, None],
             max_shard_size: Union[str, int, None], overwrite: bool, allow_nonfinite: bool) -> dict[str, Any]:
-    if out_dtype is not None and out_dtype not in OUT_DTYPES:
-        raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(OUT_DTYPES)})")
-    if threads is not None and threads < 1:
-        raise InputError(f"threads must be at least 1, got {threads}")
     spec: dict[str, Any] = {"out": os.fspath(out), "overwrite": bool(overwrite), "allow_nonfinite": bool(allow_nonfinite)}
-    if out_dtype is not None:
-        spec["out_dtype"] = out_dtype
-    if threads is not None:
-        spec["threads"] = int(threads)
-    mb = parse_size(memory_budget, "memory budget")
-    if mb is not None:
-        spec["memory_budget"] = mb
-    ms = parse_size(max_shard_size, "max shard size")
-    if ms is not None:
-        spec["max_shard_size"] = ms
+    spec.update(output_options(out_dtype, threads, memory_budget, max_shard_size))
     return spec
 
 

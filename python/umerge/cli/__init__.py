@@ -14,21 +14,35 @@ from typing import Any
 
 import click
 
-from umerge.errors import InputError
+from umerge.errors import InputError, UmergeError
 
 # command name -> (module, attribute). Order here is the order in `umerge --help`.
 _COMMANDS: dict[str, tuple[str, str]] = {
+    # Merging
     "ties": ("umerge.cli.merge", "ties"),
-    "linear": ("umerge.cli.methods", "linear"), "task_arithmetic": ("umerge.cli.methods", "task_arithmetic"), "magnitude_prune": ("umerge.cli.methods", "magnitude_prune"), "dare_linear": ("umerge.cli.methods", "dare_linear"), "dare_ties": ("umerge.cli.methods", "dare_ties"), "slerp": ("umerge.cli.methods", "slerp"), "model_stock": ("umerge.cli.methods", "model_stock"), "methods": ("umerge.cli.methods", "methods_cmd"), "run": ("umerge.cli.methods", "run_cmd"),
-    "fold": ("umerge.cli.fold", "fold"), "merge-adapters": ("umerge.cli.fold", "merge_adapters_cmd"),
+    "linear": ("umerge.cli.methods", "linear"),
+    "task_arithmetic": ("umerge.cli.methods", "task_arithmetic"),
+    "magnitude_prune": ("umerge.cli.methods", "magnitude_prune"),
+    "dare_linear": ("umerge.cli.methods", "dare_linear"),
+    "dare_ties": ("umerge.cli.methods", "dare_ties"),
+    "slerp": ("umerge.cli.methods", "slerp"),
+    "model_stock": ("umerge.cli.methods", "model_stock"),
+    "methods": ("umerge.cli.methods", "methods_cmd"),
+    "run": ("umerge.cli.methods", "run_cmd"),
+    "example": ("umerge.cli.example", "example"),
+    # LoRA adapters
+    "fold": ("umerge.cli.fold", "fold"),
+    "merge-adapters": ("umerge.cli.fold", "merge_adapters_cmd"),
+    # Checking checkpoints
     "inspect": ("umerge.cli.inspect", "inspect_cmd"),
     "verify": ("umerge.cli.verify", "verify"),
-    "example": ("umerge.cli.example", "example"),
+    # Unlearning workbench (the `train` extra)
     "train": ("umerge.cli.train", "train"),
     "presets": ("umerge.cli.train", "presets"),
+    "eval": ("umerge.cli.eval", "eval_cmd"),
+    "analyze": ("umerge.cli.analyze", "analyze"),
     "demo": ("umerge.cli.demo", "demo"),
     "world": ("umerge.cli.demo", "world"),
-    "eval": ("umerge.cli.eval", "eval_cmd"), "analyze": ("umerge.cli.analyze", "analyze"),
 }
 
 
@@ -94,6 +108,12 @@ def main(argv: list[str] | None = None) -> Any:
         if debug:
             raise
         _fail(str(exc), 2)
+    except UmergeError as exc:
+        # A failure the engine diagnosed itself (disk full, an input changed while read): its
+        # message already says what and where, so no "internal error" wrapper; exit 1.
+        if debug:
+            raise
+        _fail(str(exc), 1)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence

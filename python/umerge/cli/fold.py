@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from umerge.adapters.combine import COMBINATIONS
+from umerge.cli import options as opt
 
 _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -20,14 +21,14 @@ def _summary(report: object, quiet: bool) -> None:
 @click.command(context_settings=_CTX)
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--base", required=True, type=click.Path(exists=True), help="The base model the adapter was trained on.")
-@click.option("-o", "--out", default="folded", show_default=True, type=click.Path(), help="Output directory (built beside it, renamed in when complete).")
-@click.option("--out-dtype", type=click.Choice(["bf16", "f16", "f32"]), default=None, help="Output dtype of float tensors (default: the base's). Rounded to nearest even.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: all cores).")
-@click.option("--memory-budget", default=None, metavar="SIZE", help="Working memory, e.g. 512MiB (default), 2GiB.")
-@click.option("--max-shard-size", default=None, metavar="SIZE", help="Largest shard file, e.g. 5GB (default).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory.")
-@click.option("--allow-nonfinite", is_flag=True, help="Accept NaN or Inf in the inputs.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@opt.out_option("folded", "Output directory (built beside it, renamed in when complete).")
+@opt.out_dtype_option("Output dtype of float tensors (default: the base's). Rounded to nearest even.")
+@opt.threads_option("Worker threads (default: all cores).")
+@opt.memory_budget_option("Working memory, e.g. 512MiB (default), 2GiB.")
+@opt.max_shard_size_option("Largest shard file, e.g. 5GB (default).")
+@opt.overwrite_option()
+@opt.allow_nonfinite_option("Accept NaN or Inf in the inputs.")
+@opt.quiet_option()
 def fold(adapters: tuple[str, ...], base: str, out: str, out_dtype: str | None, threads: int | None,
          memory_budget: str | None, max_shard_size: str | None, overwrite: bool, allow_nonfinite: bool, quiet: bool) -> None:
     """Fold PEFT LoRA ADAPTERS into --base: W + scaling * B @ A for every targeted module.
@@ -62,12 +63,12 @@ def fold(adapters: tuple[str, ...], base: str, out: str, out_dtype: str | None, 
 @click.option("--svd-rank", type=click.IntRange(min=1), default=None, help="Rank of the SVD-truncated result (default: the largest input rank).")
 @click.option("--base", type=click.Path(exists=True), default=None, help="With --delta full: add the merged update to this base and write a full model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random masks.")
-@click.option("-o", "--out", default="merged", show_default=True, type=click.Path(), help="Output directory.")
-@click.option("--out-dtype", type=click.Choice(["bf16", "f16", "f32"]), default=None, help="Output dtype (default: the first adapter's, or the base's).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: all cores).")
-@click.option("--memory-budget", default=None, metavar="SIZE", help="Working memory for --base outputs, e.g. 512MiB.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory.")
-@click.option("--quiet", "-q", is_flag=True, help="No summary.")
+@opt.out_option("merged", "Output directory.")
+@opt.out_dtype_option("Output dtype (default: the first adapter's, or the base's).")
+@opt.threads_option("Worker threads (default: all cores).")
+@opt.memory_budget_option("Working memory for --base outputs, e.g. 512MiB.")
+@opt.overwrite_option()
+@opt.quiet_option("No summary.")
 def merge_adapters_cmd(adapters: tuple[str, ...], method: str, density: float | None, weights: tuple[float, ...],
                        majority_sign: str, delta: str, svd_rank: int | None, base: str | None, seed: int, out: str,
                        out_dtype: str | None, threads: int | None, memory_budget: str | None, overwrite: bool, quiet: bool) -> None:

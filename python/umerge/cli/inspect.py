@@ -7,12 +7,7 @@ import sys
 
 import click
 
-
-def _size(n: int) -> str:
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n} B"
+from umerge.cli._format import human_size
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -35,18 +30,18 @@ def inspect_cmd(path: str, as_json: bool) -> None:
     else:
         click.echo(f"{info['path']}: valid {info['format']} safetensors checkpoint")
         click.echo(
-            f"  {info['tensor_count']} tensors, {info['parameters']:,} elements, {_size(info['total_bytes'])} of tensor data"
+            f"  {info['tensor_count']} tensors, {info['parameters']:,} elements, {human_size(info['total_bytes'])} of tensor data"
         )
         dt = ", ".join(f"{k} {v:,}" for k, v in info["elements_by_dtype"].items())
         click.echo(f"  elements by dtype: {dt}")
         click.echo(f"  {len(info['shards'])} shard(s):")
         for s in info["shards"]:
-            click.echo(f"    {s['file']}  {_size(s['bytes'])}  {s['tensors']} tensors")
+            click.echo(f"    {s['file']}  {human_size(s['bytes'])}  {s['tensors']} tensors")
         width = max((len(t["name"]) for t in info["tensors"]), default=4)
         click.echo("  tensors:")
         for t in info["tensors"]:
             shape = "x".join(str(d) for d in t["shape"]) or "scalar"
-            click.echo(f"    {t['name']:<{width}}  {t['dtype']:<5} {shape:<16} {_size(t['bytes'])}")
+            click.echo(f"    {t['name']:<{width}}  {t['dtype']:<5} {shape:<16} {human_size(t['bytes'])}")
     if not info.get("valid"):
         if not as_json:
             click.echo(f"umerge: error: invalid checkpoint: {info.get('error')}", err=True)

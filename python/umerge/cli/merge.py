@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from umerge.cli import options as opt
 from umerge.errors import InputError
 
 
@@ -45,15 +46,15 @@ def _print_summary(report: object, quiet: bool) -> None:
                    "full merges each module's update scaling * B @ A (then --base writes a full model, else --svd-rank truncates).")
 @click.option("--svd-rank", type=click.IntRange(min=1), default=None,
               help="LoRA adapters with --delta full and no --base: rank of the SVD-truncated adapter (default: the largest input rank).")
-@click.option("-o", "--out", default="merged", show_default=True, type=click.Path(), help="Output directory (built beside it and renamed in when complete).")
-@click.option("--out-dtype", type=click.Choice(["bf16", "f16", "f32"]), default=None, help="Output dtype (default: the base's). Rounded to nearest even.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Worker threads (default: all cores). Output bytes do not depend on it.")
-@click.option("--memory-budget", default=None, metavar="SIZE", help="Working memory, e.g. 512MiB (default), 2GiB. Output bytes do not depend on it.")
-@click.option("--max-shard-size", default=None, metavar="SIZE", help="Largest shard file, header included, e.g. 5GB (default), 2GiB, 1000000.")
-@click.option("--strict", is_flag=True, help="A tensor missing from some model is an error (default: merge over the models that have it, with a warning).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory.")
-@click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN or Inf instead of refusing them.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary (warnings and errors still go to stderr).")
+@opt.out_option()
+@opt.out_dtype_option()
+@opt.threads_option()
+@opt.memory_budget_option()
+@opt.max_shard_size_option()
+@opt.strict_option("A tensor missing from some model is an error (default: merge over the models that have it, with a warning).")
+@opt.overwrite_option()
+@opt.allow_nonfinite_option()
+@opt.quiet_option("No progress bar and no summary (warnings and errors still go to stderr).")
 def ties(
     models: tuple[str, ...],
     base: str | None,
@@ -94,7 +95,6 @@ def ties(
         umerge ties ft1/ ft2/ --base base/ --density 0.8 -o merged/
     """
     from umerge.adapters.routing import adapter_inputs
-    from umerge.errors import UmergeError
     from umerge.merge import ties as ties_api
 
     if base is None and not adapter_inputs(models):
@@ -105,33 +105,26 @@ def ties(
         )
     if weights and len(weights) != len(models):
         raise click.UsageError(f"{len(weights)} --weight given for {len(models)} models: give one per model, in order")
-    try:
-        report = ties_api(
-            list(models),
-            base,
-            density=density,
-            weights=list(weights) if weights else None,
-            lambda_=lambda_,
-            preset=preset,
-            majority_sign=majority_sign,
-            delta=delta,
-            svd_rank=svd_rank,
-            out=out,
-            out_dtype=out_dtype,
-            threads=threads,
-            memory_budget=memory_budget,
-            max_shard_size=max_shard_size,
-            strict=strict,
-            overwrite=overwrite,
-            allow_nonfinite=allow_nonfinite,
-            progress=(not quiet) and (sys.stderr.isatty() or _force_bar()),
-        )
-    except UmergeError as exc:
-        # Not the user's input and not a bug (disk full, permissions): one clear line, exit 1.
-        if isinstance(exc, InputError) or "--debug" in sys.argv:
-            raise
-        click.echo(f"umerge: error: {exc}", err=True)
-        sys.exit(1)
+    report = ties_api(
+        list(models),
+        base,
+        density=density,
+        weights=list(weights) if weights else None,
+        lambda_=lambda_,
+        preset=preset,
+        majority_sign=majority_sign,
+        delta=delta,
+        svd_rank=svd_rank,
+        out=out,
+        out_dtype=out_dtype,
+        threads=threads,
+        memory_budget=memory_budget,
+        max_shard_size=max_shard_size,
+        strict=strict,
+        overwrite=overwrite,
+        allow_nonfinite=allow_nonfinite,
+        progress=(not quiet) and (sys.stderr.isatty() or _force_bar()),
+    )
     _print_summary(report, quiet)
 
 

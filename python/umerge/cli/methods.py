@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from umerge.cli import options as opt
 from umerge.cli.merge import _density, _force_bar, _print_summary
 
 _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -22,26 +23,18 @@ F = Callable[..., Any]
 
 def output_options(f: F) -> F:
     """Options every merge command takes: where and how the output is written, and resources."""
-    opts = [
-        click.option("-o", "--out", default="merged", show_default=True, type=click.Path(),
-                     help="Output directory (built beside it and renamed in when complete)."),
-        click.option("--out-dtype", type=click.Choice(["bf16", "f16", "f32"]), default=None,
-                     help="Output dtype (default: the base's, or the first model's). Rounded to nearest even."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="Worker threads (default: all cores). Output bytes do not depend on it."),
-        click.option("--memory-budget", default=None, metavar="SIZE",
-                     help="Working memory, e.g. 512MiB (default), 2GiB. Output bytes do not depend on it."),
-        click.option("--max-shard-size", default=None, metavar="SIZE",
-                     help="Largest shard file, header included, e.g. 5GB (default), 2GiB, 1000000."),
-        click.option("--strict", is_flag=True,
-                     help="A tensor missing from some model is an error (default: merge over the models that have it)."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output directory."),
-        click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN or Inf instead of refusing them."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+    return opt.apply(
+        f,
+        opt.out_option(),
+        opt.out_dtype_option("Output dtype (default: the base's, or the first model's). Rounded to nearest even."),
+        opt.threads_option(),
+        opt.memory_budget_option(),
+        opt.max_shard_size_option(),
+        opt.strict_option("A tensor missing from some model is an error (default: merge over the models that have it)."),
+        opt.overwrite_option(),
+        opt.allow_nonfinite_option(),
+        opt.quiet_option(),
+    )
 
 
 def _models_arg(f: F) -> F:
@@ -71,6 +64,12 @@ def _density_opt(f: F) -> F:
 def _normalize_opt(default: bool) -> Callable[[F], F]:
     return click.option("--normalize/--no-normalize", default=default, show_default=True,
                         help="Divide by the sum of (agreeing) weights.")
+
+
+def _sparse_task_vector_opts(f: F) -> F:
+    """MODELS, --base, --density, --weight, --lambda, --no-normalize: the options of the methods
+    that sparsify task vectors (magnitude_prune, dare_linear, dare_ties)."""
+    return opt.apply(f, _models_arg, _base_opt, _density_opt, _weights_opt, _lambda_opt, _normalize_opt(False))
 
 
 def _random_opts(f: F) -> F:
@@ -140,12 +139,7 @@ def task_arithmetic(models: tuple[str, ...], base: str | None, weights: tuple[fl
 
 
 @click.command(context_settings=_CTX)
-@_models_arg
-@_base_opt
-@_density_opt
-@_weights_opt
-@_lambda_opt
-@_normalize_opt(False)
+@_sparse_task_vector_opts
 @output_options
 def magnitude_prune(models: tuple[str, ...], base: str | None, density: float, weights: tuple[float, ...],
                     lambda_: float, normalize: bool, **kw: Any) -> None:
@@ -164,12 +158,7 @@ def magnitude_prune(models: tuple[str, ...], base: str | None, density: float, w
 
 def _dare_command(name: str, doc: str) -> click.Command:
     @click.command(name=name, context_settings=_CTX, help=doc)
-    @_models_arg
-    @_base_opt
-    @_density_opt
-    @_weights_opt
-    @_lambda_opt
-    @_normalize_opt(False)
+    @_sparse_task_vector_opts
     @_random_opts
     @output_options
     def cmd(models: tuple[str, ...], base: str | None, density: float, weights: tuple[float, ...], lambda_: float,

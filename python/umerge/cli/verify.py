@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from umerge.cli._format import human_size
 from umerge.errors import InputError
 
 
@@ -34,13 +35,6 @@ def verify_checkpoint(path: str | Path, scan_nonfinite: bool = False, hash: bool
     if native is None:  # an extension built before `verify` existed
         raise InputError("this build of umerge has no verifier: rebuild the native extension")
     return json.loads(native(str(path), scan_nonfinite, hash))
-
-
-def _size(n: int) -> str:
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n} B"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -67,13 +61,13 @@ def verify(path: str, scan: bool, no_hash: bool, as_json: bool) -> None:
     else:
         state = "valid" if report["valid"] else "INVALID"
         click.echo(f"{path}: {state} {report['format']} checkpoint: {report['tensor_count']} tensors, "
-                   f"{_size(report['total_bytes'])} of tensor data, {len(report['shards'])} shard(s)")
+                   f"{human_size(report['total_bytes'])} of tensor data, {len(report['shards'])} shard(s)")
         for s in report["shards"]:
             mark = "ok" if s["header_ok"] else "BAD"
             sha = s.get("sha256") or "-"
             rec = s.get("recipe_sha256")
             match = "" if rec is None else ("  = recipe" if rec == sha else "  != recipe")
-            click.echo(f"  {mark:<3} {s['file']}  {_size(s['bytes'])}  {s['tensors']} tensors  sha256 {sha}{match}")
+            click.echo(f"  {mark:<3} {s['file']}  {human_size(s['bytes'])}  {s['tensors']} tensors  sha256 {sha}{match}")
         click.echo(f"  checks: {', '.join(report['checks'])}"
                    + ("; checksums match the recipe" if report["recipe_checked"] and report["valid"] else ""))
         for w in report["warnings"]:

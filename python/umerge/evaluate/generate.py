@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from umerge.evaluate._torch import require_torch
+from umerge.evaluate.batching import inference, pad_batch
 
 
 def model_device(model: Any) -> Any:
@@ -59,7 +60,7 @@ def generate(
     Stats: ``rows``, ``seconds``, ``rows_per_s``, ``new_tokens`` (generated, before eos),
     ``truncated_prompts``, ``batch_size``.
     """
-    torch = require_torch()
+    require_torch()  # a clear InputError when torch is missing, before transformers is imported
     from transformers import GenerationConfig
 
     if batch_size < 1 or max_new_tokens < 1:
@@ -88,41 +89,22 @@ def generate(
     outputs: list[str] = [""] * len(prompts)
     new_tokens = 0
     eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc=desc, unit="row", leave=False)
-    was_training = model.training
-    model.eval()
-    start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            for idx in batches:
-                width = max(len(encoded[i]) for i in idx)
-                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    n = len(encoded[i])
-                    input_ids[r, width - n :] = torch.tensor(encoded[i], dtype=torch.long)
-                    mask[r, width - n :] = 1
-                out = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
-                )
-                new = out[:, width:].tolist()
-                for r, i in enumerate(idx):
-                    toks = new[r]
-                    # count tokens up to and including the first eos (the rest is padding)
-                    n_tok = next((j + 1 for j, t in enumerate(toks) if t in eos_ids), len(toks))
-                    new_tokens += n_tok
-                    outputs[i] = tokenizer.decode(toks[:n_tok], skip_special_tokens=True)
-                if bar is not None:
-                    bar.update(len(idx))
-    finally:
-        if bar is not None:
-            bar.close()
-        if was_training:
-            model.train()
+    with inference(model, total=len(prompts), desc=desc, unit="row", progress=progress) as advance:
+        start = time.perf_counter()
+        for idx in batches:
+            input_ids, mask = pad_batch([encoded[i] for i in idx], pad_id, left=True)
+            width = input_ids.shape[1]
+            out = model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
+            )
+            new = out[:, width:].tolist()
+            for r, i in enumerate(idx):
+                toks = new[r]
+                # count tokens up to and including the first eos (the rest is padding)
+                n_tok = next((j + 1 for j, t in enumerate(toks) if t in eos_ids), len(toks))
+                new_tokens += n_tok
+                outputs[i] = tokenizer.decode(toks[:n_tok], skip_special_tokens=True)
+            advance(len(idx))
     seconds = time.perf_counter() - start
     stats = {
         "rows": len(prompts),

@@ -20,6 +20,7 @@ from typing import Any
 
 from umerge.errors import InputError
 from umerge.evaluate._torch import require_torch
+from umerge.evaluate.batching import inference, pad_batch
 from umerge.evaluate.generate import context_length, ensure_pad_token, model_device
 from umerge.evaluate.metrics import zlib_bytes
 
@@ -50,50 +51,30 @@ def document_losses(
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     rows: list[dict[str, Any] | None] = [None] * len(documents)
     device = model_device(model)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(documents), desc="mia losses", unit="doc", leave=False)
-    was_training = model.training
-    model.eval()
-    start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            for b in range(0, len(order), batch_size):
-                idx = order[b : b + batch_size]
-                width = max(len(encoded[i]) for i in idx)
-                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    n = len(encoded[i])
-                    input_ids[r, :n] = torch.tensor(encoded[i], dtype=torch.long)
-                    mask[r, :n] = 1
-                logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
-                for r, i in enumerate(idx):
-                    n = len(encoded[i])
-                    # position t predicts token t+1; float32 whatever the model's dtype
-                    lp = torch.log_softmax(logits[r, : n - 1].float(), dim=-1)
-                    target = input_ids[r, 1:n].to(lp.device)
-                    tok_lp = lp.gather(-1, target[:, None])[:, 0]
-                    doc = documents[i]
-                    row: dict[str, Any] = {"id": doc["id"], "split": doc["split"], "loss": float(-tok_lp.mean())}
-                    if token_data:
-                        p = lp.exp()
-                        mu = (p * lp).sum(-1)
-                        # E[(log p - mu)^2], not E[log p^2] - mu^2: no cancellation in float32
-                        sigma = (p * (lp - mu[:, None]) ** 2).sum(-1).clamp_min(1e-12).sqrt()
-                        row["token_logprobs"] = [float(x) for x in tok_lp.tolist()]
-                        row["token_zscores"] = [float(x) for x in ((tok_lp - mu) / sigma).tolist()]
-                        row["zlib_bytes"] = zlib_bytes(doc["text"])
-                    rows[i] = row
-                if bar is not None:
-                    bar.update(len(idx))
-    finally:
-        if bar is not None:
-            bar.close()
-        if was_training:
-            model.train()
+    with inference(model, total=len(documents), desc="mia losses", unit="doc", progress=progress) as advance:
+        start = time.perf_counter()
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            input_ids, mask = pad_batch([encoded[i] for i in idx], pad_id, left=False)
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            for r, i in enumerate(idx):
+                n = len(encoded[i])
+                # position t predicts token t+1; float32 whatever the model's dtype
+                lp = torch.log_softmax(logits[r, : n - 1].float(), dim=-1)
+                target = input_ids[r, 1:n].to(lp.device)
+                tok_lp = lp.gather(-1, target[:, None])[:, 0]
+                doc = documents[i]
+                row: dict[str, Any] = {"id": doc["id"], "split": doc["split"], "loss": float(-tok_lp.mean())}
+                if token_data:
+                    p = lp.exp()
+                    mu = (p * lp).sum(-1)
+                    # E[(log p - mu)^2], not E[log p^2] - mu^2: no cancellation in float32
+                    sigma = (p * (lp - mu[:, None]) ** 2).sum(-1).clamp_min(1e-12).sqrt()
+                    row["token_logprobs"] = [float(x) for x in tok_lp.tolist()]
+                    row["token_zscores"] = [float(x) for x in ((tok_lp - mu) / sigma).tolist()]
+                    row["zlib_bytes"] = zlib_bytes(doc["text"])
+                rows[i] = row
+            advance(len(idx))
     seconds = time.perf_counter() - start
     stats = {"documents": len(documents), "seconds": seconds, "truncated_documents": truncated}
     return [r for r in rows if r is not None], stats

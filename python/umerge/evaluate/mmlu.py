@@ -26,6 +26,7 @@ from typing import Any
 
 from umerge.errors import InputError
 from umerge.evaluate._torch import require_torch
+from umerge.evaluate.batching import inference, pad_batch
 from umerge.evaluate.generate import context_length, ensure_pad_token, model_device
 
 CHOICES = ("A", "B", "C", "D")
@@ -130,40 +131,20 @@ def mmlu_accuracy(
     correct = [False] * len(items)
     device = model_device(model)
     choice_t = torch.tensor(choice_ids, dtype=torch.long)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(items), desc="mmlu", unit="q", leave=False)
-    was_training = model.training
-    model.eval()
-    start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            for b in range(0, len(order), batch_size):
-                idx = order[b : b + batch_size]
-                width = max(len(items[i][1]) for i in idx)
-                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    ids = items[i][1]
-                    input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                    mask[r, width - len(ids) :] = 1
-                # positions count real tokens only, so a left-padded prompt sees the same positions as alone
-                pos = (mask.cumsum(-1) - 1).clamp_min(0)
-                logits = model(
-                    input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)
-                ).logits[:, -1]
-                pred = logits.float().cpu()[:, choice_t].argmax(-1).tolist()
-                for r, i in enumerate(idx):
-                    correct[i] = pred[r] == items[i][2]
-                if bar is not None:
-                    bar.update(len(idx))
-    finally:
-        if bar is not None:
-            bar.close()
-        if was_training:
-            model.train()
+    with inference(model, total=len(items), desc="mmlu", unit="q", progress=progress) as advance:
+        start = time.perf_counter()
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            input_ids, mask = pad_batch([items[i][1] for i in idx], pad_id, left=True)
+            # positions count real tokens only, so a left-padded prompt sees the same positions as alone
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device)
+            ).logits[:, -1]
+            pred = logits.float().cpu()[:, choice_t].argmax(-1).tolist()
+            for r, i in enumerate(idx):
+                correct[i] = pred[r] == items[i][2]
+            advance(len(idx))
     subjects: dict[str, dict[str, Any]] = {}
     for (subject, _, _), ok in zip(items, correct):
         s = subjects.setdefault(subject, {"correct": 0, "n": 0})

@@ -241,7 +241,7 @@ def train(
         saved = [k for k in _existing_epochs(out) if (out / f"epoch-{k}" / STATE_FILE).is_file()]
         if saved:
             start_epoch = saved[-1]
-            state = torch.load(out / f"epoch-{start_epoch}" / STATE_FILE, map_location="cpu", weights_only=False)
+            state = torch.load(out / f"epoch-{start_epoch}" / STATE_FILE, map_location="cpu", weights_only=True)
             prev = state.get("config", {})
             for key, now in cfg.to_dict().items():
                 if key in _RESUME_MAY_CHANGE:

@@ -478,6 +478,12 @@ pub(crate) mod tests {
 
     /// Writes a safetensors file from (name, dtype, shape, bytes) with a raw header (test helper).
     pub fn write_st(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+        std::fs::write(path, st_bytes(tensors)).unwrap();
+    }
+
+    /// The bytes of a safetensors file from (name, dtype, shape, bytes), header built by hand
+    /// (test helper, also used by `verify`'s tests).
+    pub fn st_bytes(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
         let mut header = String::from("{");
         let mut off = 0usize;
         let mut data = Vec::new();
@@ -493,7 +499,10 @@ pub(crate) mod tests {
             data.extend_from_slice(bytes);
         }
         header.push('}');
-        write_raw(path, &header, &data);
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(&data);
+        out
     }
 
     pub fn write_raw(path: &Path, header: &str, data: &[u8]) {

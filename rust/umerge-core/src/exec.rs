@@ -918,15 +918,26 @@ struct FileSink<'a> {
     out: &'a Output,
     /// Per job: (output tensor index, dtype).
     targets: Vec<(usize, Dtype)>,
+    /// Encoded-byte buffers reused across chunks: a fresh zeroed vector per chunk cost a
+    /// memset of every output byte (~3% of the CPU time, perf on a TinyLlama layer); `encode`
+    /// overwrites every byte, so a reused buffer needs no clearing.
+    bufs: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 impl Sink for FileSink<'_> {
     fn write(&self, job: usize, start: u64, values: &[f32]) -> Result<()> {
         let (ti, dt) = self.targets[job];
         let eb = elem_bytes(dt).unwrap_or(4);
-        let mut bytes = vec![0u8; values.len() * eb];
+        let mut bytes = self.bufs.lock().ok().and_then(|mut p| p.pop()).unwrap_or_default();
+        bytes.resize(values.len() * eb, 0);
         encode(dt, values, &mut bytes);
-        self.out.write_at(ti, start * eb as u64, &bytes)
+        let r = self.out.write_at(ti, start * eb as u64, &bytes);
+        if let Ok(mut p) = self.bufs.lock() {
+            if p.len() < 64 {
+                p.push(bytes);
+            }
+        }
+        r
     }
 }
 
@@ -1096,7 +1107,7 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
         });
         targets.push((ti, t.dtype));
     }
-    let sink = FileSink { out: &out, targets };
+    let sink = FileSink { out: &out, targets, bufs: Default::default() };
     let budget = spec.memory_budget.unwrap_or(DEFAULT_MEMORY_BUDGET);
     let engine = Engine::new(method.as_ref(), chunk, cache_bytes_for(budget));
     let done = |j: usize| tick(plan.tensors[merge_idx[j]].in_bytes);

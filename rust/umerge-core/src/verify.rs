@@ -598,35 +598,14 @@ pub fn verify(path: &Path, opts: &VerifyOptions) -> VerifyReport {
 mod tests {
     use super::*;
     use std::io::Write;
+    // A safetensors file's bytes from (name, dtype, shape, bytes), header built by hand.
+    use crate::checkpoint::tests::st_bytes as st;
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("umerge-verify-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
-    }
-
-    /// A safetensors file from (name, dtype, shape, bytes), header built by hand.
-    fn st(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
-        let mut header = String::from("{");
-        let mut off = 0usize;
-        let mut data = Vec::new();
-        for (i, (name, dt, shape, bytes)) in tensors.iter().enumerate() {
-            if i > 0 {
-                header.push(',');
-            }
-            header.push_str(&format!(
-                "\"{name}\":{{\"dtype\":\"{dt}\",\"shape\":{shape:?},\"data_offsets\":[{off},{}]}}",
-                off + bytes.len()
-            ));
-            off += bytes.len();
-            data.extend_from_slice(bytes);
-        }
-        header.push('}');
-        let mut out = (header.len() as u64).to_le_bytes().to_vec();
-        out.extend_from_slice(header.as_bytes());
-        out.extend_from_slice(&data);
-        out
     }
 
     fn f32s(v: &[f32]) -> Vec<u8> {

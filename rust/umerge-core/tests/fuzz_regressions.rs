@@ -16,6 +16,7 @@ use std::path::Path;
 use proptest::prelude::*;
 
 fn replay(target: &str, prop: fn(&[u8])) -> usize {
+    let _cleanup = props::ScratchGuard;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut n = 0;
     for kind in ["corpus", "regressions"] {
@@ -53,11 +54,13 @@ proptest! {
 
     #[test]
     fn header_random(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let _cleanup = props::ScratchGuard;
         props::header(&data);
     }
 
     #[test]
     fn index_random(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _cleanup = props::ScratchGuard;
         props::index(&data);
     }
 }
@@ -67,6 +70,7 @@ proptest! {
 
     #[test]
     fn planner_random(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let _cleanup = props::ScratchGuard;
         props::planner(&data);
     }
 }
@@ -98,4 +102,5 @@ fn index_naming_a_fifo_is_refused_without_blocking() {
     assert!(e.contains("pipe.safetensors") && e.contains("not a regular file"), "{e}");
     assert!(!valid);
     assert!(errors.iter().any(|x| x.contains("not a regular file")), "{errors:?}");
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -68,12 +68,30 @@ impl<'a> Bytes<'a> {
     }
 }
 
-/// A per-process scratch directory for `tag`, emptied (in tmpfs when there is one).
-pub fn scratch(tag: &str) -> PathBuf {
+/// This process's and this thread's scratch root (the test suite runs properties on several
+/// threads at once), in tmpfs when there is one.
+fn scratch_root() -> PathBuf {
     let root = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-    // Per process and per thread: the test suite runs properties on several threads at once.
     let thread = format!("{:?}", std::thread::current().id()).replace(|c: char| !c.is_ascii_alphanumeric(), "");
-    let d = root.join(format!("umerge-fuzz-{}", std::process::id())).join(thread).join(tag);
+    root.join(format!("umerge-fuzz-{}", std::process::id())).join(thread)
+}
+
+/// Removes this thread's scratch files when dropped (the test suite holds one per test).
+pub struct ScratchGuard;
+
+impl Drop for ScratchGuard {
+    fn drop(&mut self) {
+        let d = scratch_root();
+        let _ = std::fs::remove_dir_all(&d);
+        if let Some(p) = d.parent() {
+            let _ = std::fs::remove_dir(p); // only when no other thread still uses it
+        }
+    }
+}
+
+/// A scratch directory for `tag`, emptied.
+pub fn scratch(tag: &str) -> PathBuf {
+    let d = scratch_root().join(tag);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
