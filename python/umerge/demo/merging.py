@@ -6,10 +6,10 @@ Two ways of merging two LoRA unlearning adapters trained on one base model:
   ``add_weighted_adapter(combination_type=..., density=0.8, weights=[1, 1])``: each method is applied
   to the stacked ``lora_A`` factors and, separately, to the stacked ``lora_B`` factors, with adapter
   i's factors scaled by sqrt(|w_i * scaling_i|) (the sign of w_i on A only); the merged adapter is
-  then folded into the base with ``merge_and_unload``. Until umerge's own adapter merge exists
-  (issue 4) this calls PEFT itself; switching means changing this one function.
+  then folded into the base. Both steps are umerge's own (`umerge.adapters.merge_adapters`,
+  `umerge.fold`), which the adapter tests check against PEFT.
 * ``merge_full``: on the full updates. Each adapter is first folded into the base
-  (``fold_adapter``: W + scaling * B A, PEFT ``merge_and_unload``), and the folded models are merged
+  (``fold_adapter``: W + scaling * B A, `umerge.fold`), and the folded models are merged
   with the umerge engine against the base (task vectors W_i - W_base), e.g. ``umerge.ties``.
 
 Every function writes a complete model directory (safetensors, config, tokenizer) that
@@ -31,30 +31,14 @@ ADAPTER_METHODS = ("linear", "dare_linear", "dare_ties", "magnitude_prune", "tie
 DENSITY_METHODS = ("dare_linear", "dare_ties", "magnitude_prune", "ties")
 
 
-def _load_base(base_dir: Path) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    import torch
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(str(base_dir))
-    return model, tok
-
-
-def _save_full(model: Any, tok: Any, out_dir: Path) -> Path:
-    from umerge.tiny import save_model
-
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    return save_model(model, tok, out_dir)
-
-
 def fold_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """W + scaling * B A for every adapted module, saved as a full model (PEFT ``merge_and_unload``)."""
-    from peft import PeftModel
+    """W + scaling * B A for every adapted module, saved as a full model (`umerge.fold`, which
+    equals PEFT's ``merge_and_unload`` + ``save_pretrained``; config and tokenizer come from the base)."""
+    import umerge
 
-    base, tok = _load_base(Path(base_dir))
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    return _save_full(model, tok, Path(out_dir))
+    Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+    umerge.fold(str(adapter_dir), base=str(base_dir), out=str(out_dir), overwrite=True, progress=False)
+    return Path(out_dir)
 
 
 def merge_adapters(
@@ -71,12 +55,12 @@ def merge_adapters(
     """Merge LoRA adapters factor-wise (PEFT ``add_weighted_adapter`` semantics), fold into the base.
 
     ``method`` is a PEFT combination type from `ADAPTER_METHODS`; ``density`` is used by the pruning
-    methods; ``weights`` default to 1 for every adapter (the paper's [1, 1]). DARE draws its masks
-    from torch's global generator, which is seeded with ``seed`` first. The merged adapter itself is
-    also saved when ``adapter_out`` is given. Returns the full model directory ``out_dir``.
+    methods; ``weights`` default to 1 for every adapter (the paper's [1, 1]). The merge is umerge's
+    own (`umerge.adapters.merge_adapters`, tested equal to PEFT; DARE draws its masks from umerge's
+    counter-based generator keyed by ``seed``), then `umerge.fold` writes the full model. The merged
+    adapter is kept at ``adapter_out`` when given. Returns the full model directory ``out_dir``.
     """
-    import torch
-    from peft import PeftModel
+    from umerge.adapters import merge_adapters as umerge_merge_adapters
 
     if method not in ADAPTER_METHODS:
         raise InputError(f"unknown adapter merge method {method!r} (expected one of {', '.join(ADAPTER_METHODS)})")
@@ -87,30 +71,18 @@ def merge_adapters(
     w = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(w) != len(adapters):
         raise InputError(f"{len(w)} weights for {len(adapters)} adapters")
-    base, tok = _load_base(Path(base_dir))
-    names = [f"a{i}" for i in range(len(adapters))]
-    model = PeftModel.from_pretrained(base, str(adapters[0]), adapter_name=names[0])
-    for name, path in zip(names[1:], adapters[1:]):
-        model.load_adapter(str(path), adapter_name=name)
-    kwargs: dict[str, Any] = {"combination_type": method}
-    if method in DENSITY_METHODS:
-        kwargs["density"] = density
-    torch.manual_seed(seed)
-    model.add_weighted_adapter(names, w, "merged", **kwargs)
-    model.set_adapter("merged")
-    if adapter_out is not None:
-        a_out = Path(adapter_out)
-        if a_out.exists():
-            shutil.rmtree(a_out)
-        staging = a_out.with_name(a_out.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(str(staging), selected_adapters=["merged"])
-        # PEFT writes a non-default adapter name into a subdirectory; keep a plain adapter directory.
-        (staging / "merged").rename(a_out)
-        shutil.rmtree(staging)
-    for name in names:
-        model.delete_adapter(name)
-    return _save_full(model.merge_and_unload(), tok, Path(out_dir))
+    out = Path(out_dir)
+    a_out = Path(adapter_out) if adapter_out is not None else out.with_name(out.name + "-adapter")
+    for d in (out, a_out):
+        d.parent.mkdir(parents=True, exist_ok=True)  # umerge refuses a missing parent (a typo guard)
+    umerge_merge_adapters(
+        [str(a) for a in adapters], str(a_out), method=method, weights=w,
+        density=density if method in DENSITY_METHODS else None, seed=seed, overwrite=True,
+    )
+    fold_adapter(base_dir, a_out, out)
+    if adapter_out is None:
+        shutil.rmtree(a_out)
+    return out
 
 
 def merge_full(

@@ -309,7 +309,7 @@ def _merge_main(cfg: DemoConfig, vanilla: Path, runs: dict[str, Any], out: Path,
 
 def _methods(cfg: DemoConfig, vanilla: Path, runs: dict[str, Any], models: dict[str, Path], ev: _Evaluator,
              out: Path, main_scores: dict[str, dict[str, Any]], log: _Log) -> tuple[list[dict[str, Any]], list[str]]:
-    """Table 2: every method, factor-wise on the adapters (PEFT) and on the full updates (engine)."""
+    """Table 2: every method, factor-wise on the adapters (PEFT semantics) and on the full updates."""
     from umerge.demo.merging import merge_adapters, merge_full
 
     rows: list[dict[str, Any]] = []
@@ -317,7 +317,7 @@ def _methods(cfg: DemoConfig, vanilla: Path, runs: dict[str, Any], models: dict[
     adapters = [runs["model1"]["dir"], runs["model2"]["dir"]]
     tmp = out / "methods" / "merged"
     for method in cfg.methods:
-        for path in ("factor-wise (PEFT)", "full update (umerge)"):
+        for path in ("factor-wise (PEFT semantics)", "full update"):
             density = None if method == "linear" else cfg.density
             entry: dict[str, Any] = {"method": method, "path": path, "density": density}
             if method == "ties" and path.startswith("factor") and "merge-ties-factorwise" in main_scores:

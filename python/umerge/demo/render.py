@@ -108,8 +108,8 @@ def render_report(r: dict[str, Any]) -> str:
     # -- Table 2
     L += ["## Table 2: merge methods", "",
           f"The two adapters merged with weights {cfg['weights']} by each method (density {d} where it applies), "
-          "factor-wise on the LoRA factors as PEFT's add_weighted_adapter does, and on the full updates with "
-          "the umerge engine.", "",
+          "factor-wise on the LoRA factors as PEFT's add_weighted_adapter does, and on the full updates "
+          "(scaling · B A of each module); both with umerge.", "",
           "| Method | Path | Task Aggregate | MIA score / AUC | MMLU | Aggregate |", "|---|---|---|---|---|---|"]
     for row in r["table2"]:
         L.append(f"| {row['method']} | {row['path']} | {fmt(row['task_aggregate'])} | {_mia(row)} | "

@@ -171,7 +171,8 @@ const TILE: usize = 1024;
 ///
 /// Runs an AVX2 build of the same code when the CPU has AVX2 (runtime check; wheels stay
 /// baseline x86-64). AVX2 has the same IEEE add/mul/div/compare as SSE2 and no FMA is enabled,
-/// so the bits are the same; measured: (see `apply_tiled_avx2`).
+/// so the bits are the same. Measured together with the fused bf16 decode (`dtype`): the
+/// embedding tensor merged alone, one thread, went from 1.97 to about 1.1 s of CPU.
 #[allow(clippy::too_many_arguments)]
 pub fn apply_tiled(
     preset: Preset,
