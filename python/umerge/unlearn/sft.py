@@ -152,7 +152,7 @@ def finetune(
                 result.steps += 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss):.3f}", epoch=epoch + 1)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", epoch=epoch + 1)
             mean = total_loss / max(n, 1)
             result.epoch_losses.append(mean)
             log.write(
