@@ -338,38 +338,6 @@ impl Sink for FoldSink<'_> {
     }
 }
 
-/// Copies one tensor: raw bytes when the dtype is kept, else decoded and re-encoded.
-fn copy_tensor(ck: &Checkpoint, info: &TensorInfo, out_dtype: Dtype, name: &str, ti: usize, out: &Output, check_finite: bool) -> Result<()> {
-    const STEP: usize = 8 << 20;
-    if info.dtype == out_dtype && !(check_finite && is_float(info.dtype)) {
-        let total = info.end - info.start;
-        let mut off = 0usize;
-        while off < total {
-            let n = STEP.min(total - off);
-            out.write_at(ti, off as u64, ck.bytes(info.shard, info.start + off, n)?)?;
-            ck.release(info.shard, info.start + off, n);
-            off += n;
-        }
-        return Ok(());
-    }
-    let src = MappedSource::new(ck, info, None, name, check_finite);
-    let eb = elem_bytes(out_dtype).unwrap_or(4);
-    let n = info.numel();
-    let step = (STEP / 4) as u64;
-    let mut start = 0u64;
-    while start < n {
-        let len = step.min(n - start) as usize;
-        let mut vals = vec![0f32; len];
-        src.read(start, &mut vals)?;
-        src.release(start, len);
-        let mut bytes = vec![0u8; len * eb];
-        encode(out_dtype, &vals, &mut bytes);
-        out.write_at(ti, start * eb as u64, &bytes)?;
-        start += len as u64;
-    }
-    Ok(())
-}
-
 /// `W + sum_i s_i B_i A_i` for one tensor, in row blocks of about `chunk` elements, in parallel.
 fn fold_sum(base: &Checkpoint, w: &TensorInfo, name: &str, factors: &[Factors], t: &Target, dtype: Dtype, out: &Output, chunk: usize, check_finite: bool) -> Result<()> {
     let src = MappedSource::new(base, w, None, name, check_finite);
@@ -503,7 +471,7 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
         let Some(w) = base.tensors.get(name) else { continue };
         let dtype = out_tensors[ti].dtype;
         let Some(t) = targets.get(name) else {
-            copy_tensor(&base, w, dtype, name, ti, &out, check_finite)?;
+            exec::copy_tensor_from(&base, w, dtype, name, ti, &out, check_finite)?;
             tick(w.nbytes())?;
             continue;
         };
