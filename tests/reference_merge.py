@@ -208,3 +208,30 @@ def ambiguous(deltas: Sequence[Array], density: float, weights: Sequence[float] 
             out |= threshold_ties(d, k)
         trimmed.append((w if weighted_sign else 1.0) * np.where(topk_mask(d, k), d, 0.0))
     return out | near_zero_sum(np.stack(trimmed))
+
+
+def breadcrumbs_mask(x: Array, density: float, gamma: float) -> Array:
+    """Model Breadcrumbs (Davari and Belilovsky, 2024, arXiv:2312.06795) with mergekit's counts.
+
+    kept = floor(density * n), dropped = min(floor(gamma * n), n - kept): the `dropped` largest
+    |x| go as outliers and the next `kept` stay (ranks by magnitude, lowest index first); density
+    1 keeps everything.
+    """
+    n = np.size(x)
+    if density >= 1:
+        return np.ones(np.shape(x), dtype=bool)
+    kept = keep_count(density, n)
+    dropped = min(int(gamma * n), n - kept)
+    return topk_mask(x, dropped + kept) & ~topk_mask(x, dropped)
+
+
+def breadcrumbs(base: Array, deltas: Sequence[Array], density: float, gamma: float,
+                weights: Sequence[float], consensus: bool, lambda_: float = 1.0) -> Array:
+    """mergekit `breadcrumbs` (consensus False) / `breadcrumbs_ties` (True), normalize off, float64."""
+    base = np.asarray(base, dtype=np.float64)
+    t = np.stack([w * np.where(breadcrumbs_mask(d, density, gamma), np.asarray(d, np.float64), 0.0)
+                  for d, w in zip(deltas, weights)])
+    if consensus:
+        gamma_sign = np.where(t.sum(axis=0) >= 0, 1.0, -1.0)
+        t = np.where(np.sign(t) == gamma_sign, t, 0.0)
+    return base + lambda_ * t.sum(axis=0)

@@ -59,6 +59,26 @@ def test_simple_config_passes_filters_through_and_makes_mergekit_defaults_explic
     assert m0.get("density", spec["params"].get("density")) == 1.0
 
 
+@pytest.mark.parametrize(("method", "normalize"), [("della", True), ("della_linear", False)])
+def test_della_config_gets_mergekit_defaults_and_runs(odd_f32_family: Family, tmp_path: Path, method: str,
+                                                      normalize: bool) -> None:
+    b, (a, c) = odd_f32_family.base, odd_f32_family.finetuned
+    cfg = {"merge_method": method, "base_model": str(b),
+           "models": [{"model": str(a), "parameters": {"weight": 1.0, "epsilon": 0.05}}, {"model": str(c)}],
+           "parameters": {"density": 0.5, "weight": 0.5}}
+    spec, _ = mk.to_spec(cfg, tmp_path / "o", seed=3)
+    # mergekit: rescale true (L1), normalize true for della only, epsilon 0.15 where not given
+    assert spec["params"]["rescale"] == "l1" and spec["params"]["normalize"] is normalize
+    assert spec["params"]["seed"] == 3
+    eps = [m.get("params", {}).get("epsilon", spec["params"].get("epsilon")) for m in spec["models"]]
+    assert eps == [0.05, 0.15]
+    cfg_path = tmp_path / "della.yml"
+    cfg_path.write_text(json.dumps(cfg))  # JSON is YAML
+    r = run_umerge(["run", cfg_path, "-o", tmp_path / "out", "--quiet", "--seed", "3"])
+    assert r.returncode == 0, r.stderr
+    assert f"method: \"{method}\"" in (tmp_path / "out" / "umerge.yml").read_text()
+
+
 def test_gradient_is_resolved_per_tensor_as_mergekit_does(odd_f32_family: Family, tmp_path: Path) -> None:
     b, (a, c) = odd_f32_family.base, odd_f32_family.finetuned
     cfg = {"merge_method": "task_arithmetic", "base_model": str(b),
@@ -113,9 +133,13 @@ BAD_CONFIGS = {
     "unknown top-level key": ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {a}\nfoo: 1\n", "'foo'"),
     "unknown model key": ("merge_method: linear\nmodels:\n  - model: {a}\n    weight: 1\n", "'weight'"),
     "unknown parameter": ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{wieght: 1}}\n", "wieght"),
-    "unsupported method": ("merge_method: della\nbase_model: {b}\nmodels:\n  - model: {a}\n", "della"),
-    "breadcrumbs outliers": ("merge_method: breadcrumbs\nbase_model: {b}\nmodels:\n  - model: {a}\n"
-                             "parameters: {{density: 0.5, gamma: 0.01}}\n", "gamma"),
+    "unsupported method": ("merge_method: nuslerp\nbase_model: {b}\nmodels:\n  - model: {a}\n", "nuslerp"),
+    "breadcrumbs gamma out of range": ("merge_method: breadcrumbs\nbase_model: {b}\nmodels:\n  - model: {a}\n"
+                                       "parameters: {{density: 0.5, gamma: 1.5}}\n", "gamma"),
+    "breadcrumbs rescale": ("merge_method: breadcrumbs_ties\nbase_model: {b}\nmodels:\n  - model: {a}\n"
+                            "parameters: {{density: 0.5, rescale: true}}\n", "rescale"),
+    "della epsilon too wide": ("merge_method: della\nbase_model: {b}\nmodels:\n  - model: {a}\n"
+                               "parameters: {{density: 0.9, epsilon: 0.2}}\n", "epsilon"),
     "modules": ("merge_method: linear\nmodules: {{x: {{}}}}\nmodels:\n  - model: {a}\n", "modules"),
     "missing slerp t": ("merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {a}\n", "t"),
     "zero weight sum": ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1.0}}\n"
@@ -144,6 +168,9 @@ def test_bad_config_one_line_exit_2_no_output(odd_f32_family: Family, tmp_path: 
     (["linear", "{a}", "{c}", "--weight", "1", "--weight", "-1"], "sum to 0"),
     (["magnitude_prune", "{a}", "{c}", "--base", "{b}"], "--density"),
     (["dare_ties", "{a}", "--base", "{b}", "--density", "0"], "density"),
+    (["breadcrumbs", "{a}", "--base", "{b}", "--density", "0.5", "--gamma", "1"], "gamma"),
+    (["della_linear", "{a}", "--base", "{b}", "--density", "0.1", "--epsilon", "0.1"], "epsilon"),
+    (["della", "{a}", "{c}", "--density", "0.5"], "base"),
     (["slerp", "{a}", "--base", "{b}"], "--t"),
     (["task_arithmetic", "{a}"], "base"),
     (["model_stock", "{a}", "--base", "{b}"], "at least 2"),
@@ -162,11 +189,13 @@ def test_method_commands_refuse_bad_arguments(odd_f32_family: Family, tmp_path: 
 def test_methods_command_lists_every_method() -> None:
     r = run_umerge(["methods"])
     assert r.returncode == 0, r.stderr
-    for m in ["ties", "linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "slerp",
-              "model_stock"]:
+    for m in ["ties", "linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs",
+              "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock"]:
         assert m in r.stdout.split()
     info = {m["name"]: m for m in json.loads(run_umerge(["methods", "--json"]).stdout)}
     assert {p["name"] for p in info["dare_ties"]["params"]} >= {"density", "weight", "seed", "rescale"}
+    assert {p["name"] for p in info["della"]["params"]} >= {"density", "epsilon", "weight", "seed", "rescale"}
+    assert next(p for p in info["breadcrumbs"]["params"] if p["name"] == "gamma")["default"] == "0.01"
     assert next(p for p in info["slerp"]["params"] if p["name"] == "t")["default"] == "required"
     assert info["linear"]["base"] == "unused" and info["ties"]["base"] == "required"
 

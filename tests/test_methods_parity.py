@@ -1,7 +1,8 @@
 """Parity with mergekit: the same YAML through `mergekit-yaml`'s engine and `umerge run`.
 
 Every deterministic method umerge shares with mergekit (linear, task_arithmetic, ties,
-breadcrumbs with gamma 0 = magnitude_prune, slerp, model_stock) on float32 Llama-shaped
+breadcrumbs with gamma 0 = magnitude_prune, breadcrumbs and breadcrumbs_ties with outliers
+dropped, slerp, model_stock) on float32 Llama-shaped
 checkpoints (odd sizes, 1-D norms, 3 shards), including configs with a filter list, with gradients
 (plain and inside filter rules) and with slices. All configs run in one peer-venv process
 (mergekit's `run_merge`, what `mergekit-yaml` calls) so torch is imported once.
@@ -101,6 +102,35 @@ def _configs(fam: Family) -> dict[str, str]:
               gamma: 0.0
             dtype: float32
         """,
+        "breadcrumbs_outliers": f"""
+            merge_method: breadcrumbs
+            base_model: {b}
+            models:
+              - model: {a}
+                parameters: {{weight: 1.0, gamma: 0.05}}
+              - model: {c}
+                parameters: {{weight: 0.6, gamma: [0.2, 0.01]}}
+            parameters:
+              density: 0.6
+            dtype: float32
+        """,
+        "breadcrumbs_ties_filter": f"""
+            merge_method: breadcrumbs_ties
+            base_model: {b}
+            models:
+              - model: {a}
+                parameters: {{weight: 1.0}}
+              - model: {c}
+                parameters: {{weight: 0.8}}
+            parameters:
+              density:
+                - filter: mlp
+                  value: 0.3
+                - value: 0.7
+              gamma: 0.1
+              normalize: true
+            dtype: float32
+        """,
         "slerp_filter_gradient": f"""
             merge_method: slerp
             base_model: {b}
@@ -168,6 +198,7 @@ def mergekit_outputs(peers: Path, odd_f32_family: Family, tmp_path_factory: pyte
 
 
 CASES = ["linear", "linear_filter", "task_arithmetic", "ties_gradient", "breadcrumbs_gamma0",
+         "breadcrumbs_outliers", "breadcrumbs_ties_filter",
          "slerp_filter_gradient", "model_stock", "task_arithmetic_slices"]
 
 

@@ -1,10 +1,15 @@
-"""The random methods (dare_linear, dare_ties): masks, rescale, determinism.
+"""The random methods (dare_linear, dare_ties, della, della_linear): masks, rescale, determinism.
 
 - the keep mask of every tensor equals an independent numpy implementation of the documented
   generator (SplitMix64 at position j of the stream keyed by seed, tensor name and model, from the
   published constants), and its kept fraction is within 4 standard deviations of density;
 - `rescale: density` makes kept entries d / density, so each tensor's sum keeps its expectation
   (checked within 4 standard deviations); `rescale: l1` keeps each tensor's L1 norm;
+- DELLA: the keep mask equals a numpy implementation of the documented rule (ranks by |d| within
+  each row, p_r = (density - eps) + 2 eps r / (c - 1), the same generator draw compared with p_r),
+  the kept count of every tensor is within 4 standard deviations of its expectation sum(p_r) =
+  density * n, kept entries are d / p_r (so each tensor's sum keeps its expectation) or, with
+  `rescale: l1`, the L1 norm is kept;
 - the same seed gives identical output bytes for 1 and 2 threads and two memory budgets;
   different seeds differ.
 
@@ -41,15 +46,39 @@ def _fnv1a(s: str) -> int:
     return h
 
 
-def reference_mask(seed: int, tensor: str, model: int, n: int, density: float) -> np.ndarray:
-    """keep_j = top 53 bits of mix(key + (j + 1) * GAMMA) < ceil(density * 2^53)."""
+def _draws(seed: int, tensor: str, model: int, n: int) -> np.ndarray:
+    """The top 53 bits of mix(key + (j + 1) * GAMMA) for j = 0..n-1 (uint64)."""
     with np.errstate(over="ignore"):
         one = lambda x: _mix(np.array([x], dtype=np.uint64))[0]  # noqa: E731
         key = one(int(one(np.uint64(seed) ^ one(np.uint64(_fnv1a(tensor))))) ^ int(one(np.uint64((model + 1)) * GAMMA)))
         j = np.arange(1, n + 1, dtype=np.uint64)
-        bits = _mix(key + j * GAMMA) >> np.uint64(11)
+        return _mix(key + j * GAMMA) >> np.uint64(11)
+
+
+def reference_mask(seed: int, tensor: str, model: int, n: int, density: float) -> np.ndarray:
+    """keep_j = draw_j < ceil(density * 2^53)."""
     cutoff = int(np.ceil(density * 2.0**53))
-    return bits < np.uint64(cutoff)
+    return _draws(seed, tensor, model, n) < np.uint64(cutoff)
+
+
+def della_probabilities(d: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    """DELLA's per-entry keep probability: rank by |d| ascending within each row (last axis; a 1-D
+    tensor is one row), ties by index, p_r = (density - eps) + 2 eps r / (c - 1). density and
+    epsilon are rounded to float32 first, as the engine's recipe stores them."""
+    rows = d.reshape(1, -1) if d.ndim < 2 else d
+    c = rows.shape[1]
+    ranks = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1, kind="stable")
+    dens, eps = float(np.float32(density)), float(np.float32(epsilon))
+    p = (dens - eps) + 2.0 * eps * ranks / (c - 1) if c > 1 else np.full(rows.shape, dens)
+    return p.reshape(-1)
+
+
+def della_reference_mask(seed: int, tensor: str, model: int, d: np.ndarray, density: float,
+                         epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """(keep mask, keep probabilities): draw_j < ceil(p_j * 2^53)."""
+    p = della_probabilities(d, density, epsilon)
+    cut = np.ceil(p * 2.0**53).astype(np.uint64)
+    return _draws(seed, tensor, model, p.size) < cut, p
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +154,7 @@ def test_dare_ties_elects_signs_on_the_masked_deltas(zero_base_family, tmp_path:
         np.testing.assert_allclose(got.reshape(-1), expected, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])
 def test_same_seed_same_bytes_any_threads_and_budget_other_seed_differs(zero_base_family, tmp_path: Path,
                                                                         method: str) -> None:
     runs = {}
@@ -139,3 +168,70 @@ def test_same_seed_same_bytes_any_threads_and_budget_other_seed_differs(zero_bas
     same = load_checkpoint(tmp_path / "a")
     assert all(not np.array_equal(other[n], same[n]) for n in same)
     assert "seed" in (tmp_path / "a" / "umerge.yml").read_text()
+
+
+@pytest.mark.parametrize(("density", "epsilon"), [(0.5, 0.3), (0.2, 0.15)])
+def test_della_mask_is_the_documented_rank_rule(zero_base_family, tmp_path: Path, density: float,
+                                                epsilon: float) -> None:
+    out = _dare("della_linear", zero_base_family, tmp_path / "o", [1], density=density, epsilon=epsilon,
+                rescale="none", seed=4)
+    src = load_checkpoint(zero_base_family[1][1])
+    for name, v in out.items():
+        d = src[name]
+        keep, p = della_reference_mask(4, name, 0, d, density, epsilon)
+        kept = v.reshape(-1) != 0
+        np.testing.assert_array_equal(kept, keep, err_msg=name)
+        # E[kept] = sum p = density * n; Var = sum p (1 - p).
+        assert abs(kept.sum() - p.sum()) <= 4 * np.sqrt((p * (1 - p)).sum()), name
+        assert abs(p.sum() - density * p.size) < 1e-3 * p.size, name
+        np.testing.assert_array_equal(v.reshape(-1)[kept], d.reshape(-1)[kept])
+    # Larger entries survive more often: over all 2-D tensors, the top-ranked fifth of each row
+    # keeps more than the bottom fifth, by about 2 * 0.8 * epsilon.
+    top = bottom = count = 0
+    for name, v in out.items():
+        d = src[name]
+        if d.ndim != 2:
+            continue
+        ranks = np.argsort(np.argsort(np.abs(d), axis=1, kind="stable"), axis=1, kind="stable") / (d.shape[1] - 1)
+        top += int((v[ranks >= 0.8] != 0).sum())
+        bottom += int((v[ranks <= 0.2] != 0).sum())
+        count += int((ranks >= 0.8).sum())
+    assert (top - bottom) / count > 1.2 * epsilon
+
+
+def test_della_rescale_keeps_expectation_and_l1_keeps_norm(zero_base_family, tmp_path: Path) -> None:
+    density, eps = 0.3, 0.2
+    src = load_checkpoint(zero_base_family[1][0])
+    prob = _dare("della_linear", zero_base_family, tmp_path / "p", [0], density=density, epsilon=eps, seed=9)
+    l1 = _dare("della_linear", zero_base_family, tmp_path / "l", [0], density=density, epsilon=eps, seed=9,
+               rescale="l1")
+    for name, d in src.items():
+        keep, p = della_reference_mask(9, name, 0, d, density, eps)
+        d = d.reshape(-1).astype(np.float64)
+        got = prob[name].reshape(-1)
+        np.testing.assert_array_equal(got != 0, keep, err_msg=name)
+        np.testing.assert_array_equal(got[keep], (d[keep] / p[keep]).astype(np.float32), err_msg=name)
+        # E[sum] = sum(d); Var[sum] = sum d^2 (1 - p) / p.
+        sd = np.sqrt(float((d**2 * (1 - p) / p).sum()))
+        assert abs(float(got.astype(np.float64).sum()) - float(d.sum())) <= 4 * sd, name
+        gl = l1[name].reshape(-1)
+        np.testing.assert_array_equal(gl != 0, keep, err_msg=name)
+        np.testing.assert_allclose(np.abs(gl).astype(np.float64).sum(), np.abs(d).sum(), rtol=1e-5, err_msg=name)
+
+
+def test_della_elects_signs_and_normalizes_by_default(zero_base_family, tmp_path: Path) -> None:
+    density, eps, w = 0.5, 0.1, [1.0, 0.5]
+    out = _dare("della", zero_base_family, tmp_path / "t", [0, 1], density=density, epsilon=eps, seed=2, weights=w)
+    srcs = [load_checkpoint(m) for m in zero_base_family[1]]
+    for name, got in out.items():
+        v = []
+        for i, (s, wi) in enumerate(zip(srcs, w)):
+            keep, p = della_reference_mask(2, name, i, s[name], density, eps)
+            d = s[name].reshape(-1).astype(np.float64)
+            v.append(np.where(keep, (d / p).astype(np.float32).astype(np.float64), 0.0) * wi)
+        maj = np.where(v[0] + v[1] >= 0, 1.0, -1.0)
+        agree = [np.sign(x) == maj for x in v]
+        num = sum(np.where(a, x, 0.0) for a, x in zip(agree, v))
+        den = sum(np.where(a, wi, 0.0) for a, wi in zip(agree, w))
+        expected = num / np.where(den == 0, 1.0, den)
+        np.testing.assert_allclose(got.reshape(-1), expected, rtol=1e-6, atol=1e-7, err_msg=name)

@@ -15,10 +15,23 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 from umerge.errors import InputError, UmergeError
 from umerge.merge import MergeReport, inspect, merge, ties
-from umerge.methods import dare_linear, dare_ties, linear, magnitude_prune, model_stock, slerp, task_arithmetic
+from umerge.methods import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    della,
+    della_linear,
+    linear,
+    magnitude_prune,
+    model_stock,
+    slerp,
+    task_arithmetic,
+)
 
 __all__ = ["__version__", "InputError", "UmergeError", "MergeReport", "inspect", "merge", "ties", "ops"]
-__all__ += ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "slerp", "model_stock"]
+__all__ += ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs",
+            "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock"]
 __all__ += ["adapters", "fold"]
 
 

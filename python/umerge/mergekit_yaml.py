@@ -6,8 +6,8 @@ Reads a mergekit configuration (mergekit 0.1.5 schema) and builds the engine's s
 - ``models:`` (each ``model: PATH`` with optional ``parameters``), or ``slices:`` whose slices
   take every model once with the same ``layer_range`` and together cover the layers in order
   (a whole-model merge written per slice: per-slice ``parameters`` and gradients are honoured);
-- ``merge_method``: linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, model_stock,
-  and breadcrumbs with ``gamma: 0`` (exactly magnitude pruning, run as ``magnitude_prune``);
+- ``merge_method``: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
+  breadcrumbs_ties, della, della_linear, slerp, model_stock;
 - ``base_model``; global ``parameters`` and per-model ``parameters``; filter lists
   (``- filter: mlp`` / ``value: 0.5``, then a default ``- value: ...``; ``filter: "*"`` matches
   everything); gradients (lists interpolated over the layer index);
@@ -19,12 +19,13 @@ Reads a mergekit configuration (mergekit 0.1.5 schema) and builds the engine's s
   vocabularies must agree).
 
 Anything else (other keys, ``modules``, ``tokenizer``, ``union`` tokenizers, other methods,
-``della``, breadcrumbs with gamma > 0, ``filter_wise`` model stock, LoRA ``+`` references, ties with
-``normalize: false`` or ``rescale: true``) is an `InputError` naming it: never silently ignored.
+``filter_wise`` model stock, LoRA ``+`` references, ties with ``normalize: false``, ``rescale:
+true`` on a magnitude-trimming method) is an `InputError` naming it: never silently ignored.
 
 mergekit's defaults are written into the spec explicitly where they differ from umerge's:
 ``density: 1.0`` for the task-vector methods, ``rescale: l1`` (mergekit's ``rescale: true``) for
-DARE. ``int8_mask`` only changes mergekit's mask storage type, not the result; it is accepted and
+DARE and DELLA, ``normalize: true`` for della. The random methods draw umerge's counter-based
+masks (``--seed``), not torch's generator: same distribution as mergekit, different draws. ``int8_mask`` only changes mergekit's mask storage type, not the result; it is accepted and
 dropped.
 
 Where parameters vary per tensor (gradients, slices) they are resolved here exactly as mergekit
@@ -55,6 +56,7 @@ DTYPES = {
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json")
+RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
 TASK_VECTOR = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
                "della", "della_linear"}
 # parameters each method takes in mergekit (shared and per model) that umerge maps.
@@ -65,6 +67,9 @@ METHOD_PARAMS: dict[str, set[str]] = {
     "dare_linear": {"weight", "density", "lambda", "normalize", "int8_mask", "rescale"},
     "dare_ties": {"weight", "density", "lambda", "normalize", "int8_mask", "rescale"},
     "breadcrumbs": {"weight", "density", "lambda", "normalize", "int8_mask", "rescale", "gamma"},
+    "breadcrumbs_ties": {"weight", "density", "lambda", "normalize", "int8_mask", "rescale", "gamma"},
+    "della": {"weight", "density", "lambda", "normalize", "int8_mask", "rescale", "epsilon"},
+    "della_linear": {"weight", "density", "lambda", "normalize", "int8_mask", "rescale", "epsilon"},
     "slerp": {"t"},
     "model_stock": {"filter_wise"},
 }
@@ -257,8 +262,7 @@ def translate(config: Mapping[str, Any], where: str = "config") -> Translation:
         raise InputError(f"merge_method is missing in {where}")
     if method not in METHOD_PARAMS:
         known = ", ".join(sorted(METHOD_PARAMS))
-        hint = " (della needs row-wise ranks, not supported yet)" if method.startswith("della") else ""
-        raise InputError(f"merge_method {method!r} is not supported by umerge run{hint} (supported: {known})")
+        raise InputError(f"merge_method {method!r} is not supported by umerge run (supported: {known})")
     base = _model_ref(config["base_model"], "base_model") if config.get("base_model") is not None else None
     global_params = _params_of(config.get("parameters"), "parameters")
 
@@ -348,6 +352,10 @@ def _method_and_params(tr: Translation) -> tuple[str, dict[str, Any]]:
     defaults: dict[str, Any] = {}
     if method in TASK_VECTOR:
         defaults["density"] = 1.0
+    if method.startswith("breadcrumbs"):
+        defaults["gamma"] = 0.01
+    if method.startswith("della"):
+        defaults["epsilon"] = 0.15
     return method, defaults
 
 
@@ -455,7 +463,7 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
         return _to_engine(v)
 
     method, defaults = _method_and_params(tr)
-    per_model_keys = {"weight", "density", "gamma"}
+    per_model_keys = {"weight", "density", "gamma", "epsilon"}
     global_params: dict[str, Any] = {}
     for k in sorted(keys - per_model_keys):
         v = resolve(k, None)
@@ -489,8 +497,8 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
 
     method, global_params, model_params = _map_method(method, global_params, model_params)
     if seed is not None:
-        if method not in ("dare_linear", "dare_ties"):
-            raise InputError(f"--seed applies to random methods (dare_linear, dare_ties), not {method}")
+        if method not in RANDOM_METHODS:
+            raise InputError(f"--seed applies to random methods ({', '.join(RANDOM_METHODS)}), not {method}")
         global_params["seed"] = int(seed)
     out_dtype = options.pop("out_dtype", None) or tr.out_dtype  # the command line wins over the config
     spec = build_spec(method, [m.path for m in models], base=base if method != "linear" else None,
@@ -523,9 +531,9 @@ def _map_method(method: str, g: dict[str, Any], mps: list[dict[str, Any]]) -> tu
             raise InputError("ties with rescale: true is not supported")
         g["preset"] = "mergekit"
         return "ties", g, mps
-    if method in ("dare_linear", "dare_ties"):
+    if method in RANDOM_METHODS:
         g["rescale"] = "l1" if flag("rescale", True) else "none"
-        g["normalize"] = flag("normalize", False)
+        g["normalize"] = flag("normalize", method == "della")
         return method, g, mps
     if method == "task_arithmetic":
         g["normalize"] = flag("normalize", False)
@@ -536,18 +544,11 @@ def _map_method(method: str, g: dict[str, Any], mps: list[dict[str, Any]]) -> tu
             if d != 1.0:
                 raise InputError("task_arithmetic with density < 1 is not supported in umerge run (use ties or magnitude_prune)")
         return "task_arithmetic", g, mps
-    if method == "breadcrumbs":
-        for i, mp in enumerate(mps):
-            gamma = mp.pop("gamma", g.get("gamma"))
-            if gamma is None:
-                raise InputError("breadcrumbs needs gamma: 0 (mergekit's default gamma 0.01, dropping outliers, is not supported yet)")
-            if gamma != 0:
-                raise InputError(f"breadcrumbs with gamma {gamma!r} is not supported yet (gamma: 0, plain magnitude pruning, is)")
-        g.pop("gamma", None)
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
         g["normalize"] = flag("normalize", False)
         if flag("rescale", False):
-            raise InputError("breadcrumbs with rescale: true is not supported")
-        return "magnitude_prune", g, mps
+            raise InputError(f"{method} with rescale: true is not supported (umerge rescales only random masks)")
+        return method, g, mps
     if method == "linear":
         g["normalize"] = flag("normalize", True)
         return "linear", g, mps

@@ -21,7 +21,7 @@ from typing import Any
 from umerge.errors import InputError
 from umerge.merge import MergeReport, ParamValue, PathLike, merge
 
-RESCALES = ("density", "l1", "none")
+RESCALES = ("density", "probability", "l1", "none")
 DEFAULT_SEED = 0
 
 
@@ -97,9 +97,10 @@ def magnitude_prune(models: Sequence[PathLike], base: PathLike | None = None, *,
                  model_params=_weights(weights, len(ms)), **options)
 
 
-def _dare(method: str, models: Sequence[PathLike], base: PathLike | None, density: ParamValue,
-          weights: Sequence[ParamValue] | None, lambda_: float, normalize: bool, rescale: str, seed: int,
-          options: dict[str, Any]) -> MergeReport:
+def _random(method: str, models: Sequence[PathLike], base: PathLike | None, density: ParamValue,
+            weights: Sequence[ParamValue] | None, lambda_: float, normalize: bool, rescale: str, seed: int,
+            options: dict[str, Any], **extra: ParamValue) -> MergeReport:
+    """The random task-vector methods (DARE, DELLA): checks, then the engine."""
     ms = _models(models)
     _need_base(method, base, ms)
     if rescale not in RESCALES:
@@ -107,7 +108,7 @@ def _dare(method: str, models: Sequence[PathLike], base: PathLike | None, densit
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     params = {"density": _density(density), "lambda": float(lambda_), "normalize": bool(normalize),
-              "rescale": rescale, "seed": seed}
+              "rescale": rescale, "seed": seed, **extra}
     return merge(method, ms, base=base, params=params, model_params=_weights(weights, len(ms)), **options)
 
 
@@ -123,7 +124,7 @@ def dare_linear(models: Sequence[PathLike], base: PathLike | None = None, *, den
     keeps each element's expectation and needs no extra pass), ``l1`` (match the tensor's L1 norm,
     as mergekit does) or ``none``. The seed is recorded in the output's recipe.
     """
-    return _dare("dare_linear", models, base, density, weights, lambda_, normalize, rescale, seed, options)
+    return _random("dare_linear", models, base, density, weights, lambda_, normalize, rescale, seed, options)
 
 
 def dare_ties(models: Sequence[PathLike], base: PathLike | None = None, *, density: ParamValue,
@@ -135,7 +136,71 @@ def dare_ties(models: Sequence[PathLike], base: PathLike | None = None, *, densi
     elected (+ when >= 0) and only agreeing entries are summed; `normalize` divides by the sum of
     the agreeing weights (mergekit's default for dare_ties: false).
     """
-    return _dare("dare_ties", models, base, density, weights, lambda_, normalize, rescale, seed, options)
+    return _random("dare_ties", models, base, density, weights, lambda_, normalize, rescale, seed, options)
+
+
+def _breadcrumbs(method: str, models: Sequence[PathLike], base: PathLike | None, density: ParamValue,
+                 gamma: ParamValue, weights: Sequence[ParamValue] | None, lambda_: float, normalize: bool,
+                 options: dict[str, Any]) -> MergeReport:
+    ms = _models(models)
+    _need_base(method, base, ms)
+    if isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and not 0.0 <= float(gamma) < 1.0:
+        raise InputError(f"gamma {gamma} is outside [0, 1): it is the fraction of the largest entries dropped")
+    params = {"density": _density(density), "gamma": gamma, "lambda": float(lambda_), "normalize": bool(normalize)}
+    return merge(method, ms, base=base, params=params, model_params=_weights(weights, len(ms)), **options)
+
+
+def breadcrumbs(models: Sequence[PathLike], base: PathLike | None = None, *, density: ParamValue,
+                gamma: ParamValue = 0.01, weights: Sequence[ParamValue] | None = None, lambda_: float = 1.0,
+                normalize: bool = False, **options: Any) -> MergeReport:
+    """Model Breadcrumbs (Davari and Belilovsky, 2024, arXiv:2312.06795; mergekit `breadcrumbs`).
+
+    Per tensor of n entries: drop the largest min(floor(gamma * n), n - kept) |d_i| as outliers,
+    keep the next kept = floor(density * n), zero the rest (both cuts exact, lowest index first at
+    equal magnitudes); then out = base + lambda * sum_i w_i d_i (`normalize`: / sum_i w_i).
+    gamma defaults to mergekit's 0.01; gamma 0 is `magnitude_prune`.
+    """
+    return _breadcrumbs("breadcrumbs", models, base, density, gamma, weights, lambda_, normalize, options)
+
+
+def breadcrumbs_ties(models: Sequence[PathLike], base: PathLike | None = None, *, density: ParamValue,
+                     gamma: ParamValue = 0.01, weights: Sequence[ParamValue] | None = None, lambda_: float = 1.0,
+                     normalize: bool = False, **options: Any) -> MergeReport:
+    """Model Breadcrumbs masks, then TIES sign election (mergekit `breadcrumbs_ties`).
+
+    The band of `breadcrumbs`, then per element the sign of sum_i w_i d_i is elected (+ when >= 0)
+    and only agreeing entries are summed (`normalize`: / sum of the agreeing weights).
+    """
+    return _breadcrumbs("breadcrumbs_ties", models, base, density, gamma, weights, lambda_, normalize, options)
+
+
+def della(models: Sequence[PathLike], base: PathLike | None = None, *, density: ParamValue,
+          epsilon: ParamValue = 0.15, weights: Sequence[ParamValue] | None = None, lambda_: float = 1.0,
+          normalize: bool = True, rescale: str = "density", seed: int = DEFAULT_SEED,
+          **options: Any) -> MergeReport:
+    """DELLA (Deep et al., 2024, arXiv:2406.11617; mergekit `della`): MagPrune, then TIES sign election.
+
+    In each row of d_i (a 1-D tensor is one row) the entries are ranked by |d| ascending, r = 0..c-1,
+    and entry r is kept with probability p_r = (density - epsilon) + 2 epsilon r / (c - 1), so large
+    entries survive more often and a row keeps density * c entries on average (density +- epsilon
+    must lie in (0, 1)). The mask is drawn from the counter-based generator (seed, tensor, model,
+    element): same bytes for any thread count. `rescale`: ``density`` (alias ``probability``;
+    default: kept entries divided by their own p_r, the paper's rescale, unbiased per element),
+    ``l1`` (match the tensor's L1 norm, as mergekit does) or ``none``. Then the sign of
+    sum_i w_i d_i is elected and agreeing entries summed; `normalize` (default on, as mergekit)
+    divides by the agreeing weights.
+    """
+    return _random("della", models, base, density, weights, lambda_, normalize, rescale, seed, options,
+                   epsilon=epsilon)
+
+
+def della_linear(models: Sequence[PathLike], base: PathLike | None = None, *, density: ParamValue,
+                 epsilon: ParamValue = 0.15, weights: Sequence[ParamValue] | None = None, lambda_: float = 1.0,
+                 normalize: bool = False, rescale: str = "density", seed: int = DEFAULT_SEED,
+                 **options: Any) -> MergeReport:
+    """DELLA's MagPrune (see `della`), then a weighted sum: out = base + lambda * sum_i w_i d_i (mergekit `della_linear`)."""
+    return _random("della_linear", models, base, density, weights, lambda_, normalize, rescale, seed, options,
+                   epsilon=epsilon)
 
 
 def slerp(model: PathLike | Sequence[PathLike], base: PathLike | None = None, *, t: ParamValue,

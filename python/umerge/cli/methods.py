@@ -68,16 +68,18 @@ def _normalize_opt(default: bool) -> Callable[[F], F]:
 
 def _sparse_task_vector_opts(f: F) -> F:
     """MODELS, --base, --density, --weight, --lambda, --no-normalize: the options of the methods
-    that sparsify task vectors (magnitude_prune, dare_linear, dare_ties)."""
+    that sparsify task vectors (magnitude_prune, dare_*, breadcrumbs*, della*)."""
     return opt.apply(f, _models_arg, _base_opt, _density_opt, _weights_opt, _lambda_opt, _normalize_opt(False))
 
 
 def _random_opts(f: F) -> F:
     f = click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Seed of the random masks (recorded in the recipe). Same seed, same bytes, any thread count.")(f)
-    f = click.option("--rescale", type=click.Choice(["density", "l1", "none"]), default="density", show_default=True,
-                     help="Kept entries: divided by density (DARE paper, unbiased per element), scaled to the "
-                          "tensor's L1 norm (mergekit), or left alone.")(f)
+    f = click.option("--rescale", type=click.Choice(["density", "probability", "l1", "none"]), default="density",
+                     show_default=True,
+                     help="Kept entries: divided by their keep probability (density; DELLA's rank-based "
+                          "probability; the papers' rescale, unbiased per element; 'probability' is an alias), "
+                          "scaled to the tensor's L1 norm (mergekit), or left alone.")(f)
     return f
 
 
@@ -185,6 +187,68 @@ dare_ties = _dare_command(
 )
 
 
+def _breadcrumbs_command(name: str, doc: str) -> click.Command:
+    @click.command(name=name, context_settings=_CTX, help=doc)
+    @_sparse_task_vector_opts
+    @click.option("--gamma", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.01, show_default=True,
+                  help="Fraction of the largest |task vector| entries dropped as outliers (0 = magnitude_prune).")
+    @output_options
+    def cmd(models: tuple[str, ...], base: str | None, density: float, gamma: float, weights: tuple[float, ...],
+            lambda_: float, normalize: bool, **kw: Any) -> None:
+        import umerge.methods as m
+
+        quiet = kw["quiet"]
+        _finish(getattr(m, name)(list(models), base, density=density, gamma=gamma, weights=_weights(weights, models),
+                                 lambda_=lambda_, normalize=normalize, **_opts(kw)), quiet)
+
+    return cmd
+
+
+breadcrumbs = _breadcrumbs_command(
+    "breadcrumbs",
+    "Model Breadcrumbs: per tensor, drop the largest gamma * n |task vector| entries as outliers, keep the next "
+    "density * n, weighted sum.\n\n"
+    "\b\nExample:\n    umerge breadcrumbs ft1/ ft2/ --base base/ --density 0.9 --gamma 0.01 -o merged/",
+)
+breadcrumbs_ties = _breadcrumbs_command(
+    "breadcrumbs_ties",
+    "Model Breadcrumbs masks, then TIES sign election.\n\n"
+    "\b\nExample:\n    umerge breadcrumbs_ties ft1/ ft2/ --base base/ --density 0.9 --gamma 0.01 -o merged/",
+)
+
+
+def _della_command(name: str, normalize: bool, doc: str) -> click.Command:
+    @click.command(name=name, context_settings=_CTX, help=doc)
+    @lambda f: opt.apply(f, _models_arg, _base_opt, _density_opt, _weights_opt, _lambda_opt, _normalize_opt(normalize))
+    @click.option("--epsilon", type=click.FloatRange(min=0.0), default=0.15, show_default=True,
+                  help="Keep probabilities span density +- epsilon by magnitude rank within each row.")
+    @_random_opts
+    @output_options
+    def cmd(models: tuple[str, ...], base: str | None, density: float, epsilon: float, weights: tuple[float, ...],
+            lambda_: float, normalize: bool, rescale: str, seed: int, **kw: Any) -> None:
+        import umerge.methods as m
+
+        quiet = kw["quiet"]
+        _finish(getattr(m, name)(list(models), base, density=density, epsilon=epsilon,
+                                 weights=_weights(weights, models), lambda_=lambda_, normalize=normalize,
+                                 rescale=rescale, seed=seed, **_opts(kw)), quiet)
+
+    return cmd
+
+
+della = _della_command(
+    "della", True,
+    "DELLA: in each row, keep entries with probability density +- epsilon rising with their magnitude rank, "
+    "rescale, then TIES sign election.\n\n"
+    "\b\nExample:\n    umerge della ft1/ ft2/ --base base/ --density 0.5 --epsilon 0.1 -o merged/",
+)
+della_linear = _della_command(
+    "della_linear", False,
+    "DELLA's magnitude-ranked random masks, rescale, weighted sum.\n\n"
+    "\b\nExample:\n    umerge della_linear ft1/ ft2/ --base base/ --density 0.5 --epsilon 0.1 -o merged/",
+)
+
+
 @click.command(context_settings=_CTX)
 @click.argument("model", type=click.Path(exists=True))
 @_base_opt
@@ -247,7 +311,7 @@ def _method_info(core: Any) -> list[dict[str, Any]]:
 @click.command(name="run", context_settings=_CTX)
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
 @click.option("--seed", type=click.IntRange(min=0), default=None,
-              help="Seed of the random masks (dare_linear, dare_ties; default 0, recorded in the recipe).")
+              help="Seed of the random masks (dare_*, della*; default 0, recorded in the recipe).")
 @click.option("--print-spec", is_flag=True, help="Print the engine spec the config becomes, and exit without merging.")
 @output_options
 def run_cmd(config: str, seed: int | None, print_spec: bool, **kw: Any) -> None:
@@ -255,8 +319,9 @@ def run_cmd(config: str, seed: int | None, print_spec: bool, **kw: Any) -> None:
 
     \b
     Supports models: or slices: (each slice taking every model once, in layer order),
-    merge_method linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, model_stock,
-    breadcrumbs with gamma 0; base_model; global and per-model parameters, filter rules,
+    merge_method linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
+    breadcrumbs_ties, della, della_linear, slerp, model_stock; base_model; global and
+    per-model parameters, filter rules,
     gradients; dtype, out_dtype; tokenizer_source base or a model. Anything else is an error.
 
     \b

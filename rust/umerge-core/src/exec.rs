@@ -284,20 +284,57 @@ struct Bufs {
 }
 
 /// Trim thresholds for one selection: per key, and per (item, key) the count of threshold-equal
-/// entries before the item.
+/// entries before the item; per model slot, the key of its outlier cut when it has one (the
+/// keys after the slots' own).
 #[derive(Default, Clone)]
 struct Selection {
     th: Vec<Threshold>,
     eq_before: Vec<Vec<u64>>,
+    outlier_key: Vec<Option<usize>>,
+}
+
+impl Selection {
+    /// The threshold of `key` and the count of its equal entries before `item`.
+    fn cut(&self, key: usize, item: usize) -> (Threshold, u64) {
+        (self.th[key], self.eq_before.get(item).map_or(0, |v| v[key]))
+    }
+}
+
+/// One selection key: the top `k` of `n` magnitudes; `all_ties` keeps every entry equal to the
+/// threshold (the TIES paper's kthvalue rule).
+#[derive(Debug, Clone, Copy)]
+struct SelKey {
+    n: u64,
+    k: u64,
+    all_ties: bool,
+}
+
+impl SelKey {
+    /// The entries a trim keeps before any outlier drop: its top (dropped + kept).
+    fn keep(trim: &Trim, n: u64) -> SelKey {
+        match trim.rule {
+            TrimRule::ExactK => {
+                let (dropped, kept) = trim.band(n);
+                SelKey { n, k: dropped + kept, all_ties: false }
+            }
+            TrimRule::PaperKth => {
+                let f = select::keep_count(trim.density, n);
+                SelKey { n, k: if f >= n { n } else { f + 1 }, all_ties: true }
+            }
+        }
+    }
+
+    /// The outliers a trim drops (its top `dropped`), when there are any.
+    fn outliers(trim: &Trim, n: u64) -> Option<SelKey> {
+        let (dropped, _) = trim.band(n);
+        (dropped > 0).then_some(SelKey { n, k: dropped, all_ties: false })
+    }
 }
 
 /// A whole tensor decoded in memory (deltas when the method uses them), reused by every pass.
 struct Cache {
     /// Per model slot: the whole tensor's deltas (or values), f32.
     inputs: Vec<Vec<f32>>,
-    /// Per model slot: the high-bit histogram of the untrimmed inputs, computed while loading
-    /// (saves a pass over the data).
-    high: Vec<Vec<u64>>,
     /// True once trimmed in place.
     trimmed: bool,
 }
@@ -343,6 +380,19 @@ impl<'a> Engine<'a> {
     /// `cache_bytes` of decoded inputs.
     pub fn new(method: &'a dyn Method, chunk: usize, cache_bytes: u64) -> Self {
         Engine { method, chunk: chunk.max(1), cache_bytes, list_bytes: cache_bytes / 2, pool: BufPool::default(), cache_pool: BufPool::default() }
+    }
+
+    /// (reduction block, chunk), in elements, for one job: [`BLOCK`] and the engine's chunk, or,
+    /// when the recipe needs whole rows, both made whole rows: the block the most rows that fit
+    /// in [`BLOCK`] (at least one), the chunk the engine's chunk rounded up to whole blocks. The
+    /// block depends only on the tensor, so reductions stay independent of budget and threads.
+    fn layout(&self, job: &Job<'_>) -> (usize, usize) {
+        let row = job.recipe.row as usize;
+        if row == 0 {
+            return (BLOCK, self.chunk);
+        }
+        let block = (BLOCK / row).max(1) * row;
+        (block, self.chunk.div_ceil(block).max(1) * block)
     }
 
     /// Decodes one window of every input into the given slices; inputs become deltas
@@ -411,41 +461,27 @@ impl<'a> Engine<'a> {
         }
     }
 
-    /// Decodes a whole tensor's model inputs (deltas) into memory, in parallel over its items,
-    /// computing their high-bit histograms on the way. The base is not kept: the apply pass
-    /// decodes it again, once, which costs less memory than caching it.
-    fn load_cache(&self, job: &Job<'_>, items: &[Item], want_high: bool) -> Result<Cache> {
+    /// Decodes a whole tensor's model inputs (deltas) into memory, in parallel over its items.
+    /// The base is not kept: the apply pass decodes it again, once, which costs less memory
+    /// than caching it.
+    fn load_cache(&self, job: &Job<'_>, items: &[Item]) -> Result<Cache> {
         let n = job.numel as usize;
-        let m = job.models.len();
         let mut inputs: Vec<Vec<f32>> = job.models.iter().map(|_| self.cache_pool.take(n)).collect();
         let ips: Vec<SendPtr> = inputs.iter_mut().map(|v| SendPtr(v.as_mut_ptr())).collect();
-        let zero = || vec![Vec::<u64>::new(); m];
-        let high = items
-            .par_iter()
-            .try_fold(zero, |mut acc, it| -> Result<Vec<Vec<u64>>> {
-                let s = it.start as usize;
-                // SAFETY: each item covers a distinct range [s, s + len) of vectors of length n
-                // that live until after this loop; no other reference to them exists meanwhile.
-                let mut ins: Vec<&mut [f32]> =
-                    unsafe { ips.iter().map(|p| std::slice::from_raw_parts_mut(p.0.add(s), it.len)).collect() };
-                let mut base = job.base.map(|_| self.pool.take(it.len));
-                let r = self.gather_into(job, it.start, base.as_deref_mut(), &mut ins);
-                if let Some(b) = base {
-                    self.pool.put(b);
-                }
-                r?;
-                if want_high {
-                    for (slot, x) in ins.iter().enumerate() {
-                        if acc[slot].is_empty() {
-                            acc[slot] = vec![0u64; HIGH_BINS];
-                        }
-                        select::hist_high(x, &mut acc[slot]);
-                    }
-                }
-                Ok(acc)
-            })
-            .try_reduce(zero, |a, b| Ok(add_hists(a, b)))?;
-        Ok(Cache { inputs, high, trimmed: false })
+        items.par_iter().try_for_each(|it| -> Result<()> {
+            let s = it.start as usize;
+            // SAFETY: each item covers a distinct range [s, s + len) of vectors of length n
+            // that live until after this loop; no other reference to them exists meanwhile.
+            let mut ins: Vec<&mut [f32]> =
+                unsafe { ips.iter().map(|p| std::slice::from_raw_parts_mut(p.0.add(s), it.len)).collect() };
+            let mut base = job.base.map(|_| self.pool.take(it.len));
+            let r = self.gather_into(job, it.start, base.as_deref_mut(), &mut ins);
+            if let Some(b) = base {
+                self.pool.put(b);
+            }
+            r
+        })?;
+        Ok(Cache { inputs, trimmed: false })
     }
 
     /// Computes thresholds for the selection keys over `items`; `targets(item)` says which
@@ -456,27 +492,15 @@ impl<'a> Engine<'a> {
         items: &[Item],
         data: Data<'_>,
         targets: &(dyn Fn(&Item) -> Targets + Sync),
-        spec: &[(u64, Option<Trim>)],
-        pre_high: Option<&[Vec<u64>]>,
+        spec: &[Option<SelKey>],
     ) -> Result<Selection> {
         let nkeys = spec.len();
         let mut th = vec![Threshold::KEEP_ALL; nkeys];
         let mut ks = vec![0u64; nkeys];
         let mut active = vec![false; nkeys];
-        for (key, (n, trim)) in spec.iter().enumerate() {
-            let Some(trim) = trim else { continue };
-            let f = select::keep_count(trim.density, *n);
-            let k = match trim.rule {
-                TrimRule::ExactK => f,
-                TrimRule::PaperKth => {
-                    if f >= *n {
-                        *n
-                    } else {
-                        f + 1
-                    }
-                }
-            };
-            if k >= *n {
+        for (key, sk) in spec.iter().enumerate() {
+            let Some(SelKey { n, k, .. }) = *sk else { continue };
+            if k >= n {
                 th[key] = Threshold::KEEP_ALL;
             } else if k == 0 {
                 th[key] = Threshold::KEEP_NONE;
@@ -485,16 +509,157 @@ impl<'a> Engine<'a> {
                 active[key] = true;
             }
         }
-        if !active.iter().any(|&a| a) {
-            return Ok(Selection { th, eq_before: Vec::new() });
+        // Tie ranks: per item, per key, the entries equal to the threshold.
+        let mut eq_counts = vec![vec![0u64; nkeys]; items.len()];
+        // One tensor: a single pass collecting a sampled band around each threshold replaces
+        // the histogram passes (see `select::band_of_sample`); keys whose band misses fall
+        // through to them. Measured on the 1.1B benchmark: the scatter of the high-bit
+        // histogram was the largest cost of the selection.
+        if items.first().is_some_and(|f| items.iter().all(|it| it.job == f.job)) && active.iter().any(|&a| a) {
+            self.band_select(&jobs[items[0].job], items, data, targets, spec, &ks, &mut active, &mut th, &mut eq_counts)?;
         }
-        // Pass A: high-bit histograms (unless computed while loading).
+        if active.iter().any(|&a| a) {
+            self.histogram_select(jobs, items, data, targets, spec, &ks, &active, &mut th, &mut eq_counts)?;
+        }
+        if !th.iter().any(|t| t.needs_tie_ranks()) {
+            return Ok(Selection { th, ..Default::default() });
+        }
+        let mut running = vec![0u64; nkeys];
+        let mut eq_before = Vec::with_capacity(items.len());
+        for c in eq_counts {
+            eq_before.push(running.clone());
+            for k in 0..nkeys {
+                running[k] += c[k];
+            }
+        }
+        Ok(Selection { th, eq_before, outlier_key: Vec::new() })
+    }
+
+    /// Band selection for the `active` keys of one job's items: a band per key from a sample,
+    /// one pass collecting each item's band members, then the exact threshold inside the band.
+    /// Resolved keys get `th[key]`, their tie counts in `eq_counts` and `active[key] = false`.
+    #[allow(clippy::too_many_arguments)]
+    fn band_select(
+        &self,
+        job: &Job<'_>,
+        items: &[Item],
+        data: Data<'_>,
+        targets: &(dyn Fn(&Item) -> Targets + Sync),
+        spec: &[Option<SelKey>],
+        ks: &[u64],
+        active: &mut [bool],
+        th: &mut [Threshold],
+        eq_counts: &mut [Vec<u64>],
+    ) -> Result<()> {
+        let nkeys = spec.len();
+        let tg: Vec<(usize, usize)> = targets(&items[0]).into_iter().filter(|&(_, k)| active[k]).collect();
+        let runs = select::sample_runs(job.numel as usize);
+        let mut bands = vec![(0u32, u32::MAX); nkeys];
+        let mut tg_band = Vec::with_capacity(tg.len());
+        for &(slot, key) in &tg {
+            let sample = self.sample(job, slot, data, &runs)?;
+            let sampled = sample.len().max(1) as u64;
+            let (lo, hi) = select::band_of_sample(sample.clone(), ks[key], job.numel);
+            // The band's members are kept in lists (and copied once to pick the threshold):
+            // when the sample says they would not fit the list allowance, the histogram passes
+            // (bounded memory) select this key instead.
+            let members = if sample.is_empty() { job.numel } else { sample.iter().filter(|&&b| b >= lo && b <= hi).count() as u64 * job.numel / sampled };
+            if members * 8 <= self.list_bytes {
+                bands[key] = (lo, hi);
+                tg_band.push((slot, key));
+            }
+        }
+        let tg = tg_band;
+        if tg.is_empty() {
+            return Ok(());
+        }
+        let parts: Vec<Vec<(u64, Vec<u32>)>> = items
+            .par_iter()
+            .map(|it| {
+                self.with_inputs(job, it, data, |inputs| {
+                    let mut p = vec![(0u64, Vec::new()); nkeys];
+                    for &(slot, key) in &tg {
+                        let (lo, hi) = bands[key];
+                        p[key].0 = select::band_collect(inputs[slot], lo, hi, &mut p[key].1);
+                    }
+                    p
+                })
+            })
+            .collect::<Result<_>>()?;
+        for &(_, key) in &tg {
+            let above = parts.iter().map(|p| p[key].0).sum();
+            let lists: Vec<&[u32]> = parts.iter().map(|p| p[key].1.as_slice()).collect();
+            let Some(mut t) = select::pick_in_band(&lists, above, ks[key]) else { continue };
+            if spec[key].is_some_and(|sk| sk.all_ties) {
+                t.keep_eq = t.eq_total;
+            }
+            if t.needs_tie_ranks() {
+                for (l, counts) in lists.iter().zip(eq_counts.iter_mut()) {
+                    counts[key] = l.iter().filter(|&&b| b == t.bits).count() as u64;
+                }
+            }
+            th[key] = t;
+            active[key] = false;
+        }
+        Ok(())
+    }
+
+    /// The bit patterns of `|input slot|` (its delta when the method uses deltas) at the
+    /// sampled runs.
+    fn sample(&self, job: &Job<'_>, slot: usize, data: Data<'_>, runs: &[usize]) -> Result<Vec<u32>> {
+        let mut out = Vec::with_capacity(runs.len() * select::SAMPLE_RUN);
+        let mut run = [0f32; select::SAMPLE_RUN];
+        let mut base = [0f32; select::SAMPLE_RUN];
+        for &s in runs {
+            let values: &[f32] = match data {
+                Data::Cached(c) => &c.inputs[slot][s..s + select::SAMPLE_RUN],
+                Data::Stream => {
+                    let src = job.models[slot];
+                    match job.base.filter(|_| self.method.uses_deltas()) {
+                        Some(b) => {
+                            b.read(s as u64, &mut base)?;
+                            src.read_sub(s as u64, &mut run, &base)?;
+                        }
+                        None => src.read(s as u64, &mut run)?,
+                    }
+                    &run
+                }
+            };
+            out.extend(values.iter().map(|&x| select::abs_bits(x)));
+        }
+        let mapped = job.numel * 2 * (job.models.len() as u64 + 1);
+        if matches!(data, Data::Stream) && !runs.is_empty() && mapped > self.cache_bytes {
+            // Each sampled run faulted in a window of pages around it. A small tensor's pages
+            // stay mapped for the band pass that reads them next (released with the tensor);
+            // a large one's are unmapped now, or a budget far below its size would be exceeded.
+            for src in job.base.iter().chain(std::iter::once(&job.models[slot])) {
+                src.release(0, job.numel as usize);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The exact radix select for the `active` keys: a high-bit histogram pass (skipped when
+    /// `pre_high` has it), then the winning high bin's low bits (candidate lists, or a low-bit
+    /// histogram pass), then, when needed, the per-item counts of threshold-equal entries. Writes
+    /// `th[key]` and `eq_counts[item][key]` of the active keys.
+    #[allow(clippy::too_many_arguments)]
+    fn histogram_select(
+        &self,
+        jobs: &[Job<'_>],
+        items: &[Item],
+        data: Data<'_>,
+        targets: &(dyn Fn(&Item) -> Targets + Sync),
+        spec: &[Option<SelKey>],
+        ks: &[u64],
+        active: &[bool],
+        th: &mut [Threshold],
+        eq_counts: &mut [Vec<u64>],
+    ) -> Result<()> {
+        let nkeys = spec.len();
+        // Pass A: high-bit histograms.
         let zero = || vec![Vec::<u64>::new(); nkeys];
-        let usable = pre_high.filter(|h| (0..nkeys).all(|k| !active[k] || h.get(k).is_some_and(|v| !v.is_empty())));
-        let high: Vec<Vec<u64>> = if let Some(h) = usable {
-            h.to_vec()
-        } else {
-            items
+        let high: Vec<Vec<u64>> = items
             .par_iter()
             .try_fold(zero, |mut acc, it| -> Result<Vec<Vec<u64>>> {
                 let tg = targets(it);
@@ -510,8 +675,7 @@ impl<'a> Engine<'a> {
                 })?;
                 Ok(acc)
             })
-            .try_reduce(zero, |a, b| Ok(add_hists(a, b)))?
-        };
+            .try_reduce(zero, |a, b| Ok(add_hists(a, b)))?;
         let mut picks = vec![(0u32, 0u64); nkeys];
         for key in 0..nkeys {
             if active[key] {
@@ -585,86 +749,106 @@ impl<'a> Engine<'a> {
         for key in 0..nkeys {
             if active[key] {
                 let mut t = select::pick_low(&low[key], picks[key].0, picks[key].1, ks[key]);
-                if spec[key].1.map(|t| t.rule) == Some(TrimRule::PaperKth) {
+                if spec[key].is_some_and(|sk| sk.all_ties) {
                     t.keep_eq = t.eq_total; // |x| >= kth value: every tie kept
                 }
                 th[key] = t;
             }
         }
         // Pass C: tie ranks, only when some but not all threshold-equal entries are kept.
-        let need: Vec<bool> = th.iter().map(|t| t.needs_tie_ranks()).collect();
+        let need: Vec<bool> = (0..nkeys).map(|k| active[k] && th[k].needs_tie_ranks()).collect();
         if !need.iter().any(|&x| x) {
-            return Ok(Selection { th, eq_before: Vec::new() });
+            return Ok(());
         }
-        let counts: Vec<Vec<u64>> = match &lists {
-            Some(lists) => lists
-                .iter()
-                .map(|l| {
-                    (0..nkeys)
-                        .map(|key| {
-                            let low_bits = (th[key].bits & 0xffff) as u16;
-                            if need[key] { l[key].iter().filter(|&&v| v == low_bits).count() as u64 } else { 0 }
-                        })
-                        .collect()
-                })
-                .collect(),
-            None => items
-                .par_iter()
-                .map(|it| -> Result<Vec<u64>> {
-                    let tg = targets(it);
-                    self.with_inputs(&jobs[it.job], it, data, |inputs| {
-                        let mut c = vec![0u64; nkeys];
-                        for &(slot, key) in &tg {
-                            if need[key] {
-                                c[key] += select::count_eq(inputs[slot], th[key].bits);
+        match &lists {
+            Some(lists) => {
+                for (l, counts) in lists.iter().zip(eq_counts.iter_mut()) {
+                    for key in (0..nkeys).filter(|&k| need[k]) {
+                        let low_bits = (th[key].bits & 0xffff) as u16;
+                        counts[key] = l[key].iter().filter(|&&v| v == low_bits).count() as u64;
+                    }
+                }
+            }
+            None => {
+                let per_item: Vec<Vec<u64>> = items
+                    .par_iter()
+                    .map(|it| -> Result<Vec<u64>> {
+                        let tg = targets(it);
+                        self.with_inputs(&jobs[it.job], it, data, |inputs| {
+                            let mut c = vec![0u64; nkeys];
+                            for &(slot, key) in &tg {
+                                if need[key] {
+                                    c[key] += select::count_eq(inputs[slot], th[key].bits);
+                                }
                             }
-                        }
-                        c
+                            c
+                        })
                     })
-                })
-                .collect::<Result<_>>()?,
-        };
-        let mut running = vec![0u64; nkeys];
-        let mut eq_before = Vec::with_capacity(items.len());
-        for c in counts {
-            eq_before.push(running.clone());
-            for k in 0..nkeys {
-                running[k] += c[k];
+                    .collect::<Result<_>>()?;
+                for (c, counts) in per_item.iter().zip(eq_counts.iter_mut()) {
+                    for key in (0..nkeys).filter(|&k| need[k]) {
+                        counts[key] = c[key];
+                    }
+                }
             }
         }
-        Ok(Selection { th, eq_before })
+        Ok(())
+    }
+
+    /// Trims one model slot's values of item `item` (index within the tensor; `global`: the
+    /// whole-model selection and the item's offset in it).
+    fn trim_slot(&self, job: &Job<'_>, slot: usize, values: &mut [f32], tsel: &Selection, item: usize, global: Option<(&Selection, usize)>) {
+        let Some(trim) = job.recipe.trim[slot] else { return };
+        match trim.scope {
+            TrimScope::Tensor => {
+                let (th, eq) = tsel.cut(slot, item);
+                match tsel.outlier_key.get(slot).copied().flatten() {
+                    Some(ok) => {
+                        let (drop, drop_eq) = tsel.cut(ok, item);
+                        select::apply_band(values, &th, eq, &drop, drop_eq);
+                    }
+                    None => select::apply_trim(values, &th, eq),
+                }
+            }
+            TrimScope::Model => {
+                if let Some((g, off)) = global {
+                    let (th, eq) = g.cut(job.model_ids[slot], off + item);
+                    select::apply_trim(values, &th, eq);
+                }
+            }
+        }
     }
 
     /// Trims one item's inputs in place.
-    fn trim(&self, job: &Job<'_>, inputs: &mut [&mut [f32]], tensor_sel: &Selection, tensor_item: usize, global: Option<(&Selection, usize)>) {
-        for (slot, trim) in job.recipe.trim.iter().enumerate() {
-            let Some(trim) = trim else { continue };
-            let (sel, item, key) = match trim.scope {
-                TrimScope::Tensor => (tensor_sel, tensor_item, slot),
-                TrimScope::Model => match global {
-                    Some((g, gi)) => (g, gi, job.model_ids[slot]),
-                    None => continue,
-                },
-            };
-            let th = sel.th[key];
-            let eq = sel.eq_before.get(item).map_or(0, |v| v[key]);
-            select::apply_trim(inputs[slot], &th, eq);
+    fn trim(&self, job: &Job<'_>, inputs: &mut [&mut [f32]], tensor_sel: &Selection, item: usize, global: Option<(&Selection, usize)>) {
+        for (slot, values) in inputs.iter_mut().enumerate() {
+            self.trim_slot(job, slot, values, tensor_sel, item, global);
         }
     }
 
+    /// The tensor-scope selection of one job: key `slot` for each slot's kept entries, then one
+    /// key per slot that drops outliers.
     fn tensor_selection(&self, jobs: &[Job<'_>], ji: usize, items: &[Item], data: Data<'_>) -> Result<Selection> {
         let job = &jobs[ji];
-        let spec: Vec<(u64, Option<Trim>)> =
-            job.recipe.trim.iter().map(|t| (job.numel, t.filter(|t| t.scope == TrimScope::Tensor))).collect();
-        if spec.iter().all(|(_, t)| t.is_none()) {
-            return Ok(Selection { th: vec![Threshold::KEEP_ALL; spec.len()], eq_before: Vec::new() });
+        let m = job.recipe.trim.len();
+        let tensor_trims: Vec<Option<Trim>> = job.recipe.trim.iter().map(|t| t.filter(|t| t.scope == TrimScope::Tensor)).collect();
+        let mut spec: Vec<Option<SelKey>> = tensor_trims.iter().map(|t| t.map(|t| SelKey::keep(&t, job.numel))).collect();
+        if spec.iter().all(|k| k.is_none()) {
+            return Ok(Selection { th: vec![Threshold::KEEP_ALL; m], ..Default::default() });
         }
-        let targets = |_: &Item| -> Targets { (0..spec.len()).map(|s| (s, s)).collect() };
-        let pre = match data {
-            Data::Cached(c) => Some(c.high.as_slice()),
-            Data::Stream => None,
-        };
-        self.select(jobs, items, data, &targets, &spec, pre)
+        let mut outlier_key = vec![None; m];
+        let mut key_slot: Vec<usize> = (0..m).collect();
+        for (slot, t) in tensor_trims.iter().enumerate() {
+            if let Some(ok) = t.and_then(|t| SelKey::outliers(&t, job.numel)) {
+                outlier_key[slot] = Some(spec.len());
+                key_slot.push(slot);
+                spec.push(Some(ok));
+            }
+        }
+        let targets = |_: &Item| -> Targets { key_slot.iter().enumerate().map(|(key, &slot)| (slot, key)).collect() };
+        let mut sel = self.select(jobs, items, data, &targets, &spec)?;
+        sel.outlier_key = outlier_key;
+        Ok(sel)
     }
 
     /// Runs `f` on each item's trimmed inputs (and base), in parallel; results in item order.
@@ -685,7 +869,6 @@ impl<'a> Engine<'a> {
             .par_iter()
             .enumerate()
             .map(|(ii, it)| -> Result<R> {
-                let g = global.map(|(g, o)| (g, o + ii));
                 match &cache_ptrs {
                     Some((ptrs, trimmed)) => {
                         let s = it.start as usize;
@@ -694,7 +877,7 @@ impl<'a> Engine<'a> {
                         let mut muts: Vec<&mut [f32]> =
                             unsafe { ptrs.iter().map(|p| std::slice::from_raw_parts_mut(p.0.add(s), it.len)).collect() };
                         if !*trimmed {
-                            self.trim(job, &mut muts, tsel, ii, g);
+                            self.trim(job, &mut muts, tsel, ii, global);
                         }
                         let mut base = job.base.map(|_| self.pool.take(it.len));
                         if let (Some(src), Some(b)) = (job.base, base.as_deref_mut()) {
@@ -713,7 +896,7 @@ impl<'a> Engine<'a> {
                         let mut bufs = self.gather(job, it.start, it.len)?;
                         {
                             let mut muts: Vec<&mut [f32]> = bufs.inputs.iter_mut().map(|v| v.as_mut_slice()).collect();
-                            self.trim(job, &mut muts, tsel, ii, g);
+                            self.trim(job, &mut muts, tsel, ii, global);
                         }
                         let views: Vec<&[f32]> = bufs.inputs.iter().map(|v| v.as_slice()).collect();
                         let chunk = Chunk { tensor: job.name, start: it.start, base: bufs.base.as_deref(), inputs: &views };
@@ -728,22 +911,9 @@ impl<'a> Engine<'a> {
     }
 
     /// Trims a cached tensor in place, chunk by chunk (same chunks as streaming).
-    fn trim_cache(&self, job: &Job<'_>, cache: &mut Cache, tsel: &Selection, global: Option<(&Selection, usize)>) {
-        let chunk = self.chunk;
-        for (slot, trim) in job.recipe.trim.iter().enumerate() {
-            let Some(trim) = trim else { continue };
-            let (sel, off, key) = match trim.scope {
-                TrimScope::Tensor => (tsel, 0, slot),
-                TrimScope::Model => match global {
-                    Some((g, o)) => (g, o, job.model_ids[slot]),
-                    None => continue,
-                },
-            };
-            let th = sel.th[key];
-            cache.inputs[slot].par_chunks_mut(chunk).enumerate().for_each(|(ii, c)| {
-                let eq = sel.eq_before.get(off + ii).map_or(0, |v| v[key]);
-                select::apply_trim(c, &th, eq);
-            });
+    fn trim_cache(&self, job: &Job<'_>, chunk: usize, cache: &mut Cache, tsel: &Selection, global: Option<(&Selection, usize)>) {
+        for (slot, values) in cache.inputs.iter_mut().enumerate() {
+            values.par_chunks_mut(chunk).enumerate().for_each(|(ii, c)| self.trim_slot(job, slot, c, tsel, ii, global));
         }
         cache.trimmed = true;
     }
@@ -759,12 +929,13 @@ impl<'a> Engine<'a> {
         n: usize,
         is_global: bool,
     ) -> Result<Vec<f64>> {
+        let block = self.layout(job).0;
         let per_item = self.for_trimmed(job, items, cache, tsel, global, &|_, c| {
             let mut parts = Vec::new();
             let len = c.len();
             let mut s = 0usize;
             while s < len {
-                let e = (s + BLOCK).min(len);
+                let e = (s + block).min(len);
                 let views: Vec<&[f32]> = c.inputs.iter().map(|v| &v[s..e]).collect();
                 let b = Chunk { tensor: c.tensor, start: c.start + s as u64, base: c.base.map(|b| &b[s..e]), inputs: &views };
                 let mut acc = vec![0f64; n];
@@ -790,8 +961,7 @@ impl<'a> Engine<'a> {
     /// Runs every job: global statistics first when needed, then each tensor in order.
     /// `done(job)` is called after each job is written; an error from it stops the run.
     pub fn run(&self, jobs: &[Job<'_>], n_models: usize, sink: &dyn Sink, done: &(dyn Fn(usize) -> Result<()> + Sync)) -> Result<()> {
-        let chunk = self.chunk;
-        let per_job: Vec<Vec<Item>> = jobs.iter().enumerate().map(|(i, j)| items_of(i, j.numel, chunk)).collect();
+        let per_job: Vec<Vec<Item>> = jobs.iter().enumerate().map(|(i, j)| items_of(i, j.numel, self.layout(j).1)).collect();
         let mut offsets = Vec::with_capacity(jobs.len());
         let mut all_items = Vec::new();
         for items in &per_job {
@@ -802,11 +972,11 @@ impl<'a> Engine<'a> {
         // Whole-model trims: one selection per model over every tensor it takes part in.
         let any_global = jobs.iter().any(|j| j.recipe.trim.iter().flatten().any(|t| t.scope == TrimScope::Model));
         let global_sel = if any_global {
-            let mut spec: Vec<(u64, Option<Trim>)> = vec![(0, None); n_models];
+            let mut totals: Vec<(u64, Option<Trim>)> = vec![(0, None); n_models];
             for j in jobs {
                 for (slot, t) in j.recipe.trim.iter().enumerate() {
                     if let Some(t) = t.filter(|t| t.scope == TrimScope::Model) {
-                        let e = &mut spec[j.model_ids[slot]];
+                        let e = &mut totals[j.model_ids[slot]];
                         e.0 += j.numel;
                         e.1.get_or_insert(t);
                     }
@@ -822,7 +992,8 @@ impl<'a> Engine<'a> {
                     .map(|(s, _)| (s, j.model_ids[s]))
                     .collect()
             };
-            Some(self.select(jobs, &all_items, Data::Stream, &targets, &spec, None)?)
+            let spec: Vec<Option<SelKey>> = totals.iter().map(|(n, t)| t.map(|t| SelKey::keep(&t, *n))).collect();
+            Some(self.select(jobs, &all_items, Data::Stream, &targets, &spec)?)
         } else {
             None
         };
@@ -845,10 +1016,14 @@ impl<'a> Engine<'a> {
         for (ji, job) in jobs.iter().enumerate() {
             let items = &per_job[ji];
             let gref = global_sel.as_ref().map(|g| (g, offsets[ji]));
+            // Decoding again from the mapped inputs (2 bytes an element for bf16, into buffers
+            // that stay in cache) is cheaper than keeping a tensor's f32 deltas in memory (4
+            // bytes written and read back per pass), unless several passes read trimmed data:
+            // only then is the tensor cached. Measured on the 1.1B TIES benchmark (band
+            // selection: two passes): caching every tensor cost 10% more CPU time.
             let decoded = job.numel * job.models.len() as u64 * 4;
-            let mut cache = if decoded <= self.cache_bytes {
-                let want_high = job.recipe.trim.iter().flatten().any(|t| t.scope == TrimScope::Tensor);
-                Some(self.load_cache(job, items, want_high)?)
+            let mut cache = if job.recipe.reductions > 0 && decoded <= self.cache_bytes {
+                Some(self.load_cache(job, items)?)
             } else {
                 None
             };
@@ -856,7 +1031,7 @@ impl<'a> Engine<'a> {
             let tensor_acc = if job.recipe.reductions > 0 {
                 // Two passes read the trimmed data: trim the cache once up front.
                 if let Some(c) = cache.as_mut() {
-                    self.trim_cache(job, c, &tsel, gref);
+                    self.trim_cache(job, self.layout(job).1, c, &tsel, gref);
                 }
                 self.block_reduce(job, items, cache.as_mut(), &tsel, gref, job.recipe.reductions, false)?
             } else {
@@ -1057,6 +1232,7 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
     let pool = pool(Some(threads))?;
     let chunk = chunk_for_budget(spec.memory_budget.unwrap_or(DEFAULT_MEMORY_BUDGET), threads, inputs.models.len() + 1);
     let check_finite = !spec.allow_nonfinite;
+    let budget = spec.memory_budget.unwrap_or(DEFAULT_MEMORY_BUDGET);
 
     // Sources for every merge job.
     let total_tensors = plan.tensors.len() as u64;
@@ -1074,44 +1250,7 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
     };
 
 
-    // Copies first (sequential, small), then merges.
-    for (ti, t) in plan.tensors.iter().enumerate() {
-        if let Action::Copy(src) = &t.action {
-            copy_tensor(&inputs, src, t.dtype, &t.name, ti, &out, check_finite && is_float(t.dtype))?;
-            tick(t.in_bytes)?;
-        }
-    }
-
-    let mut srcs: Vec<(Option<Box<dyn Source + '_>>, Vec<Box<dyn Source + '_>>)> = Vec::new();
-    let mut merge_idx = Vec::new();
-    for (ti, t) in plan.tensors.iter().enumerate() {
-        if let Action::Merge { base, models, .. } = &t.action {
-            let b = base.as_ref().map(|s| make_src(&inputs, s, &t.name, check_finite));
-            let ms = models.iter().map(|(_, s)| make_src(&inputs, s, &t.name, check_finite)).collect();
-            srcs.push((b, ms));
-            merge_idx.push(ti);
-        }
-    }
-    let mut jobs = Vec::with_capacity(merge_idx.len());
-    let mut targets = Vec::with_capacity(merge_idx.len());
-    for (k, &ti) in merge_idx.iter().enumerate() {
-        let t = &plan.tensors[ti];
-        let Action::Merge { models, recipe, .. } = &t.action else { continue };
-        jobs.push(Job {
-            name: &t.name,
-            numel: t.numel(),
-            base: srcs[k].0.as_deref(),
-            models: srcs[k].1.iter().map(|b| b.as_ref()).collect(),
-            model_ids: models.iter().map(|(i, _)| *i).collect(),
-            recipe,
-        });
-        targets.push((ti, t.dtype));
-    }
-    let sink = FileSink { out: &out, targets, bufs: Default::default() };
-    let budget = spec.memory_budget.unwrap_or(DEFAULT_MEMORY_BUDGET);
-    let engine = Engine::new(method.as_ref(), chunk, cache_bytes_for(budget));
-    let done = |j: usize| tick(plan.tensors[merge_idx[j]].in_bytes);
-    pool.install(|| engine.run(&jobs, inputs.models.len(), &sink, &done))?;
+    merge_tensors(&plan, &inputs, &out, method.as_ref(), &pool, chunk, budget, check_finite, &tick)?;
 
     let bytes_written = out.bytes();
     let shards = out.layout.shards.len();
@@ -1135,6 +1274,59 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
         },
     })
 }
+
+/// Writes every output tensor of `plan` into `out`: copies first (sequential, small), then the
+/// merges; each tensor is counted by `tick` once written.
+#[allow(clippy::too_many_arguments)]
+fn merge_tensors(
+    plan: &plan::Plan,
+    inputs: &Inputs,
+    out: &Output,
+    method: &dyn Method,
+    pool: &Pool,
+    chunk: usize,
+    budget: u64,
+    check_finite: bool,
+    tick: &(dyn Fn(u64) -> Result<()> + Sync),
+) -> Result<()> {
+    for (ti, t) in plan.tensors.iter().enumerate() {
+        if let Action::Copy(src) = &t.action {
+            copy_tensor(inputs, src, t.dtype, &t.name, ti, out, check_finite && is_float(t.dtype))?;
+            tick(t.in_bytes)?;
+        }
+    }
+
+    let mut srcs: Vec<(Option<Box<dyn Source + '_>>, Vec<Box<dyn Source + '_>>)> = Vec::new();
+    let mut merge_idx = Vec::new();
+    for (ti, t) in plan.tensors.iter().enumerate() {
+        if let Action::Merge { base, models, .. } = &t.action {
+            let b = base.as_ref().map(|s| make_src(inputs, s, &t.name, check_finite));
+            let ms = models.iter().map(|(_, s)| make_src(inputs, s, &t.name, check_finite)).collect();
+            srcs.push((b, ms));
+            merge_idx.push(ti);
+        }
+    }
+    let mut jobs = Vec::with_capacity(merge_idx.len());
+    let mut targets = Vec::with_capacity(merge_idx.len());
+    for (k, &ti) in merge_idx.iter().enumerate() {
+        let t = &plan.tensors[ti];
+        let Action::Merge { models, recipe, .. } = &t.action else { continue };
+        jobs.push(Job {
+            name: &t.name,
+            numel: t.numel(),
+            base: srcs[k].0.as_deref(),
+            models: srcs[k].1.iter().map(|b| b.as_ref()).collect(),
+            model_ids: models.iter().map(|(i, _)| *i).collect(),
+            recipe,
+        });
+        targets.push((ti, t.dtype));
+    }
+    let sink = FileSink { out, targets, bufs: Default::default() };
+    let engine = Engine::new(method, chunk, cache_bytes_for(budget));
+    let done = |j: usize| tick(plan.tensors[merge_idx[j]].in_bytes);
+    pool.install(|| engine.run(&jobs, inputs.models.len(), &sink, &done))
+}
+
 
 fn make_src<'a>(inputs: &'a Inputs, s: &'a SrcRef, name: &'a str, check_finite: bool) -> Box<dyn Source + 'a> {
     match (s.input, inputs.get(s.input), s.info.as_ref()) {

@@ -20,7 +20,9 @@
 //! generators keyed by (seed, tensor name, element index), using [`Chunk::start`] for the index,
 //! never a shared stream, so results do not depend on chunking.
 
+pub mod breadcrumbs;
 pub mod dare;
+pub mod della;
 pub mod linear;
 pub mod magnitude_prune;
 pub mod model_stock;
@@ -85,6 +87,29 @@ pub struct Trim {
     pub scope: TrimScope,
     /// Count and tie rule.
     pub rule: TrimRule,
+    /// Fraction of the largest magnitudes dropped as outliers before the kept ones (Model
+    /// Breadcrumbs' gamma; 0 for a plain top-k trim). Tensor scope and [`TrimRule::ExactK`] only.
+    pub outliers: f64,
+}
+
+impl Trim {
+    /// A plain top-k trim.
+    pub fn top(density: f64, scope: TrimScope, rule: TrimRule) -> Self {
+        Trim { density, scope, rule, outliers: 0.0 }
+    }
+
+    /// For a tensor of `n` entries: (largest entries dropped as outliers, entries kept after
+    /// them), mergekit's `magnitude_outliers` counts: kept = floor(density * n), dropped =
+    /// min(floor(outliers * n), n - kept), so the outlier drop shrinks rather than the kept
+    /// count; density 1 keeps everything (no outliers dropped either, as in mergekit).
+    pub fn band(&self, n: u64) -> (u64, u64) {
+        if self.density >= 1.0 {
+            return (0, n);
+        }
+        let kept = crate::select::keep_count(self.density, n);
+        let dropped = crate::select::keep_count(self.outliers, n).min(n - kept);
+        (dropped, kept)
+    }
 }
 
 /// What a method needs for one tensor, resolved at planning time.
@@ -96,6 +121,9 @@ pub struct TensorRecipe {
     pub scalars: Vec<f32>,
     /// Number of per-tensor f64 reductions [`Method::reduce`] fills.
     pub reductions: usize,
+    /// When not 0: chunks and reduction blocks must hold whole rows of this many elements (a
+    /// method that looks at a row at once, e.g. DELLA's per-row magnitude ranks).
+    pub row: u64,
 }
 
 /// Context for planning one tensor.
@@ -218,8 +246,20 @@ pub trait Method: Send + Sync {
 }
 
 /// Names of the methods this build knows.
-pub const METHODS: &[&str] =
-    &["ties", "linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "slerp", "model_stock"];
+pub const METHODS: &[&str] = &[
+    "ties",
+    "linear",
+    "task_arithmetic",
+    "magnitude_prune",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "slerp",
+    "model_stock",
+];
 
 /// Builds a method by name from the merge's parameters (checks unknown parameter names).
 pub fn build(name: &str, params: &Params) -> Result<Box<dyn Method>> {
@@ -230,6 +270,10 @@ pub fn build(name: &str, params: &Params) -> Result<Box<dyn Method>> {
         "magnitude_prune" => Box::new(magnitude_prune::build(params)?),
         "dare_linear" => Box::new(dare::dare_linear(params)?),
         "dare_ties" => Box::new(dare::dare_ties(params)?),
+        "breadcrumbs" => Box::new(breadcrumbs::breadcrumbs(params)?),
+        "breadcrumbs_ties" => Box::new(breadcrumbs::breadcrumbs_ties(params)?),
+        "della" => Box::new(della::della(params)?),
+        "della_linear" => Box::new(della::della_linear(params)?),
         "slerp" => Box::new(slerp::Slerp::from_params(params)?),
         "model_stock" => Box::new(model_stock::ModelStock::from_params(params)?),
         other => {

@@ -92,7 +92,7 @@ impl Method for ModelStock {
 
     fn plan_tensor(&self, t: &TensorCtx<'_>) -> Result<TensorRecipe> {
         let m = t.models.len();
-        Ok(TensorRecipe { trim: vec![None; m], scalars: Vec::new(), reductions: m + m * m.saturating_sub(1) / 2 })
+        Ok(TensorRecipe { trim: vec![None; m], scalars: Vec::new(), reductions: m + m * m.saturating_sub(1) / 2, row: 0 })
     }
 
     fn reduce(&self, _r: &TensorRecipe, c: &Chunk<'_>, acc: &mut [f64]) {

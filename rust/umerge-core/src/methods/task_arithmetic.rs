@@ -1,15 +1,17 @@
 //! Task arithmetic (Ilharco et al., 2023, "Editing Models with Task Arithmetic",
 //! arXiv:2212.04089) and the shared kernel of the task-vector family that mergekit calls
 //! "generalized task arithmetic": `task_arithmetic`, `magnitude_prune`, `dare_linear`,
-//! `dare_ties` (see `magnitude_prune.rs`, `dare.rs`).
+//! `dare_ties`, `breadcrumbs`, `breadcrumbs_ties`, `della`, `della_linear` (see
+//! `magnitude_prune.rs`, `dare.rs`, `breadcrumbs.rs`, `della.rs`).
 //!
 //! For task vectors d_i = x_i - base, weights w_i and scale lambda, per element:
 //!
 //! 1. **sparsify** each d_i: none (task arithmetic); keep the top k = floor(density * n)
 //!    magnitudes of the tensor (magnitude pruning; done by the executor from the recipe's
-//!    [`Trim`]); or keep each entry independently with probability density (DARE's Bernoulli
-//!    mask, drawn from the counter-based generator in `rng`) and rescale the kept entries
-//!    ([`Rescale`]);
+//!    [`Trim`]), optionally after dropping the largest gamma * n as outliers (breadcrumbs);
+//!    or keep each entry independently with probability density (DARE's Bernoulli mask, drawn
+//!    from the counter-based generator in `rng`), or with a probability that grows with the
+//!    entry's magnitude rank in its row (DELLA), and rescale the kept entries ([`Rescale`]);
 //! 2. **weight**: v_i = w_i * d_i;
 //! 3. **combine**: without consensus, m = sum_i v_i and divisor D = sum_i w_i (|D| < 1e-8 -> 1);
 //!    with consensus (TIES sign election, mergekit's `sum` method), the elected sign is + when
@@ -23,7 +25,7 @@
 
 use crate::error::{Error, Result};
 use crate::methods::ties::sign;
-use crate::methods::{rng, BaseUse, Chunk, Method, ParamSpec, Stats, TensorCtx, TensorRecipe, Trim, TrimRule, TrimScope};
+use crate::methods::{breadcrumbs, della, rng, BaseUse, Chunk, Method, ParamSpec, Stats, TensorCtx, TensorRecipe, Trim, TrimRule, TrimScope};
 use crate::params::{ParamValue, Params};
 
 /// How task vectors are sparsified before merging.
@@ -35,6 +37,19 @@ pub enum Sparsify {
     Magnitude,
     /// Bernoulli(density) keep mask per element (DARE).
     Random,
+    /// Top-k magnitudes after dropping the largest `gamma` fraction as outliers (Model
+    /// Breadcrumbs), per tensor, exact as [`Sparsify::Magnitude`].
+    Outliers,
+    /// Bernoulli keep mask with a probability from the entry's magnitude rank in its row,
+    /// density +- epsilon (DELLA's MagPrune; see `della.rs`).
+    Della,
+}
+
+impl Sparsify {
+    /// Whether kept entries come from a random mask (and may be rescaled).
+    fn is_random(self) -> bool {
+        matches!(self, Sparsify::Random | Sparsify::Della)
+    }
 }
 
 /// How the entries a random mask keeps are rescaled.
@@ -42,9 +57,11 @@ pub enum Sparsify {
 pub enum Rescale {
     /// Not rescaled.
     None,
-    /// Divided by density: the DARE paper's rescale (Yu et al., 2023, arXiv:2311.03099), which
-    /// keeps every element's expectation, E[mask * d / density] = d. Element-local: no extra
-    /// pass over the tensor. The default.
+    /// Divided by the entry's keep probability: density for DARE, the paper's rescale (Yu et
+    /// al., 2023, arXiv:2311.03099); the rank-based probability for DELLA (Deep et al., 2024,
+    /// arXiv:2406.11617, Eq. 4's 1/(1 - p_i) with p_i the drop probability). Keeps every
+    /// element's expectation, E[mask * d / p] = d. Element-local: no extra pass over the tensor.
+    /// The default.
     Density,
     /// Multiplied by L1(d) / L1(mask * d) per tensor, so the kept entries have the L1 norm of the
     /// whole task vector (current mergekit, `rescale: true`); factor 1 when either norm is below
@@ -93,7 +110,11 @@ pub const DENSITY: ParamSpec = ParamSpec { name: "density", per_model: true, def
 /// `seed`.
 pub const SEED: ParamSpec = ParamSpec { name: "seed", per_model: false, default: "0", doc: "seed of the counter-based random masks (keyed by seed, tensor name, model, element)" };
 /// `rescale`.
-pub const RESCALE: ParamSpec = ParamSpec { name: "rescale", per_model: false, default: "density", doc: "density (divide kept entries by density, DARE paper) | l1 (match the L1 norm, mergekit) | none" };
+pub const RESCALE: ParamSpec = ParamSpec { name: "rescale", per_model: false, default: "density", doc: "density (divide kept entries by their keep probability, as the DARE and DELLA papers; alias: probability) | l1 (match the L1 norm, mergekit) | none" };
+/// `gamma` (breadcrumbs).
+pub const GAMMA: ParamSpec = ParamSpec { name: "gamma", per_model: true, default: "0.01", doc: "fraction of the largest |d| dropped as outliers, in [0, 1) (mergekit's default 0.01)" };
+/// `epsilon` (DELLA).
+pub const EPSILON: ParamSpec = ParamSpec { name: "epsilon", per_model: true, default: "0.15", doc: "keep probabilities span density +- epsilon by magnitude rank; density +- epsilon must lie in (0, 1)" };
 
 const PARAMS: &[ParamSpec] = &[
     WEIGHT,
@@ -118,12 +139,12 @@ impl TaskVectorMerge {
     ) -> Result<Self> {
         let perr = |n: &str, reason: String| Error::Param { name: n.into(), reason, place: String::new() };
         let normalize = params.flag("normalize", default_normalize).map_err(|r| perr("normalize", r))?;
-        let rescale = if sparsify == Sparsify::Random {
+        let rescale = if sparsify.is_random() {
             match params.text("rescale", "density").map_err(|r| perr("rescale", r))?.as_str() {
-                "density" => Rescale::Density,
+                "density" | "probability" => Rescale::Density,
                 "l1" => Rescale::L1,
                 "none" => Rescale::None,
-                other => return Err(perr("rescale", format!("{other:?} is not one of density, l1, none"))),
+                other => return Err(perr("rescale", format!("{other:?} is not one of density (or probability), l1, none"))),
             }
         } else {
             Rescale::None
@@ -147,17 +168,24 @@ impl TaskVectorMerge {
 /// in L1/L2 cache).
 const TILE: usize = 1024;
 
-/// Recipe scalars: `[lambda, w_0..w_m, density_0..density_m, model_0..model_m]` (model indices
-/// as f32, exact below 2^24).
+/// Recipe scalars: `[lambda, w_0..w_m, density_0..density_m, model_0..model_m,
+/// epsilon_0..epsilon_m]` (model indices as f32, exact below 2^24; epsilons only for DELLA).
 struct Scalars<'a> {
     lambda: f32,
     w: &'a [f32],
     p: &'a [f32],
     ids: &'a [f32],
+    eps: &'a [f32],
 }
 
 fn scalars(r: &TensorRecipe, m: usize) -> Scalars<'_> {
-    Scalars { lambda: r.scalars[0], w: &r.scalars[1..1 + m], p: &r.scalars[1 + m..1 + 2 * m], ids: &r.scalars[1 + 2 * m..1 + 3 * m] }
+    Scalars {
+        lambda: r.scalars[0],
+        w: &r.scalars[1..1 + m],
+        p: &r.scalars[1 + m..1 + 2 * m],
+        ids: &r.scalars[1 + 2 * m..1 + 3 * m],
+        eps: r.scalars.get(1 + 3 * m..1 + 4 * m).unwrap_or(&[]),
+    }
 }
 
 /// The L1 rescale factor L1(d) / L1(mask * d) from the two sums, 1 when either is below 1e-7.
@@ -187,6 +215,7 @@ impl Method for TaskVectorMerge {
         let lambda = t.global_number("lambda", Some(1.0))?;
         let mut ws = Vec::with_capacity(m);
         let mut ps = Vec::with_capacity(m);
+        let mut eps = Vec::new();
         let mut trim = Vec::with_capacity(m);
         for slot in 0..m {
             ws.push(t.model_number(slot, "weight", Some(1.0))? as f32);
@@ -200,33 +229,43 @@ impl Method for TaskVectorMerge {
             }
             ps.push(density as f32);
             trim.push(match self.sparsify {
-                Sparsify::Magnitude => Some(Trim { density, scope: TrimScope::Tensor, rule: TrimRule::ExactK }),
+                Sparsify::Magnitude => Some(Trim::top(density, TrimScope::Tensor, TrimRule::ExactK)),
+                Sparsify::Outliers => {
+                    let gamma = t.model_number(slot, "gamma", Some(0.01))?;
+                    breadcrumbs::check_gamma(gamma, t, slot)?;
+                    Some(Trim { outliers: gamma, ..Trim::top(density, TrimScope::Tensor, TrimRule::ExactK) })
+                }
                 _ => None,
             });
+            if self.sparsify == Sparsify::Della {
+                eps.push(della::check_epsilon(t.model_number(slot, "epsilon", Some(della::DEFAULT_EPSILON))?, density, t, slot)?);
+            }
         }
         let mut s = vec![lambda as f32];
         s.extend(&ws);
         s.extend(&ps);
         s.extend(t.models.iter().map(|&i| i as f32));
-        let reductions = if self.sparsify == Sparsify::Random && self.rescale == Rescale::L1 { 2 * m } else { 0 };
-        Ok(TensorRecipe { trim, scalars: s, reductions })
+        s.extend(&eps);
+        let reductions = if self.sparsify.is_random() && self.rescale == Rescale::L1 { 2 * m } else { 0 };
+        let row = if self.sparsify == Sparsify::Della { della::row_length(t)? } else { 0 };
+        Ok(TensorRecipe { trim, scalars: s, reductions, row })
     }
 
     /// L1 rescale: per model, sum |d| and sum |d| over the kept entries.
     fn reduce(&self, r: &TensorRecipe, c: &Chunk<'_>, acc: &mut [f64]) {
         let m = c.inputs.len();
         let sc = scalars(r, m);
+        if self.sparsify == Sparsify::Della {
+            for (i, x) in c.inputs.iter().enumerate() {
+                let mask = self.della_mask(r, &sc, i, c, x, None);
+                acc[2 * i] += x.iter().map(|&d| d.abs() as f64).sum::<f64>();
+                acc[2 * i + 1] += mask.iter().map(|&d| d.abs() as f64).sum::<f64>();
+            }
+            return;
+        }
         for (i, x) in c.inputs.iter().enumerate() {
             let key = rng::stream_key(self.seed, c.tensor, sc.ids[i] as u64);
-            let cut = rng::keep_cutoff(sc.p[i] as f64);
-            let (mut before, mut after) = (0f64, 0f64);
-            for (j, &d) in x.iter().enumerate() {
-                let a = d.abs() as f64;
-                before += a;
-                if rng::keep(key, c.start + j as u64, cut) {
-                    after += a;
-                }
-            }
+            let (before, after) = rng::masked_l1(key, c.start, rng::keep_cutoff(sc.p[i] as f64), x);
             acc[2 * i] += before;
             acc[2 * i + 1] += after;
         }
@@ -235,8 +274,13 @@ impl Method for TaskVectorMerge {
     fn apply(&self, r: &TensorRecipe, st: &Stats<'_>, c: &Chunk<'_>, out: &mut [f32]) {
         let m = c.inputs.len();
         let sc = scalars(r, m);
-        let n = out.len();
-        // Per model: stream key, keep cutoff and the scale applied to kept entries.
+        if self.sparsify == Sparsify::Della {
+            // Mask and rescale whole rows first, then combine the sparse task vectors.
+            let masked: Vec<Vec<f32>> = (0..m).map(|i| self.della_mask(r, &sc, i, c, c.inputs[i], Some(st))).collect();
+            let views: Vec<&[f32]> = masked.iter().map(|v| v.as_slice()).collect();
+            let sparse = Chunk { inputs: &views, ..*c };
+            return self.combine(&sc, &[], &[], &[], &sparse, out);
+        }
         let keys: Vec<u64> = (0..m).map(|i| rng::stream_key(self.seed, c.tensor, sc.ids[i] as u64)).collect();
         let cuts: Vec<u64> = (0..m).map(|i| rng::keep_cutoff(sc.p[i] as f64)).collect();
         let scale: Vec<f32> = (0..m)
@@ -246,6 +290,50 @@ impl Method for TaskVectorMerge {
                 _ => 1.0,
             })
             .collect();
+        self.combine(&sc, &keys, &cuts, &scale, c, out)
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!("{} (normalize {}", self.name, self.normalize);
+        if self.sparsify.is_random() {
+            s.push_str(&format!(", rescale {}, seed {}", self.rescale.name(), self.seed));
+        }
+        s.push(')');
+        s
+    }
+}
+
+impl TaskVectorMerge {
+    /// Model `i`'s DELLA-masked, rescaled task vector for one chunk (whole rows). The L1 factor
+    /// comes from `stats`; without stats (the reduction pass) kept entries are not rescaled.
+    fn della_mask(&self, r: &TensorRecipe, sc: &Scalars<'_>, i: usize, c: &Chunk<'_>, x: &[f32], stats: Option<&Stats<'_>>) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        let density = sc.p[i] as f64;
+        if density >= 1.0 {
+            out.copy_from_slice(x);
+            return out;
+        }
+        let key = rng::stream_key(self.seed, c.tensor, sc.ids[i] as u64);
+        let rescale = match (self.rescale, stats) {
+            (Rescale::Density, Some(_)) => della::Scale::ByProbability,
+            (Rescale::L1, Some(st)) => della::Scale::By(l1_factor(st.tensor[2 * i], st.tensor[2 * i + 1])),
+            _ => della::Scale::By(1.0),
+        };
+        let mask = della::MagPrune { density, epsilon: sc.eps[i] as f64, key, scale: rescale };
+        let row = r.row as usize;
+        let mut order = Vec::with_capacity(row);
+        for (ri, (xs, os)) in x.chunks(row).zip(out.chunks_mut(row)).enumerate() {
+            mask.row(xs, c.start + (ri * row) as u64, os, &mut order);
+        }
+        out
+    }
+
+    /// Steps 2-5 of the module doc on one chunk; DARE's mask is drawn here, tile by tile, from
+    /// `keys` and `cuts`, with kept entries scaled by `scale` (all three empty when the inputs
+    /// come already sparsified).
+    fn combine(&self, sc: &Scalars<'_>, keys: &[u64], cuts: &[u64], scale: &[f32], c: &Chunk<'_>, out: &mut [f32]) {
+        let m = c.inputs.len();
+        let n = out.len();
         let wsum: f32 = sc.w.iter().fold(0.0f32, |a, &b| a + b);
         let mut vals = vec![0f32; m * TILE];
         let mut t0 = 0;
@@ -256,14 +344,8 @@ impl Method for TaskVectorMerge {
                 let v = &mut vals[i * TILE..i * TILE + len];
                 let x = &c.inputs[i][t0..t0 + len];
                 let w = sc.w[i];
-                if self.sparsify == Sparsify::Random && sc.p[i] < 1.0 {
-                    let (key, cut, s) = (keys[i], cuts[i], scale[i]);
-                    let first = c.start + t0 as u64;
-                    for (j, (v, &d)) in v.iter_mut().zip(x).enumerate() {
-                        let kept = rng::keep(key, first + j as u64, cut);
-                        let d = if kept { d * s } else { 0.0 };
-                        *v = d * w;
-                    }
+                if !keys.is_empty() && self.sparsify == Sparsify::Random && sc.p[i] < 1.0 {
+                    rng::masked_scale(keys[i], c.start + t0 as u64, cuts[i], x, scale[i], w, v);
                 } else {
                     for (v, &d) in v.iter_mut().zip(x) {
                         *v = d * w;
@@ -308,15 +390,6 @@ impl Method for TaskVectorMerge {
             }
             t0 += len;
         }
-    }
-
-    fn describe(&self) -> String {
-        let mut s = format!("{} (normalize {}", self.name, self.normalize);
-        if self.sparsify == Sparsify::Random {
-            s.push_str(&format!(", rescale {}, seed {}", self.rescale.name(), self.seed));
-        }
-        s.push(')');
-        s
     }
 }
 

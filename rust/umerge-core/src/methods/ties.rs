@@ -392,11 +392,11 @@ impl Method for Ties {
             let weight = t.model_number(slot, "weight", Some(1.0))?;
             scalars.push(weight as f32);
             trim.push(Some(match self.preset {
-                Preset::Mergekit | Preset::Peft => Trim { density, scope: TrimScope::Tensor, rule: TrimRule::ExactK },
-                Preset::Paper => Trim { density, scope: TrimScope::Model, rule: TrimRule::PaperKth },
+                Preset::Mergekit | Preset::Peft => Trim::top(density, TrimScope::Tensor, TrimRule::ExactK),
+                Preset::Paper => Trim::top(density, TrimScope::Model, TrimRule::PaperKth),
             }));
         }
-        Ok(TensorRecipe { trim, scalars, reductions: 0 })
+        Ok(TensorRecipe { trim, scalars, reductions: 0, row: 0 })
     }
 
     fn global_reductions(&self) -> usize {
