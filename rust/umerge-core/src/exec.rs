@@ -1323,7 +1323,11 @@ fn merge_tensors(
     }
     let sink = FileSink { out, targets, bufs: Default::default() };
     let engine = Engine::new(method, chunk, cache_bytes_for(budget));
-    let done = |j: usize| tick(plan.tensors[merge_idx[j]].in_bytes);
+    let done = |j: usize| {
+        let t = &plan.tensors[merge_idx[j]];
+        out.start_writeback(merge_idx[j], t.numel() * elem_bytes(t.dtype).unwrap_or(0) as u64);
+        tick(t.in_bytes)
+    };
     pool.install(|| engine.run(&jobs, inputs.models.len(), &sink, &done))
 }
 
