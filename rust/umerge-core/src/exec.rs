@@ -300,6 +300,26 @@ impl Selection {
     }
 }
 
+/// One selection's question: the items it covers, where their data comes from, which input
+/// slots of an item's job feed which key (`targets`), and each key's target (`spec`).
+#[derive(Clone, Copy)]
+struct Query<'q, 'j> {
+    jobs: &'q [Job<'j>],
+    items: &'q [Item],
+    data: Data<'q>,
+    targets: &'q (dyn Fn(&Item) -> Targets + Sync),
+    spec: &'q [Option<SelKey>],
+}
+
+/// A selection in progress: per key its k, whether it is still unresolved and its threshold;
+/// per item and key, the entries equal to the threshold (for tie ranks).
+struct Found {
+    ks: Vec<u64>,
+    active: Vec<bool>,
+    th: Vec<Threshold>,
+    eq_counts: Vec<Vec<u64>>,
+}
+
 /// One selection key: the top `k` of `n` magnitudes; `all_ties` keeps every entry equal to the
 /// threshold (the TIES paper's kthvalue rule).
 #[derive(Debug, Clone, Copy)]
@@ -484,48 +504,43 @@ impl<'a> Engine<'a> {
         Ok(Cache { inputs, trimmed: false })
     }
 
-    /// Computes thresholds for the selection keys over `items`; `targets(item)` says which
-    /// input slots of the item's job feed which key; `spec[key]` = (total elements, trim).
-    fn select(
-        &self,
-        jobs: &[Job<'_>],
-        items: &[Item],
-        data: Data<'_>,
-        targets: &(dyn Fn(&Item) -> Targets + Sync),
-        spec: &[Option<SelKey>],
-    ) -> Result<Selection> {
-        let nkeys = spec.len();
-        let mut th = vec![Threshold::KEEP_ALL; nkeys];
-        let mut ks = vec![0u64; nkeys];
-        let mut active = vec![false; nkeys];
-        for (key, sk) in spec.iter().enumerate() {
+    /// Computes the thresholds of a selection's keys.
+    fn select(&self, q: &Query<'_, '_>) -> Result<Selection> {
+        let nkeys = q.spec.len();
+        let mut f = Found {
+            ks: vec![0u64; nkeys],
+            active: vec![false; nkeys],
+            th: vec![Threshold::KEEP_ALL; nkeys],
+            eq_counts: vec![vec![0u64; nkeys]; q.items.len()],
+        };
+        for (key, sk) in q.spec.iter().enumerate() {
             let Some(SelKey { n, k, .. }) = *sk else { continue };
             if k >= n {
-                th[key] = Threshold::KEEP_ALL;
+                f.th[key] = Threshold::KEEP_ALL;
             } else if k == 0 {
-                th[key] = Threshold::KEEP_NONE;
+                f.th[key] = Threshold::KEEP_NONE;
             } else {
-                ks[key] = k;
-                active[key] = true;
+                f.ks[key] = k;
+                f.active[key] = true;
             }
         }
-        // Tie ranks: per item, per key, the entries equal to the threshold.
-        let mut eq_counts = vec![vec![0u64; nkeys]; items.len()];
         // One tensor: a single pass collecting a sampled band around each threshold replaces
         // the histogram passes (see `select::band_of_sample`); keys whose band misses fall
         // through to them. Measured on the 1.1B benchmark: the scatter of the high-bit
         // histogram was the largest cost of the selection.
-        if items.first().is_some_and(|f| items.iter().all(|it| it.job == f.job)) && active.iter().any(|&a| a) {
-            self.band_select(&jobs[items[0].job], items, data, targets, spec, &ks, &mut active, &mut th, &mut eq_counts)?;
+        let one_job = q.items.first().is_some_and(|first| q.items.iter().all(|it| it.job == first.job));
+        if one_job && f.active.iter().any(|&a| a) {
+            self.band_select(q, &mut f)?;
         }
-        if active.iter().any(|&a| a) {
-            self.histogram_select(jobs, items, data, targets, spec, &ks, &active, &mut th, &mut eq_counts)?;
+        if f.active.iter().any(|&a| a) {
+            self.histogram_select(q, &mut f)?;
         }
+        let Found { th, eq_counts, .. } = f;
         if !th.iter().any(|t| t.needs_tie_ranks()) {
             return Ok(Selection { th, ..Default::default() });
         }
         let mut running = vec![0u64; nkeys];
-        let mut eq_before = Vec::with_capacity(items.len());
+        let mut eq_before = Vec::with_capacity(q.items.len());
         for c in eq_counts {
             eq_before.push(running.clone());
             for k in 0..nkeys {
@@ -535,22 +550,13 @@ impl<'a> Engine<'a> {
         Ok(Selection { th, eq_before, outlier_key: Vec::new() })
     }
 
-    /// Band selection for the `active` keys of one job's items: a band per key from a sample,
-    /// one pass collecting each item's band members, then the exact threshold inside the band.
-    /// Resolved keys get `th[key]`, their tie counts in `eq_counts` and `active[key] = false`.
-    #[allow(clippy::too_many_arguments)]
-    fn band_select(
-        &self,
-        job: &Job<'_>,
-        items: &[Item],
-        data: Data<'_>,
-        targets: &(dyn Fn(&Item) -> Targets + Sync),
-        spec: &[Option<SelKey>],
-        ks: &[u64],
-        active: &mut [bool],
-        th: &mut [Threshold],
-        eq_counts: &mut [Vec<u64>],
-    ) -> Result<()> {
+    /// Band selection for the active keys of a one-job selection: a band per key from a
+    /// sample, one pass collecting each item's band members, then the exact threshold inside
+    /// the band. Resolves the keys whose band holds it.
+    fn band_select(&self, q: &Query<'_, '_>, f: &mut Found) -> Result<()> {
+        let Query { items, data, targets, spec, .. } = *q;
+        let Found { ks, active, th, eq_counts } = f;
+        let job = &q.jobs[items[0].job];
         let nkeys = spec.len();
         let tg: Vec<(usize, usize)> = targets(&items[0]).into_iter().filter(|&(_, k)| active[k]).collect();
         let runs = select::sample_runs(job.numel as usize);
@@ -639,23 +645,12 @@ impl<'a> Engine<'a> {
         Ok(out)
     }
 
-    /// The exact radix select for the `active` keys: a high-bit histogram pass (skipped when
-    /// `pre_high` has it), then the winning high bin's low bits (candidate lists, or a low-bit
-    /// histogram pass), then, when needed, the per-item counts of threshold-equal entries. Writes
-    /// `th[key]` and `eq_counts[item][key]` of the active keys.
-    #[allow(clippy::too_many_arguments)]
-    fn histogram_select(
-        &self,
-        jobs: &[Job<'_>],
-        items: &[Item],
-        data: Data<'_>,
-        targets: &(dyn Fn(&Item) -> Targets + Sync),
-        spec: &[Option<SelKey>],
-        ks: &[u64],
-        active: &[bool],
-        th: &mut [Threshold],
-        eq_counts: &mut [Vec<u64>],
-    ) -> Result<()> {
+    /// The exact radix select for the active keys: a high-bit histogram pass, then the
+    /// winning high bin's low bits (candidate lists, or a low-bit histogram pass), then, when
+    /// needed, the per-item counts of threshold-equal entries. Resolves every active key.
+    fn histogram_select(&self, q: &Query<'_, '_>, f: &mut Found) -> Result<()> {
+        let Query { jobs, items, data, targets, spec } = *q;
+        let Found { ks, active, th, eq_counts } = f;
         let nkeys = spec.len();
         // Pass A: high-bit histograms.
         let zero = || vec![Vec::<u64>::new(); nkeys];
@@ -846,7 +841,7 @@ impl<'a> Engine<'a> {
             }
         }
         let targets = |_: &Item| -> Targets { key_slot.iter().enumerate().map(|(key, &slot)| (slot, key)).collect() };
-        let mut sel = self.select(jobs, items, data, &targets, &spec)?;
+        let mut sel = self.select(&Query { jobs, items, data, targets: &targets, spec: &spec })?;
         sel.outlier_key = outlier_key;
         Ok(sel)
     }
@@ -993,7 +988,7 @@ impl<'a> Engine<'a> {
                     .collect()
             };
             let spec: Vec<Option<SelKey>> = totals.iter().map(|(n, t)| t.map(|t| SelKey::keep(&t, *n))).collect();
-            Some(self.select(jobs, &all_items, Data::Stream, &targets, &spec)?)
+            Some(self.select(&Query { jobs, items: &all_items, data: Data::Stream, targets: &targets, spec: &spec })?)
         } else {
             None
         };
