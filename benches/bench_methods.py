@@ -4,7 +4,8 @@ For each of linear, dare_linear, dare_ties, magnitude_prune and ties, one mergek
 written and run through both tools in the same run, each in a fresh child process with a warm
 page cache: `umerge run CONFIG.yml` and `mergekit-yaml CONFIG.yml` (-j 2). magnitude_prune is
 mergekit's `breadcrumbs` with `gamma: 0` (mergekit has no method of that name; with gamma 0 it
-keeps exactly the top-density magnitudes, which `umerge run` maps to `magnitude_prune`). DARE runs
+keeps exactly the top-density magnitudes; `umerge run` runs it as its `breadcrumbs`, which with
+gamma 0 is its `magnitude_prune`). DARE runs
 with mergekit's defaults (L1 rescale), so both tools do the same work. Reports wall time, CPU time
 (user + system), peak RSS (wait4) and the speed-up, as a Markdown table.
 

@@ -42,6 +42,10 @@ pub trait Source: Sync {
     fn read(&self, start: u64, out: &mut [f32]) -> Result<()>;
     /// Tells the source the window is consumed (releases mapped pages).
     fn release(&self, _start: u64, _len: usize) {}
+    /// Bytes of mapped file per element (0 for sources not backed by a mapping).
+    fn mapped_bytes_per_elem(&self) -> u64 {
+        0
+    }
     /// Like [`Source::read`], then subtracts `base` element-wise (`out = x - base`): the deltas.
     /// Sources may fuse the two (see [`MappedSource`]); the result is the same f32 subtraction.
     fn read_sub(&self, start: u64, out: &mut [f32], base: &[f32]) -> Result<()> {
@@ -133,6 +137,10 @@ impl Source for MappedSource<'_> {
             }
         }
         Ok(())
+    }
+
+    fn mapped_bytes_per_elem(&self) -> u64 {
+        elem_bytes(self.info.dtype).unwrap_or(1) as u64
     }
 
     fn release(&self, start: u64, len: usize) {
@@ -418,10 +426,13 @@ impl<'a> Engine<'a> {
     /// Decodes one window of every input into the given slices; inputs become deltas
     /// (x - base) when the method uses them.
     fn gather_into(&self, job: &Job<'_>, start: u64, base: Option<&mut [f32]>, inputs: &mut [&mut [f32]]) -> Result<()> {
+        let release = !self.keeps_mapped(job);
         let base: Option<&[f32]> = match (job.base, base) {
             (Some(s), Some(b)) => {
                 s.read(start, b)?;
-                s.release(start, b.len());
+                if release {
+                    s.release(start, b.len());
+                }
                 Some(b)
             }
             _ => None,
@@ -432,9 +443,21 @@ impl<'a> Engine<'a> {
                 (true, Some(b)) => src.read_sub(start, v, b)?,
                 _ => src.read(start, v)?,
             }
-            src.release(start, v.len());
+            if release {
+                src.release(start, v.len());
+            }
         }
         Ok(())
+    }
+
+    /// Whether a tensor's mapped input pages may stay resident until the tensor is done (they
+    /// are released then): true when all of them fit in the cache allowance. The selection and
+    /// apply passes then fault each page in once instead of twice. Measured on the 1.1B TIES
+    /// benchmark: page faults and `madvise` were 9% of the CPU time with a release after
+    /// every read.
+    fn keeps_mapped(&self, job: &Job<'_>) -> bool {
+        let per_elem: u64 = job.base.iter().chain(job.models.iter()).map(|s| s.mapped_bytes_per_elem()).sum();
+        job.numel.saturating_mul(per_elem) <= self.cache_bytes
     }
 
     fn gather(&self, job: &Job<'_>, start: u64, len: usize) -> Result<Bufs> {
@@ -616,7 +639,22 @@ impl<'a> Engine<'a> {
         let mut out = Vec::with_capacity(runs.len() * select::SAMPLE_RUN);
         let mut run = [0f32; select::SAMPLE_RUN];
         let mut base = [0f32; select::SAMPLE_RUN];
-        for &s in runs {
+        // Each sampled run faults in a window of pages around it (64 KiB). A small tensor's
+        // pages stay mapped for the passes that read them next (released with the tensor); a
+        // large one's are unmapped every RELEASE_EVERY runs (one `madvise` over their span,
+        // so at most that many windows are mapped at once), or a budget far below the
+        // tensor's size would be exceeded.
+        const RELEASE_EVERY: usize = 32;
+        let release = !self.keeps_mapped(job) && matches!(data, Data::Stream);
+        let drop_span = |from: usize, to: usize| {
+            for src in job.base.iter().chain(std::iter::once(&job.models[slot])) {
+                src.release(from as u64, to - from);
+            }
+        };
+        for (r, &s) in runs.iter().enumerate() {
+            if release && r % RELEASE_EVERY == 0 && r > 0 {
+                drop_span(runs[r - RELEASE_EVERY], s);
+            }
             let values: &[f32] = match data {
                 Data::Cached(c) => &c.inputs[slot][s..s + select::SAMPLE_RUN],
                 Data::Stream => {
@@ -633,14 +671,9 @@ impl<'a> Engine<'a> {
             };
             out.extend(values.iter().map(|&x| select::abs_bits(x)));
         }
-        let mapped = job.numel * 2 * (job.models.len() as u64 + 1);
-        if matches!(data, Data::Stream) && !runs.is_empty() && mapped > self.cache_bytes {
-            // Each sampled run faulted in a window of pages around it. A small tensor's pages
-            // stay mapped for the band pass that reads them next (released with the tensor);
-            // a large one's are unmapped now, or a budget far below its size would be exceeded.
-            for src in job.base.iter().chain(std::iter::once(&job.models[slot])) {
-                src.release(0, job.numel as usize);
-            }
+        if release && !runs.is_empty() {
+            let from = runs[(runs.len() - 1) / RELEASE_EVERY * RELEASE_EVERY];
+            drop_span(from, runs[runs.len() - 1] + select::SAMPLE_RUN);
         }
         Ok(out)
     }
