@@ -19,6 +19,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::checksum::Frontier;
 use crate::dtype::{decode, elem_bytes, encode, is_float, parse_out_dtype, Dtype};
 use crate::error::{Error, Result};
 use crate::methods::{self, BaseUse, Chunk, Method, Stats, TensorRecipe, Trim, TrimRule, TrimScope};
@@ -1278,13 +1279,21 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
     };
 
 
-    merge_tensors(&plan, &inputs, &out, method.as_ref(), &pool, chunk, budget, check_finite, &tick)?;
+    // The shards are hashed by a thread that follows the tensors as they are written.
+    let frontier = Frontier::new(plan.tensors.len());
+    let (merged, digests) = std::thread::scope(|scope| {
+        let hasher = scope.spawn(|| frontier.hash_shards(&out));
+        let merged = merge_tensors(&plan, &inputs, &out, method.as_ref(), &pool, chunk, budget, check_finite, &frontier, &tick);
+        frontier.stop();
+        (merged, hasher.join().unwrap_or_default())
+    });
+    merged?;
 
     let bytes_written = out.bytes();
     let shards = out.layout.shards.len();
     let side_src = inputs.base.as_ref().or(inputs.models.first()).map(|c| c.dir.clone());
     let recipe = recipe_yaml(spec, method.as_ref());
-    out.finish(&out_tensors, side_src.as_deref(), out_dtype.or(plan.float_dtype), &recipe)?;
+    out.finish(&out_tensors, side_src.as_deref(), out_dtype.or(plan.float_dtype), &recipe, &digests)?;
     Ok(Report {
         method: method.describe(),
         output: target,
@@ -1304,7 +1313,7 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
 }
 
 /// Writes every output tensor of `plan` into `out`: copies first (sequential, small), then the
-/// merges; each tensor is counted by `tick` once written.
+/// merges; each tensor is marked on `frontier` and counted by `tick` once written.
 #[allow(clippy::too_many_arguments)]
 fn merge_tensors(
     plan: &plan::Plan,
@@ -1315,11 +1324,13 @@ fn merge_tensors(
     chunk: usize,
     budget: u64,
     check_finite: bool,
+    frontier: &Frontier,
     tick: &(dyn Fn(u64) -> Result<()> + Sync),
 ) -> Result<()> {
     for (ti, t) in plan.tensors.iter().enumerate() {
         if let Action::Copy(src) = &t.action {
             copy_tensor(inputs, src, t.dtype, &t.name, ti, out, check_finite && is_float(t.dtype))?;
+            frontier.mark(ti);
             tick(t.in_bytes)?;
         }
     }
@@ -1354,6 +1365,7 @@ fn merge_tensors(
     let done = |j: usize| {
         let t = &plan.tensors[merge_idx[j]];
         out.start_writeback(merge_idx[j], t.numel() * elem_bytes(t.dtype).unwrap_or(0) as u64);
+        frontier.mark(merge_idx[j]);
         tick(t.in_bytes)
     };
     pool.install(|| engine.run(&jobs, inputs.models.len(), &sink, &done))

@@ -516,7 +516,7 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
         Some(m) => format!("fold ({})", m.describe()),
         None => "fold".to_string(),
     };
-    out.finish(&out_tensors, Some(&base.dir), out_dtype.or(float_dtype), &recipe_yaml(spec))?;
+    out.finish(&out_tensors, Some(&base.dir), out_dtype.or(float_dtype), &recipe_yaml(spec), &[])?;
     Ok(Report {
         method: described,
         output: target,

@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+pub mod checksum;
 pub mod dtype;
 pub mod error;
 pub mod exec;

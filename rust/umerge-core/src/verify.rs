@@ -259,9 +259,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     Ok(hex(&h.finalize()))
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+use crate::checksum::hex;
 
 /// The shard files a checkpoint path names, and what was learned from the index on the way.
 struct Layout {
