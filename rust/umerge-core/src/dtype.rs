@@ -15,7 +15,7 @@ pub fn is_float(d: Dtype) -> bool {
 /// Bytes per element of a dtype, or `None` for sub-byte dtypes.
 pub fn elem_bytes(d: Dtype) -> Option<usize> {
     let bits = d.bitsize();
-    (bits % 8 == 0).then_some(bits / 8)
+    bits.is_multiple_of(8).then_some(bits / 8)
 }
 
 /// The dtype's name as written in safetensors headers (`BF16`, `F32`, ...).
@@ -92,54 +92,45 @@ pub fn decode(d: Dtype, src: &[u8], out: &mut [f32]) {
     }
 }
 
-/// bf16 fast path of [`decode`], fused with the subtraction of `sub` and the finite check:
-/// `out[i] = bf16(src[i]) - sub[i]` (just the value without `sub`). Returns whether any input
-/// was NaN or infinite (exponent bits all ones), or `None` when `src` is not 2-aligned (then
-/// nothing was written). One loop instead of three passes (decode, `first_nonfinite`,
-/// subtract); it vectorises.
-pub fn decode_bf16_fused(src: &[u8], sub: Option<&[f32]>, out: &mut [f32]) -> Option<bool> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { decode_bf16_fused_avx2(src, sub, out) };
+crate::simd::kernel! {
+    /// bf16 fast path of [`decode`], fused with the subtraction of `sub` and the finite check:
+    /// `out[i] = bf16(src[i]) - sub[i]` (just the value without `sub`). Returns whether any input
+    /// was NaN or infinite (exponent bits all ones), or `None` when `src` is not 2-aligned (then
+    /// nothing was written). One loop instead of three passes (decode, `first_nonfinite`,
+    /// subtract); it vectorises.
+    pub fn decode_bf16_fused(src: &[u8], sub: Option<&[f32]>, out: &mut [f32]) -> Option<bool> {
+        // SAFETY: any bit pattern is a valid u16; align_to only reinterprets the aligned middle.
+        let (pre, mid, post) = unsafe { src.align_to::<u16>() };
+        if !(pre.is_empty() && post.is_empty() && cfg!(target_endian = "little")) || mid.len() != out.len() {
+            return None;
         }
-    }
-    decode_bf16_fused_impl(src, sub, out)
-}
-
-/// [`decode_bf16_fused_impl`] compiled with AVX2 (same IEEE subtraction, same bits), chosen at
-/// run time so wheels stay baseline x86-64.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn decode_bf16_fused_avx2(src: &[u8], sub: Option<&[f32]>, out: &mut [f32]) -> Option<bool> {
-    decode_bf16_fused_impl(src, sub, out)
-}
-
-#[inline(always)]
-fn decode_bf16_fused_impl(src: &[u8], sub: Option<&[f32]>, out: &mut [f32]) -> Option<bool> {
-    // SAFETY: any bit pattern is a valid u16; align_to only reinterprets the aligned middle.
-    let (pre, mid, post) = unsafe { src.align_to::<u16>() };
-    if !(pre.is_empty() && post.is_empty() && cfg!(target_endian = "little")) || mid.len() != out.len() {
-        return None;
-    }
-    let mut bad = false;
-    match sub {
-        Some(b) if b.len() == out.len() => {
-            for ((o, &u), &y) in out.iter_mut().zip(mid).zip(b) {
-                bad |= (u & 0x7f80) == 0x7f80;
-                *o = f32::from_bits((u as u32) << 16) - y;
+        let mut bad = false;
+        match sub {
+            Some(b) if b.len() == out.len() => {
+                for ((o, &u), &y) in out.iter_mut().zip(mid).zip(b) {
+                    bad |= (u & 0x7f80) == 0x7f80;
+                    *o = f32::from_bits((u as u32) << 16) - y;
+                }
+            }
+            Some(_) => return None,
+            None => {
+                for (o, &u) in out.iter_mut().zip(mid) {
+                    bad |= (u & 0x7f80) == 0x7f80;
+                    *o = f32::from_bits((u as u32) << 16);
+                }
             }
         }
-        Some(_) => return None,
-        None => {
-            for (o, &u) in out.iter_mut().zip(mid) {
-                bad |= (u & 0x7f80) == 0x7f80;
-                *o = f32::from_bits((u as u32) << 16);
-            }
+        Some(bad)
+    }
+}
+
+crate::simd::kernel! {
+    /// The aligned bf16 case of [`encode`].
+    fn encode_bf16(src: &[f32], out: &mut [u16]) {
+        for (x, o) in src.iter().zip(out.iter_mut()) {
+            *o = bf16_bits(*x);
         }
     }
-    Some(bad)
 }
 
 /// Encodes f32 values into float dtype `d`, rounding to nearest even. `out` holds
@@ -153,9 +144,7 @@ pub fn encode(d: Dtype, src: &[f32], out: &mut [u8]) {
             // SAFETY: any bit pattern is a valid u16; align_to_mut only reinterprets the aligned middle.
             let (pre, mid, post) = unsafe { out.align_to_mut::<u16>() };
             if pre.is_empty() && post.is_empty() && cfg!(target_endian = "little") {
-                for (x, o) in src.iter().zip(mid.iter_mut()) {
-                    *o = bf16_bits(*x);
-                }
+                encode_bf16(src, mid);
             } else {
                 for (x, o) in src.iter().zip(out.chunks_exact_mut(2)) {
                     o.copy_from_slice(&bf16_bits(*x).to_le_bytes());

@@ -12,6 +12,7 @@ pub mod params;
 pub mod plan;
 pub mod report;
 pub mod select;
+pub mod simd;
 pub mod spec;
 pub mod verify;
 pub mod write;

@@ -84,7 +84,7 @@ impl ParamValue {
             ParamValue::Number(x) => Some(*x),
             ParamValue::Gradient(v) => interpolate(v, pos.t),
             ParamValue::Rules(rules) => {
-                let rule = rules.iter().find(|r| r.filter.as_deref().map_or(true, |f| pos.name.contains(f)))?;
+                let rule = rules.iter().find(|r| r.filter.as_deref().is_none_or(|f| pos.name.contains(f)))?;
                 match &rule.value {
                     RuleValue::Number(x) => Some(*x),
                     RuleValue::Gradient(v) => interpolate(v, pos.t),

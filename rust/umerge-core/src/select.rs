@@ -260,70 +260,51 @@ pub fn pick_low(hist: &[u64], high: u32, above: u64, k: u64) -> Threshold {
     Threshold::KEEP_ALL
 }
 
-/// Zeroes, in place, the entries of one chunk that the threshold trims.
-///
-/// `eq_before` is the number of entries equal to the threshold that precede this chunk in the
-/// selection scope (only read when [`Threshold::needs_tie_ranks`]).
-pub fn apply_trim(values: &mut [f32], th: &Threshold, eq_before: u64) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { apply_trim_avx2(values, th, eq_before) };
+crate::simd::kernel! {
+    /// Zeroes, in place, the entries of one chunk that the threshold trims.
+    ///
+    /// `eq_before` is the number of entries equal to the threshold that precede this chunk in the
+    /// selection scope (only read when [`Threshold::needs_tie_ranks`]).
+    pub fn apply_trim(values: &mut [f32], th: &Threshold, eq_before: u64) {
+        if *th == Threshold::KEEP_ALL {
             return;
         }
-    }
-    apply_trim_impl(values, th, eq_before)
-}
-
-/// [`apply_trim_impl`] compiled with AVX2 (integer compares and selects, so the same bits as
-/// the baseline build); chosen at run time, wheels stay baseline x86-64.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn apply_trim_avx2(values: &mut [f32], th: &Threshold, eq_before: u64) {
-    apply_trim_impl(values, th, eq_before)
-}
-
-#[inline(always)]
-fn apply_trim_impl(values: &mut [f32], th: &Threshold, eq_before: u64) {
-    if *th == Threshold::KEEP_ALL {
-        return;
-    }
-    if !th.needs_tie_ranks() {
-        let bits = th.bits;
-        // A select, not a branch: vectorises.
-        for x in values.iter_mut() {
-            *x = if abs_bits(*x) < bits { 0.0 } else { *x };
-        }
-        return;
-    }
-    // Tie ranks, block by block. A per-element loop carrying the running count of equal
-    // entries does not vectorise and was 29% of the CPU time of a TinyLlama layer (perf, one
-    // thread). Per block of TRIM_BLOCK entries the equal ones are counted first (vectorised);
-    // when all of them are kept the block is trimmed with the cut `b >= bits`, when none is kept
-    // with `b > bits` (both the plain vectorised select); only the one block where the count
-    // crosses `keep_eq` takes the scalar loop. Same kept set as the scalar rule.
-    let (bits, keep_eq) = (th.bits, th.keep_eq);
-    let mut seen = eq_before;
-    for blk in values.chunks_mut(TRIM_BLOCK) {
-        let n_eq = count_eq_u32(blk, bits) as u64;
-        if seen >= keep_eq || seen + n_eq <= keep_eq {
-            // `bits + 1` cannot overflow: `bits` is the abs bit pattern of a value, < 2^31.
-            let cut = if seen >= keep_eq { bits + 1 } else { bits };
-            for x in blk.iter_mut() {
-                *x = if abs_bits(*x) < cut { 0.0 } else { *x };
+        if !th.needs_tie_ranks() {
+            let bits = th.bits;
+            // A select, not a branch: vectorises.
+            for x in values.iter_mut() {
+                *x = if abs_bits(*x) < bits { 0.0 } else { *x };
             }
-        } else {
-            for x in blk.iter_mut() {
-                let b = abs_bits(*x);
-                let is_eq = b == bits;
-                let keep = (b > bits) | (is_eq & (seen < keep_eq));
-                seen += is_eq as u64;
-                *x = if keep { *x } else { 0.0 };
-            }
-            continue;
+            return;
         }
-        seen += n_eq;
+        // Tie ranks, block by block. A per-element loop carrying the running count of equal
+        // entries does not vectorise and was 29% of the CPU time of a TinyLlama layer (perf, one
+        // thread). Per block of TRIM_BLOCK entries the equal ones are counted first (vectorised);
+        // when all of them are kept the block is trimmed with the cut `b >= bits`, when none is kept
+        // with `b > bits` (both the plain vectorised select); only the one block where the count
+        // crosses `keep_eq` takes the scalar loop. Same kept set as the scalar rule.
+        let (bits, keep_eq) = (th.bits, th.keep_eq);
+        let mut seen = eq_before;
+        for blk in values.chunks_mut(TRIM_BLOCK) {
+            let n_eq = count_eq_u32(blk, bits) as u64;
+            if seen >= keep_eq || seen + n_eq <= keep_eq {
+                // `bits + 1` cannot overflow: `bits` is the abs bit pattern of a value, < 2^31.
+                let cut = if seen >= keep_eq { bits + 1 } else { bits };
+                for x in blk.iter_mut() {
+                    *x = if abs_bits(*x) < cut { 0.0 } else { *x };
+                }
+            } else {
+                for x in blk.iter_mut() {
+                    let b = abs_bits(*x);
+                    let is_eq = b == bits;
+                    let keep = (b > bits) | (is_eq & (seen < keep_eq));
+                    seen += is_eq as u64;
+                    *x = if keep { *x } else { 0.0 };
+                }
+                continue;
+            }
+            seen += n_eq;
+        }
     }
 }
 

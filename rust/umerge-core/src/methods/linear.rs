@@ -87,14 +87,6 @@ impl Method for Linear {
     }
 
     fn apply(&self, r: &TensorRecipe, _s: &Stats<'_>, c: &Chunk<'_>, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                unsafe { weighted_sum_fma(c.inputs, &r.scalars[1..], self.normalize.then_some(r.scalars[0]), out) };
-                return;
-            }
-        }
         weighted_sum(c.inputs, &r.scalars[1..], self.normalize.then_some(r.scalars[0]), out)
     }
 
@@ -103,35 +95,27 @@ impl Method for Linear {
     }
 }
 
-/// out = sum_i w_i x_i (then / `divisor`), accumulated with fused multiply-adds in input order.
-///
-/// Fused, as mergekit's `result.addcmul_(tensor, weight)` is on x86-64 (torch's vectorised kernel
-/// compiles to FMA): measured, a separate multiply and add differed from mergekit by 1 ulp in
-/// ~18% of elements; with `mul_add` they are identical. `mul_add` is exactly rounded on every
-/// target, so the FMA build below and this portable one (a libm call per element) give the
-/// same bits.
-#[inline(always)]
-fn weighted_sum(inputs: &[&[f32]], weights: &[f32], divisor: Option<f32>, out: &mut [f32]) {
-    out.fill(0.0);
-    for (x, &w) in inputs.iter().zip(weights) {
-        for (o, &v) in out.iter_mut().zip(x.iter()) {
-            *o = v.mul_add(w, *o);
+crate::simd::kernel! {
+    /// out = sum_i w_i x_i (then / `divisor`), accumulated with fused multiply-adds in input order.
+    ///
+    /// Fused, as mergekit's `result.addcmul_(tensor, weight)` is on x86-64 (torch's vectorised
+    /// kernel compiles to FMA): measured, a separate multiply and add differed from mergekit by 1
+    /// ulp in ~18% of elements; with `mul_add` they are identical. `mul_add` is exactly rounded
+    /// on every target, so the FMA builds and the baseline one (a libm call per element, 60% of
+    /// the CPU time of `umerge linear` on the 1.1B benchmark) give the same bits.
+    fn weighted_sum(inputs: &[&[f32]], weights: &[f32], divisor: Option<f32>, out: &mut [f32]) {
+        out.fill(0.0);
+        for (x, &w) in inputs.iter().zip(weights) {
+            for (o, &v) in out.iter_mut().zip(x.iter()) {
+                *o = v.mul_add(w, *o);
+            }
+        }
+        if let Some(d) = divisor {
+            for o in out.iter_mut() {
+                *o /= d;
+            }
         }
     }
-    if let Some(d) = divisor {
-        for o in out.iter_mut() {
-            *o /= d;
-        }
-    }
-}
-
-/// [`weighted_sum`] compiled with AVX2 and FMA, chosen at run time (wheels stay baseline
-/// x86-64). Measured on the 1.1B benchmark: the portable build's `fmaf` calls were 60% of the
-/// CPU time of `umerge linear`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn weighted_sum_fma(inputs: &[&[f32]], weights: &[f32], divisor: Option<f32>, out: &mut [f32]) {
-    weighted_sum(inputs, weights, divisor, out)
 }
 
 #[cfg(test)]

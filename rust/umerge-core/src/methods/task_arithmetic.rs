@@ -354,7 +354,7 @@ impl TaskVectorMerge {
                 }
             }
             let tile = Tile { vals: &vals, m, w: sc.w, consensus: self.consensus, normalize: self.normalize, wsum, lambda: sc.lambda };
-            tile.combine(c.base.map(|b| &b[t0..t0 + len]), &mut out[t0..t0 + len], &mut scratch);
+            combine_tile(&tile, c.base.map(|b| &b[t0..t0 + len]), &mut out[t0..t0 + len], &mut scratch);
             t0 += len;
         }
     }
@@ -372,52 +372,31 @@ struct Tile<'a> {
     lambda: f32,
 }
 
-impl Tile<'_> {
-    /// Writes the tile's merged values to `out` (base added when given); `scratch` holds
-    /// 2 * TILE floats.
-    fn combine(&self, base: Option<&[f32]>, out: &mut [f32], scratch: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2 (checked just above).
-                unsafe { self.combine_avx2(base, out, scratch) };
-                return;
-            }
-        }
-        self.combine_impl(base, out, scratch)
-    }
-
-    /// [`Tile::combine_impl`] compiled with AVX2, chosen at run time: the same f32 operations
-    /// in the same order, so the same bits. Measured on the 1.1B benchmark: the element-by-
-    /// element form (models innermost) was 57% of the CPU time of `dare_ties`.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn combine_avx2(&self, base: Option<&[f32]>, out: &mut [f32], scratch: &mut [f32]) {
-        self.combine_impl(base, out, scratch)
-    }
-
-    /// Models outermost, elements innermost (vectorises); per element the sums still run over
-    /// the models in order. Adding 0.0 for a disagreeing entry equals skipping it: the sums
-    /// start at +0.0 and a finite sum of them is never -0.0.
-    #[inline(always)]
-    fn combine_impl(&self, base: Option<&[f32]>, out: &mut [f32], scratch: &mut [f32]) {
+crate::simd::kernel! {
+    /// Writes one tile's merged values to `out` (base added when given); `scratch` holds
+    /// 2 * TILE floats. Models outermost, elements innermost (vectorises); per element the sums
+    /// still run over the models in order, so every build gives the same bits. Adding 0.0 for
+    /// a disagreeing entry equals skipping it: the sums start at +0.0 and a finite sum of them
+    /// is never -0.0. Measured on the 1.1B benchmark: the element-by-element form (models
+    /// innermost) was 57% of the CPU time of `dare_ties`.
+    fn combine_tile(t: &Tile<'_>, base: Option<&[f32]>, out: &mut [f32], scratch: &mut [f32]) {
         let len = out.len();
         let (mixed, div) = scratch.split_at_mut(TILE);
         let (mixed, div) = (&mut mixed[..len], &mut div[..len]);
         mixed.fill(0.0);
-        let model = |i: usize| &self.vals[i * TILE..i * TILE + len];
-        if self.consensus {
+        let model = |i: usize| &t.vals[i * TILE..i * TILE + len];
+        if t.consensus {
             // The elected sign: + where sum_i v_i >= 0 (`out` holds the sums meanwhile).
             let sum = &mut *out;
             sum.fill(0.0);
-            for i in 0..self.m {
+            for i in 0..t.m {
                 for (s, &v) in sum.iter_mut().zip(model(i)) {
                     *s += v;
                 }
             }
             div.fill(0.0);
-            for i in 0..self.m {
-                let wi = self.w[i];
+            for i in 0..t.m {
+                let wi = t.w[i];
                 for (((mx, dv), &s), &v) in mixed.iter_mut().zip(div.iter_mut()).zip(sum.iter()).zip(model(i)) {
                     let maj = if s >= 0.0 { 1.0 } else { -1.0 };
                     let agree = sign(v) == maj;
@@ -429,20 +408,20 @@ impl Tile<'_> {
                 *d = if *d == 0.0 { 1.0 } else { *d };
             }
         } else {
-            for i in 0..self.m {
+            for i in 0..t.m {
                 for (mx, &v) in mixed.iter_mut().zip(model(i)) {
                     *mx += v;
                 }
             }
-            div.fill(if self.wsum.abs() < 1e-8 { 1.0 } else { self.wsum });
+            div.fill(if t.wsum.abs() < 1e-8 { 1.0 } else { t.wsum });
         }
         for (j, o) in out.iter_mut().enumerate() {
             let mut v = mixed[j];
-            if self.normalize {
+            if t.normalize {
                 v /= div[j];
             }
-            if self.lambda != 1.0 {
-                v *= self.lambda;
+            if t.lambda != 1.0 {
+                v *= t.lambda;
             }
             *o = match base {
                 Some(b) => b[j] + v,

@@ -164,166 +164,127 @@ pub fn disjoint_paper(d: &[f32], weights: &[f32], model_majority: f32) -> f32 {
 /// Elements per tile of the fast kernel: three f32 tiles of this size stay in L1.
 const TILE: usize = 1024;
 
-/// The apply pass, tiled: the same arithmetic as [`disjoint_mergekit`], [`disjoint_peft`] and
-/// [`disjoint_paper`] in the same order per element (so the same bits), but written as loops
-/// over models outside and elements inside, with selects instead of branches, so the compiler
-/// vectorises them. `out = base + lambda * merged_delta` (base 0 when absent).
-///
-/// Runs an AVX2 build of the same code when the CPU has AVX2 (runtime check; wheels stay
-/// baseline x86-64). AVX2 has the same IEEE add/mul/div/compare as SSE2 and no FMA is enabled,
-/// so the bits are the same. Measured together with the fused bf16 decode (`dtype`): the
-/// embedding tensor merged alone, one thread, went from 1.97 to about 1.1 s of CPU.
-#[allow(clippy::too_many_arguments)]
-pub fn apply_tiled(
-    preset: Preset,
-    majority: MajoritySign,
-    model_majority: f32,
-    lambda: f32,
-    weights: &[f32],
-    base: Option<&[f32]>,
-    inputs: &[&[f32]],
-    out: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            unsafe { apply_tiled_avx2(preset, majority, model_majority, lambda, weights, base, inputs, out) };
-            return;
-        }
-    }
-    apply_tiled_impl(preset, majority, model_majority, lambda, weights, base, inputs, out)
-}
-
-/// [`apply_tiled_impl`] compiled with AVX2 (8 f32 lanes instead of SSE2's 4).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn apply_tiled_avx2(
-    preset: Preset,
-    majority: MajoritySign,
-    model_majority: f32,
-    lambda: f32,
-    weights: &[f32],
-    base: Option<&[f32]>,
-    inputs: &[&[f32]],
-    out: &mut [f32],
-) {
-    apply_tiled_impl(preset, majority, model_majority, lambda, weights, base, inputs, out)
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn apply_tiled_impl(
-    preset: Preset,
-    majority: MajoritySign,
-    model_majority: f32,
-    lambda: f32,
-    weights: &[f32],
-    base: Option<&[f32]>,
-    inputs: &[&[f32]],
-    out: &mut [f32],
-) {
-    let n = out.len();
-    let mut s = [0f32; TILE];
-    let mut mixed = [0f32; TILE];
-    let mut div = [0f32; TILE];
-    let mut t0 = 0;
-    while t0 < n {
-        let len = TILE.min(n - t0);
-        let (s, mixed, div) = (&mut s[..len], &mut mixed[..len], &mut div[..len]);
-        s.fill(0.0);
-        mixed.fill(0.0);
-        div.fill(0.0);
-        // Loops below are zips over equal-length slices (no bounds checks) with selects built
-        // from non-short-circuit `&`/`|`, so they vectorise; this made the apply pass ~4x faster
-        // than a per-element gather into a small vector.
-        #[inline(always)]
-        fn tile<'x>(x: &&'x [f32], t0: usize, len: usize) -> &'x [f32] {
-            &x[t0..t0 + len]
-        }
-        match preset {
-            Preset::Mergekit => {
-                for (x, &w) in inputs.iter().zip(weights) {
-                    for (sj, &d) in s.iter_mut().zip(tile(x, t0, len)) {
-                        *sj += w * d;
-                    }
-                }
-                for (x, &w) in inputs.iter().zip(weights) {
-                    for (((m, dv), &sj), &d) in mixed.iter_mut().zip(div.iter_mut()).zip(s.iter()).zip(tile(x, t0, len)) {
-                        let wd = w * d;
-                        let agree = ((sj >= 0.0) & (wd > 0.0)) | ((sj < 0.0) & (wd < 0.0));
-                        *m += if agree { wd } else { 0.0 };
-                        *dv += if agree { w } else { 0.0 };
-                    }
-                }
-                for (m, dv) in mixed.iter_mut().zip(div.iter()) {
-                    *m /= if *dv == 0.0 { 1.0 } else { *dv };
-                }
+crate::simd::kernel! {
+    /// The apply pass, tiled: the same arithmetic as [`disjoint_mergekit`], [`disjoint_peft`] and
+    /// [`disjoint_paper`] in the same order per element (so the same bits), but written as loops
+    /// over models outside and elements inside, with selects instead of branches, so the compiler
+    /// vectorises them. `out = base + lambda * merged_delta` (base 0 when absent).
+    ///
+    /// Runs an AVX2 build of the same code when the CPU has AVX2 (runtime check; wheels stay
+    /// baseline x86-64). AVX2 has the same IEEE add/mul/div/compare as SSE2 and no FMA is enabled,
+    /// so the bits are the same. Measured together with the fused bf16 decode (`dtype`): the
+    /// embedding tensor merged alone, one thread, went from 1.97 to about 1.1 s of CPU.
+    pub fn apply_tiled(
+        preset: Preset,
+        majority: MajoritySign,
+        model_majority: f32,
+        lambda: f32,
+        weights: &[f32],
+        base: Option<&[f32]>,
+        inputs: &[&[f32]],
+        out: &mut [f32],
+    ) {
+        let n = out.len();
+        let mut s = [0f32; TILE];
+        let mut mixed = [0f32; TILE];
+        let mut div = [0f32; TILE];
+        let mut t0 = 0;
+        while t0 < n {
+            let len = TILE.min(n - t0);
+            let (s, mixed, div) = (&mut s[..len], &mut mixed[..len], &mut div[..len]);
+            s.fill(0.0);
+            mixed.fill(0.0);
+            div.fill(0.0);
+            // Loops below are zips over equal-length slices (no bounds checks) with selects built
+            // from non-short-circuit `&`/`|`, so they vectorise; this made the apply pass ~4x faster
+            // than a per-element gather into a small vector.
+            #[inline(always)]
+            fn tile<'x>(x: &&'x [f32], t0: usize, len: usize) -> &'x [f32] {
+                &x[t0..t0 + len]
             }
-            Preset::Peft => {
-                for x in inputs {
-                    match majority {
-                        MajoritySign::Total => {
-                            for (sj, &d) in s.iter_mut().zip(tile(x, t0, len)) {
-                                *sj += d;
-                            }
+            match preset {
+                Preset::Mergekit => {
+                    for (x, &w) in inputs.iter().zip(weights) {
+                        for (sj, &d) in s.iter_mut().zip(tile(x, t0, len)) {
+                            *sj += w * d;
                         }
-                        MajoritySign::Frequency => {
-                            for (sj, &d) in s.iter_mut().zip(tile(x, t0, len)) {
-                                *sj += sign(d);
+                    }
+                    for (x, &w) in inputs.iter().zip(weights) {
+                        for (((m, dv), &sj), &d) in mixed.iter_mut().zip(div.iter_mut()).zip(s.iter()).zip(tile(x, t0, len)) {
+                            let wd = w * d;
+                            let agree = ((sj >= 0.0) & (wd > 0.0)) | ((sj < 0.0) & (wd < 0.0));
+                            *m += if agree { wd } else { 0.0 };
+                            *dv += if agree { w } else { 0.0 };
+                        }
+                    }
+                    for (m, dv) in mixed.iter_mut().zip(div.iter()) {
+                        *m /= if *dv == 0.0 { 1.0 } else { *dv };
+                    }
+                }
+                Preset::Peft => {
+                    for x in inputs {
+                        match majority {
+                            MajoritySign::Total => {
+                                for (sj, &d) in s.iter_mut().zip(tile(x, t0, len)) {
+                                    *sj += d;
+                                }
+                            }
+                            MajoritySign::Frequency => {
+                                for (sj, &d) in s.iter_mut().zip(tile(x, t0, len)) {
+                                    *sj += sign(d);
+                                }
                             }
                         }
                     }
-                }
-                for (x, &w) in inputs.iter().zip(weights) {
-                    for (((m, dv), &sj), &d) in mixed.iter_mut().zip(div.iter_mut()).zip(s.iter()).zip(tile(x, t0, len)) {
-                        let agree = ((sj >= 0.0) & (d > 0.0)) | ((sj < 0.0) & (d < 0.0));
-                        *m += if agree { d * w } else { 0.0 };
-                        *dv += if agree { 1.0 } else { 0.0 };
+                    for (x, &w) in inputs.iter().zip(weights) {
+                        for (((m, dv), &sj), &d) in mixed.iter_mut().zip(div.iter_mut()).zip(s.iter()).zip(tile(x, t0, len)) {
+                            let agree = ((sj >= 0.0) & (d > 0.0)) | ((sj < 0.0) & (d < 0.0));
+                            *m += if agree { d * w } else { 0.0 };
+                            *dv += if agree { 1.0 } else { 0.0 };
+                        }
+                    }
+                    for (m, dv) in mixed.iter_mut().zip(div.iter()) {
+                        *m /= dv.max(1.0);
                     }
                 }
-                for (m, dv) in mixed.iter_mut().zip(div.iter()) {
-                    *m /= dv.max(1.0);
+                Preset::Paper => {
+                    for x in inputs {
+                        for (sj, &d) in s.iter_mut().zip(tile(x, t0, len)) {
+                            *sj += d;
+                        }
+                    }
+                    for sj in s.iter_mut() {
+                        let sg = sign(*sj);
+                        *sj = if sg == 0.0 { model_majority } else { sg };
+                    }
+                    for (x, &w) in inputs.iter().zip(weights) {
+                        for (((m, dv), &sg), &d) in mixed.iter_mut().zip(div.iter_mut()).zip(s.iter()).zip(tile(x, t0, len)) {
+                            let keep = ((sg > 0.0) & (d > 0.0)) | (!(sg > 0.0) & (d < 0.0));
+                            let v = d * w;
+                            *m += if keep { v } else { 0.0 };
+                            *dv += if keep & (v != 0.0) { 1.0 } else { 0.0 };
+                        }
+                    }
+                    for (m, dv) in mixed.iter_mut().zip(div.iter()) {
+                        *m /= dv.max(1.0);
+                    }
                 }
             }
-            Preset::Paper => {
-                for x in inputs {
-                    for (sj, &d) in s.iter_mut().zip(tile(x, t0, len)) {
-                        *sj += d;
+            let o = &mut out[t0..t0 + len];
+            match base {
+                Some(b) => {
+                    for ((o, &b), &m) in o.iter_mut().zip(&b[t0..t0 + len]).zip(mixed.iter()) {
+                        *o = b + m * lambda;
                     }
                 }
-                for sj in s.iter_mut() {
-                    let sg = sign(*sj);
-                    *sj = if sg == 0.0 { model_majority } else { sg };
-                }
-                for (x, &w) in inputs.iter().zip(weights) {
-                    for (((m, dv), &sg), &d) in mixed.iter_mut().zip(div.iter_mut()).zip(s.iter()).zip(tile(x, t0, len)) {
-                        let keep = ((sg > 0.0) & (d > 0.0)) | (!(sg > 0.0) & (d < 0.0));
-                        let v = d * w;
-                        *m += if keep { v } else { 0.0 };
-                        *dv += if keep & (v != 0.0) { 1.0 } else { 0.0 };
+                None => {
+                    for (o, &m) in o.iter_mut().zip(mixed.iter()) {
+                        *o = 0.0 + m * lambda;
                     }
-                }
-                for (m, dv) in mixed.iter_mut().zip(div.iter()) {
-                    *m /= dv.max(1.0);
                 }
             }
+            t0 += len;
         }
-        let o = &mut out[t0..t0 + len];
-        match base {
-            Some(b) => {
-                for ((o, &b), &m) in o.iter_mut().zip(&b[t0..t0 + len]).zip(mixed.iter()) {
-                    *o = b + m * lambda;
-                }
-            }
-            None => {
-                for (o, &m) in o.iter_mut().zip(mixed.iter()) {
-                    *o = 0.0 + m * lambda;
-                }
-            }
-        }
-        t0 += len;
     }
 }
 
