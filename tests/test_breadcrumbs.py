@@ -55,3 +55,19 @@ def test_gamma_zero_is_magnitude_prune(odd_f32_family: Family, tmp_path: Path) -
     b, m = load_checkpoint(tmp_path / "b"), load_checkpoint(tmp_path / "m")
     for name in m:
         np.testing.assert_array_equal(b[name], m[name], err_msg=name)
+
+
+def test_cli_commands_match_the_api(odd_f32_family: Family, tmp_path: Path) -> None:
+    from conftest import run_umerge
+
+    fam = odd_f32_family
+    a, c = fam.finetuned
+    for method in ("breadcrumbs", "breadcrumbs_ties"):
+        r = run_umerge([method, a, c, "--base", fam.base, "--density", "0.6", "--gamma", "0.05",
+                        "--weight", "1", "--weight", "0.5", "-o", tmp_path / f"cli_{method}", "--quiet"])
+        assert r.returncode == 0, r.stderr
+        getattr(umerge, method)([a, c], fam.base, density=0.6, gamma=0.05, weights=[1.0, 0.5],
+                                out=tmp_path / f"api_{method}", progress=False)
+        cli, api = load_checkpoint(tmp_path / f"cli_{method}"), load_checkpoint(tmp_path / f"api_{method}")
+        for name in api:
+            np.testing.assert_array_equal(cli[name], api[name], err_msg=f"{method} {name}")

@@ -235,3 +235,16 @@ def test_della_elects_signs_and_normalizes_by_default(zero_base_family, tmp_path
         den = sum(np.where(a, wi, 0.0) for a, wi in zip(agree, w))
         expected = num / np.where(den == 0, 1.0, den)
         np.testing.assert_allclose(got.reshape(-1), expected, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_della_command_is_seeded_and_matches_the_api(zero_base_family, tmp_path: Path) -> None:
+    from conftest import run_umerge
+
+    base, ms = zero_base_family
+    args = ["della_linear", *ms, "--base", base, "--density", "0.5", "--epsilon", "0.2", "--seed", "5", "--quiet"]
+    assert run_umerge([*args, "-o", tmp_path / "cli"]).returncode == 0
+    umerge.della_linear(ms, base, density=0.5, epsilon=0.2, seed=5, out=tmp_path / "api", progress=False)
+    def shards(d: Path) -> dict[str, str]:
+        return {Path(k).name: v.split()[0] for k, v in tree_digest(d).items() if k.endswith(".safetensors")}
+
+    assert shards(tmp_path / "cli") == shards(tmp_path / "api") != {}
