@@ -39,6 +39,13 @@ impl Frontier {
         self.changed.notify_all();
     }
 
+    /// A guard that calls [`Frontier::stop`] when dropped: also when the merge panics, so the
+    /// hashing thread never waits for tensors that will not come (a scoped thread that never
+    /// ends would turn the panic into a hang).
+    pub fn stop_on_drop(&self) -> StopOnDrop<'_> {
+        StopOnDrop(self)
+    }
+
     /// Tells the hashing thread to stop waiting (the merge ended, well or not).
     pub fn stop(&self) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -96,7 +103,48 @@ impl Frontier {
     }
 }
 
+/// Stops a [`Frontier`] when dropped (see [`Frontier::stop_on_drop`]).
+#[derive(Debug)]
+pub struct StopOnDrop<'a>(&'a Frontier);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
+
 /// Lowercase hex of a digest.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_merge_releases_the_waiting_hasher() {
+        let frontier = Frontier::new(3);
+        let got = std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| frontier.wait(&[0, 1, 2], 0));
+            let merge = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _stop = frontier.stop_on_drop();
+                panic!("a kernel bug");
+            }));
+            assert!(merge.is_err());
+            waiter.join().unwrap()
+        });
+        assert_eq!(got, None);
+    }
+
+    #[test]
+    fn wait_reports_the_written_run() {
+        let frontier = Frontier::new(4);
+        frontier.mark(0);
+        frontier.mark(1);
+        frontier.mark(3);
+        assert_eq!(frontier.wait(&[0, 1, 2, 3], 0), Some(2));
+        frontier.mark(2);
+        assert_eq!(frontier.wait(&[0, 1, 2, 3], 2), Some(2));
+    }
 }

@@ -586,6 +586,9 @@ impl<'a> Engine<'a> {
         let runs = select::sample_runs(job.numel as usize);
         let mut bands = vec![(0u32, u32::MAX); nkeys];
         let mut tg_band = Vec::with_capacity(tg.len());
+        // The members of every accepted key are held at once (4 bytes each), plus one key's
+        // copy while its threshold is picked: together within the list allowance.
+        let (mut held, mut largest) = (0u64, 0u64);
         for &(slot, key) in &tg {
             let sample = self.sample(job, slot, data, &runs)?;
             let sampled = sample.len().max(1) as u64;
@@ -594,7 +597,9 @@ impl<'a> Engine<'a> {
             // when the sample says they would not fit the list allowance, the histogram passes
             // (bounded memory) select this key instead.
             let members = if sample.is_empty() { job.numel } else { sample.iter().filter(|&&b| b >= lo && b <= hi).count() as u64 * job.numel / sampled };
-            if members * 8 <= self.list_bytes {
+            if (held + members + largest.max(members)) * 4 <= self.list_bytes {
+                held += members;
+                largest = largest.max(members);
                 bands[key] = (lo, hi);
                 tg_band.push((slot, key));
             }
@@ -1283,8 +1288,9 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
     let frontier = Frontier::new(plan.tensors.len());
     let (merged, digests) = std::thread::scope(|scope| {
         let hasher = scope.spawn(|| frontier.hash_shards(&out));
+        let stop = frontier.stop_on_drop();
         let merged = merge_tensors(&plan, &inputs, &out, method.as_ref(), &pool, chunk, budget, check_finite, &frontier, &tick);
-        frontier.stop();
+        drop(stop);
         (merged, hasher.join().unwrap_or_default())
     });
     merged?;
