@@ -403,6 +403,8 @@ pub struct Engine<'a> {
 }
 
 type Targets = Vec<(usize, usize)>; // (slot, key)
+/// Adds one input's values into a key's histogram: `(values, key, histogram)`.
+type HistogramAdd<'a> = dyn Fn(&[f32], usize, &mut [u64]) + Sync + 'a;
 
 impl<'a> Engine<'a> {
     /// An engine running `method` on chunks of `chunk` elements, caching tensors up to
@@ -590,9 +592,9 @@ impl<'a> Engine<'a> {
         // copy while its threshold is picked: together within the list allowance.
         let (mut held, mut largest) = (0u64, 0u64);
         for &(slot, key) in &tg {
-            let sample = self.sample(job, slot, data, &runs)?;
+            let mut sample = self.sample(job, slot, data, &runs)?;
             let sampled = sample.len().max(1) as u64;
-            let (lo, hi) = select::band_of_sample(sample.clone(), ks[key], job.numel);
+            let (lo, hi) = select::band_of_sample(&mut sample, ks[key], job.numel);
             // The band's members are kept in lists (and copied once to pick the threshold):
             // when the sample says they would not fit the list allowance, the histogram passes
             // (bounded memory) select this key instead.
@@ -684,6 +686,36 @@ impl<'a> Engine<'a> {
         Ok(out)
     }
 
+    /// One pass over a selection's items adding, per active key, its inputs into a histogram of
+    /// `bins` bins with `add(values, key, histogram)`; summed over items (integer counts, so
+    /// the order does not matter).
+    fn histograms(
+        &self,
+        q: &Query<'_, '_>,
+        active: &[bool],
+        bins: usize,
+        add: &HistogramAdd<'_>,
+    ) -> Result<Vec<Vec<u64>>> {
+        let zero = || vec![Vec::<u64>::new(); q.spec.len()];
+        q.items
+            .par_iter()
+            .try_fold(zero, |mut acc, it| -> Result<Vec<Vec<u64>>> {
+                let tg = (q.targets)(it);
+                self.with_inputs(&q.jobs[it.job], it, q.data, |inputs| {
+                    for &(slot, key) in &tg {
+                        if active[key] {
+                            if acc[key].is_empty() {
+                                acc[key] = vec![0u64; bins];
+                            }
+                            add(inputs[slot], key, &mut acc[key]);
+                        }
+                    }
+                })?;
+                Ok(acc)
+            })
+            .try_reduce(zero, |a, b| Ok(add_hists(a, b)))
+    }
+
     /// The exact radix select for the active keys: a high-bit histogram pass, then the
     /// winning high bin's low bits (candidate lists, or a low-bit histogram pass), then, when
     /// needed, the per-item counts of threshold-equal entries. Resolves every active key.
@@ -692,24 +724,7 @@ impl<'a> Engine<'a> {
         let Found { ks, active, th, eq_counts } = f;
         let nkeys = spec.len();
         // Pass A: high-bit histograms.
-        let zero = || vec![Vec::<u64>::new(); nkeys];
-        let high: Vec<Vec<u64>> = items
-            .par_iter()
-            .try_fold(zero, |mut acc, it| -> Result<Vec<Vec<u64>>> {
-                let tg = targets(it);
-                self.with_inputs(&jobs[it.job], it, data, |inputs| {
-                    for &(slot, key) in &tg {
-                        if active[key] {
-                            if acc[key].is_empty() {
-                                acc[key] = vec![0u64; HIGH_BINS];
-                            }
-                            select::hist_high(inputs[slot], &mut acc[key]);
-                        }
-                    }
-                })?;
-                Ok(acc)
-            })
-            .try_reduce(zero, |a, b| Ok(add_hists(a, b)))?;
+        let high = self.histograms(q, active, HIGH_BINS, &|values, _, hist| select::hist_high(values, hist))?;
         let mut picks = vec![(0u32, 0u64); nkeys];
         for key in 0..nkeys {
             if active[key] {
@@ -762,23 +777,7 @@ impl<'a> Engine<'a> {
                 low
             }
             // Pass B: low-bit histograms inside the winning high bin.
-            None => items
-                .par_iter()
-                .try_fold(zero, |mut acc, it| -> Result<Vec<Vec<u64>>> {
-                    let tg = targets(it);
-                    self.with_inputs(&jobs[it.job], it, data, |inputs| {
-                        for &(slot, key) in &tg {
-                            if active[key] {
-                                if acc[key].is_empty() {
-                                    acc[key] = vec![0u64; LOW_BINS];
-                                }
-                                select::hist_low(inputs[slot], picks[key].0, &mut acc[key]);
-                            }
-                        }
-                    })?;
-                    Ok(acc)
-                })
-                .try_reduce(zero, |a, b| Ok(add_hists(a, b)))?,
+            None => self.histograms(q, active, LOW_BINS, &|values, key, hist| select::hist_low(values, picks[key].0, hist))?,
         };
         for key in 0..nkeys {
             if active[key] {

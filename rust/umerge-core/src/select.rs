@@ -113,12 +113,12 @@ pub fn sample_runs(n: usize) -> Vec<usize> {
 
 /// A band of magnitudes `(lo, hi)` (abs bit patterns, inclusive) that very probably holds the
 /// k-th largest `|x|` of a scope of `n` entries, from the bit patterns of the entries at
-/// [`sample_runs`] (empty: the band of everything). The band spans the sample's k/n quantile +-
+/// [`sample_runs`] (empty: the band of everything; sorted in place). The band spans the sample's k/n quantile +-
 /// 6 standard deviations of a sample quantile (room for the clustering of runs, which makes the
 /// sample less informative than as many independent draws);
 /// when it misses, the caller falls back to the exact histogram passes, so a bad band costs
 /// time, never correctness.
-pub fn band_of_sample(mut sample: Vec<u32>, k: u64, n: u64) -> (u32, u32) {
+pub fn band_of_sample(sample: &mut [u32], k: u64, n: u64) -> (u32, u32) {
     if sample.is_empty() {
         return (0, u32::MAX);
     }
@@ -135,8 +135,8 @@ pub fn band_of_sample(mut sample: Vec<u32>, k: u64, n: u64) -> (u32, u32) {
 
 /// [`band_of_sample`] for a scope held in one slice.
 pub fn sample_band(values: &[f32], k: u64) -> (u32, u32) {
-    let sample = sample_runs(values.len()).into_iter().flat_map(|s| values[s..s + SAMPLE_RUN].iter().map(|&x| abs_bits(x))).collect();
-    band_of_sample(sample, k, values.len() as u64)
+    let mut sample: Vec<u32> = sample_runs(values.len()).into_iter().flat_map(|s| values[s..s + SAMPLE_RUN].iter().map(|&x| abs_bits(x))).collect();
+    band_of_sample(&mut sample, k, values.len() as u64)
 }
 
 /// One slice's share of a band pass: returns the count of entries with `|x|` above `hi` and
@@ -144,8 +144,8 @@ pub fn sample_band(values: &[f32], k: u64) -> (u32, u32) {
 pub fn band_collect(values: &[f32], lo: u32, hi: u32, out: &mut Vec<u32>) -> u64 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
+        if crate::simd::level() == crate::simd::Level::Avx512 {
+            // SAFETY: the CPU supports AVX-512F (`simd::level` checked it).
             return unsafe { band_collect_avx512(values, lo, hi, out) };
         }
     }
