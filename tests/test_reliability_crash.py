@@ -35,10 +35,14 @@ import pytest
 from conftest import Family, run_umerge, umerge_command
 from umerge.testing import CheckpointSpec, LlamaShape, make_family
 
-#: About 15 M parameters (30 MB per bf16 model): a merge takes 1-3 s on one thread here.
-KILL_SHAPE = LlamaShape(hidden=512, intermediate=1408, layers=4, heads=8, kv_heads=2, vocab=4000)
+#: About 110 M parameters (220 MB per bf16 model): a merge takes about 1 s on one thread here, so
+#: the ~0.1 s interpreter start is a small part of it and the kill points land inside the merge.
+KILL_SHAPE = LlamaShape(hidden=1024, intermediate=2816, layers=8, heads=8, kv_heads=2, vocab=8000)
 KILL_POINTS = 24
-MIN_KILLS = 20
+#: Kill points run to 95% of the fastest reference run; a loaded machine can still let the last
+#: few finish first, which is a valid outcome (complete) but tests nothing, so some slack.
+MIN_KILLS = 18
+REFERENCE_RUNS = 3
 
 
 def fast_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
@@ -84,10 +88,13 @@ def env() -> dict[str, str]:
 def test_sigkill_at_many_points_never_leaves_a_partial_output(kill_family: Family) -> None:
     root = kill_family.base.parent.parent
     ref = root / "reference"
-    t0 = time.monotonic()
-    r = run_umerge(merge_args(kill_family, ref))
-    t_ref = time.monotonic() - t0
-    assert r.returncode == 0, r.stderr
+    timings = []
+    for _ in range(REFERENCE_RUNS):
+        t0 = time.monotonic()
+        r = run_umerge(merge_args(kill_family, ref))
+        timings.append(time.monotonic() - t0)
+        assert r.returncode == 0, r.stderr
+    t_ref = min(timings)
     expected = digest_tree(ref)
     assert any(name.endswith(".safetensors") for name in expected)
 
@@ -97,7 +104,7 @@ def test_sigkill_at_many_points_never_leaves_a_partial_output(kill_family: Famil
     kills = 0
     outcomes = []
     for i in range(KILL_POINTS):
-        at = t_ref * (0.02 + 0.96 * i / (KILL_POINTS - 1))
+        at = t_ref * (0.02 + 0.93 * i / (KILL_POINTS - 1))
         proc = subprocess.Popen([*umerge_command(), *merge_args(kill_family, target)], env=env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(at)
@@ -113,7 +120,7 @@ def test_sigkill_at_many_points_never_leaves_a_partial_output(kill_family: Famil
             outcomes.append("complete")
         else:
             outcomes.append("absent")
-    assert kills >= MIN_KILLS, f"only {kills} runs were actually killed (timings: reference {t_ref:.2f} s)"
+    assert kills >= MIN_KILLS, f"only {kills} runs were actually killed (reference runs: {timings})"
     # A last, uninterrupted run completes and removes every temporary directory the killed runs left.
     r = run_umerge(merge_args(kill_family, target))
     assert r.returncode == 0, r.stderr
