@@ -1,8 +1,9 @@
 """The random methods (dare_linear, dare_ties, della, della_linear): masks, rescale, determinism.
 
 - the keep mask of every tensor equals an independent numpy implementation of the documented
-  generator (SplitMix64 at position j of the stream keyed by seed, tensor name and model, from the
-  published constants), and its kept fraction is within 4 standard deviations of density;
+  generator (SplitMix64 outputs of the stream keyed by seed, tensor name and model, from the
+  published constants, each split into two 32-bit draws in the documented layout), and its kept
+  fraction is within 4 standard deviations of density;
 - `rescale: density` makes kept entries d / density, so each tensor's sum keeps its expectation
   (checked within 4 standard deviations); `rescale: l1` keeps each tensor's L1 norm;
 - DELLA: the keep mask equals a numpy implementation of the documented rule (ranks by |d| within
@@ -47,17 +48,22 @@ def _fnv1a(s: str) -> int:
 
 
 def _draws(seed: int, tensor: str, model: int, n: int) -> np.ndarray:
-    """The top 53 bits of mix(key + (j + 1) * GAMMA) for j = 0..n-1 (uint64)."""
+    """The 32-bit draw of entry j = 0..n-1 (uint64): in block b = j // 1024, output
+    q = 512 b + (j % 512) of SplitMix64, mix(key + (q + 1) * GAMMA), gives its high half to
+    the block's first 512 entries and its low half to the last 512."""
     with np.errstate(over="ignore"):
         one = lambda x: _mix(np.array([x], dtype=np.uint64))[0]  # noqa: E731
         key = one(int(one(np.uint64(seed) ^ one(np.uint64(_fnv1a(tensor))))) ^ int(one(np.uint64((model + 1)) * GAMMA)))
-        j = np.arange(1, n + 1, dtype=np.uint64)
-        return _mix(key + j * GAMMA) >> np.uint64(11)
+        j = np.arange(n, dtype=np.uint64)
+        q = (j // np.uint64(1024)) * np.uint64(512) + j % np.uint64(512)
+        r = _mix(key + (q + np.uint64(1)) * GAMMA)
+        first_half = (j % np.uint64(1024)) < np.uint64(512)
+        return np.where(first_half, r >> np.uint64(32), r & np.uint64(0xFFFFFFFF))
 
 
 def reference_mask(seed: int, tensor: str, model: int, n: int, density: float) -> np.ndarray:
-    """keep_j = draw_j < ceil(density * 2^53)."""
-    cutoff = int(np.ceil(density * 2.0**53))
+    """keep_j = draw_j < ceil(density * 2^32)."""
+    cutoff = int(np.ceil(density * 2.0**32))
     return _draws(seed, tensor, model, n) < np.uint64(cutoff)
 
 
@@ -75,9 +81,9 @@ def della_probabilities(d: np.ndarray, density: float, epsilon: float) -> np.nda
 
 def della_reference_mask(seed: int, tensor: str, model: int, d: np.ndarray, density: float,
                          epsilon: float) -> tuple[np.ndarray, np.ndarray]:
-    """(keep mask, keep probabilities): draw_j < ceil(p_j * 2^53)."""
+    """(keep mask, keep probabilities): draw_j < ceil(p_j * 2^32)."""
     p = della_probabilities(d, density, epsilon)
-    cut = np.ceil(p * 2.0**53).astype(np.uint64)
+    cut = np.ceil(p * 2.0**32).astype(np.uint64)
     return _draws(seed, tensor, model, p.size) < cut, p
 
 
