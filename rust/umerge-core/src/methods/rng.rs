@@ -131,9 +131,12 @@ crate::simd::kernel! {
         let (last, none) = last_kept(cutoff);
         let one = |kept: bool, d: f32| (if kept && !none { d * scale } else { 0.0 }) * w;
         let (head, blocks) = block_split(first, x.len());
-        for j in 0..head {
-            out[j] = one(keep(key, first + j as u64, cutoff), x[j]);
-        }
+        let entrywise = |from: usize, xs: &[f32], os: &mut [f32]| {
+            for (j, (o, &d)) in os.iter_mut().zip(xs).enumerate() {
+                *o = one(keep(key, first + (from + j) as u64, cutoff), d);
+            }
+        };
+        entrywise(0, &x[..head], &mut out[..head]);
         let b0 = (first + head as u64) / BLOCK;
         let (mut hi, mut lo) = ([0u32; HALF], [0u32; HALF]);
         for b in 0..blocks {
@@ -146,9 +149,8 @@ crate::simd::kernel! {
                 }
             }
         }
-        for j in head + blocks * BLOCK as usize..x.len() {
-            out[j] = one(keep(key, first + j as u64, cutoff), x[j]);
-        }
+        let tail = head + blocks * BLOCK as usize;
+        entrywise(tail, &x[tail..], &mut out[tail..]);
     }
 }
 
@@ -167,9 +169,13 @@ crate::simd::kernel! {
             kept[lane] += if k && !none { a } else { 0.0 };
         };
         let (head, blocks) = block_split(first, x.len());
-        for j in 0..head {
-            add(((first + j as u64) % 8) as usize, x[j], keep(key, first + j as u64, cutoff));
-        }
+        let entrywise = |from: usize, xs: &[f32], add: &mut dyn FnMut(usize, f32, bool)| {
+            for (j, &d) in xs.iter().enumerate() {
+                let i = first + (from + j) as u64;
+                add((i % 8) as usize, d, keep(key, i, cutoff));
+            }
+        };
+        entrywise(0, &x[..head], &mut add);
         let b0 = (first + head as u64) / BLOCK;
         let (mut hi, mut lo) = ([0u32; HALF], [0u32; HALF]);
         for b in 0..blocks {
@@ -183,9 +189,8 @@ crate::simd::kernel! {
                 }
             }
         }
-        for j in head + blocks * BLOCK as usize..x.len() {
-            add(((first + j as u64) % 8) as usize, x[j], keep(key, first + j as u64, cutoff));
-        }
+        let tail = head + blocks * BLOCK as usize;
+        entrywise(tail, &x[tail..], &mut add);
         (all.iter().sum(), kept.iter().sum())
     }
 }
