@@ -83,22 +83,10 @@ pub enum Error {
         /// Second file holding it.
         second: PathBuf,
     },
-    /// Shapes differ in a way that cannot be merged.
-    #[error("tensor {tensor} has shape {shape_a:?} in {file_a} but {shape_b:?} in {file_b}{hint}")]
-    ShapeMismatch {
-        /// Tensor name.
-        tensor: String,
-        /// Shape in the first file.
-        shape_a: Vec<usize>,
-        /// First file.
-        file_a: PathBuf,
-        /// Shape in the second file.
-        shape_b: Vec<usize>,
-        /// Second file.
-        file_b: PathBuf,
-        /// Extra advice, starting with a space or empty.
-        hint: String,
-    },
+    /// Shapes differ in a way that cannot be merged (boxed: the largest variant would make every
+    /// `Result` of this error that large).
+    #[error("tensor {} has shape {:?} in {} but {:?} in {}{}", .0.tensor, .0.shape_a, .0.file_a.display(), .0.shape_b, .0.file_b.display(), .0.hint)]
+    ShapeMismatch(Box<ShapeMismatch>),
     /// A tensor is missing from an input where it is required.
     #[error("tensor {tensor} is missing from {path}{hint}")]
     MissingTensor {
@@ -195,6 +183,23 @@ pub enum Error {
     /// A bug: an invariant the engine relies on was broken.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// The two sides of an [`Error::ShapeMismatch`].
+#[derive(Debug)]
+pub struct ShapeMismatch {
+    /// Tensor name.
+    pub tensor: String,
+    /// Shape in the first file.
+    pub shape_a: Vec<usize>,
+    /// First file.
+    pub file_a: PathBuf,
+    /// Shape in the second file.
+    pub shape_b: Vec<usize>,
+    /// Second file.
+    pub file_b: PathBuf,
+    /// Extra advice, starting with a space or empty.
+    pub hint: String,
 }
 
 fn join_errors(errors: &[Error]) -> String {

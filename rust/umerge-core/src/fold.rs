@@ -270,7 +270,7 @@ fn match_targets(base: &Checkpoint, adapters: &[Checkpoint], spec: &FoldSpec, or
                 continue;
             }
             if !shapes_ok {
-                errors.push(Error::ShapeMismatch {
+                errors.push(Error::ShapeMismatch(Box::new(crate::error::ShapeMismatch {
                     tensor: wname,
                     shape_a: vec![b.shape.first().copied().unwrap_or(0), a.shape.get(1).copied().unwrap_or(0)],
                     file_a: ad.file_of(&a),
@@ -282,7 +282,7 @@ fn match_targets(base: &Checkpoint, adapters: &[Checkpoint], spec: &FoldSpec, or
                         a.shape,
                         if fa.fan_in_fan_out { ", fan_in_fan_out" } else { "" }
                     ),
-                });
+                })));
                 continue;
             }
             let t = targets.entry(wname.clone()).or_insert_with(|| Target {

@@ -296,7 +296,7 @@ fn plan_one(
                     crop_cols = Some((shape[1], t.shape[1]));
                 }
             } else {
-                errors.push(Error::ShapeMismatch {
+                errors.push(Error::ShapeMismatch(Box::new(crate::error::ShapeMismatch {
                     tensor: name.to_string(),
                     shape_a: t.shape.clone(),
                     file_a: inputs.models[i].file_of(t),
@@ -307,7 +307,7 @@ fn plan_one(
                     } else {
                         String::new()
                     },
-                });
+                })));
             }
         }
         models.push((i, SrcRef { input: InputId::Model(i), info: Some(t.clone()), crop_cols }));

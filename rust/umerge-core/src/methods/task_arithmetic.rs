@@ -279,18 +279,20 @@ impl Method for TaskVectorMerge {
             let masked: Vec<Vec<f32>> = (0..m).map(|i| self.della_mask(r, &sc, i, c, c.inputs[i], Some(st))).collect();
             let views: Vec<&[f32]> = masked.iter().map(|v| v.as_slice()).collect();
             let sparse = Chunk { inputs: &views, ..*c };
-            return self.combine(&sc, &[], &[], &[], &sparse, out);
+            return self.combine(&sc, None, &sparse, out);
         }
-        let keys: Vec<u64> = (0..m).map(|i| rng::stream_key(self.seed, c.tensor, sc.ids[i] as u64)).collect();
-        let cuts: Vec<u64> = (0..m).map(|i| rng::keep_cutoff(sc.p[i] as f64)).collect();
-        let scale: Vec<f32> = (0..m)
-            .map(|i| match (self.sparsify, self.rescale) {
-                (Sparsify::Random, Rescale::Density) if sc.p[i] < 1.0 => (1.0 / sc.p[i] as f64) as f32,
-                (Sparsify::Random, Rescale::L1) if sc.p[i] < 1.0 => l1_factor(st.tensor[2 * i], st.tensor[2 * i + 1]),
-                _ => 1.0,
-            })
-            .collect();
-        self.combine(&sc, &keys, &cuts, &scale, c, out)
+        let dare = (self.sparsify == Sparsify::Random).then(|| DareMask {
+            keys: (0..m).map(|i| rng::stream_key(self.seed, c.tensor, sc.ids[i] as u64)).collect(),
+            cuts: (0..m).map(|i| rng::keep_cutoff(sc.p[i] as f64)).collect(),
+            scale: (0..m)
+                .map(|i| match self.rescale {
+                    Rescale::Density if sc.p[i] < 1.0 => (1.0 / sc.p[i] as f64) as f32,
+                    Rescale::L1 if sc.p[i] < 1.0 => l1_factor(st.tensor[2 * i], st.tensor[2 * i + 1]),
+                    _ => 1.0,
+                })
+                .collect(),
+        });
+        self.combine(&sc, dare.as_ref(), c, out)
     }
 
     fn describe(&self) -> String {
@@ -328,10 +330,9 @@ impl TaskVectorMerge {
         out
     }
 
-    /// Steps 2-5 of the module doc on one chunk; DARE's mask is drawn here, tile by tile, from
-    /// `keys` and `cuts`, with kept entries scaled by `scale` (all three empty when the inputs
-    /// come already sparsified).
-    fn combine(&self, sc: &Scalars<'_>, keys: &[u64], cuts: &[u64], scale: &[f32], c: &Chunk<'_>, out: &mut [f32]) {
+    /// Steps 2-5 of the module doc on one chunk; DARE's mask, when given, is drawn here, tile by
+    /// tile (otherwise the inputs are used as they come: whole, or already sparsified).
+    fn combine(&self, sc: &Scalars<'_>, dare: Option<&DareMask>, c: &Chunk<'_>, out: &mut [f32]) {
         let m = c.inputs.len();
         let n = out.len();
         let wsum: f32 = sc.w.iter().fold(0.0f32, |a, &b| a + b);
@@ -345,8 +346,8 @@ impl TaskVectorMerge {
                 let v = &mut vals[i * TILE..i * TILE + len];
                 let x = &c.inputs[i][t0..t0 + len];
                 let w = sc.w[i];
-                if !keys.is_empty() && self.sparsify == Sparsify::Random && sc.p[i] < 1.0 {
-                    rng::masked_scale(keys[i], c.start + t0 as u64, cuts[i], x, scale[i], w, v);
+                if let Some(d) = dare.filter(|_| sc.p[i] < 1.0) {
+                    rng::masked_scale(d.keys[i], c.start + t0 as u64, d.cuts[i], x, d.scale[i], w, v);
                 } else {
                     for (v, &d) in v.iter_mut().zip(x) {
                         *v = d * w;
@@ -358,6 +359,14 @@ impl TaskVectorMerge {
             t0 += len;
         }
     }
+}
+
+/// DARE's keep masks for one chunk, per model: stream key, [`rng::keep_cutoff`] and the scale of
+/// kept entries.
+struct DareMask {
+    keys: Vec<u64>,
+    cuts: Vec<u64>,
+    scale: Vec<f32>,
 }
 
 /// Steps 3-5 of the module doc for one tile: the weighted, sparsified task vectors `vals`
