@@ -11,6 +11,7 @@ with mergekit's defaults (L1 rescale), so both tools do the same work. Reports w
 
     .venv/bin/python benches/bench_methods.py                       # all five methods
     .venv/bin/python benches/bench_methods.py --methods linear ties # a subset
+    .venv/bin/python benches/bench_methods.py --methods della_linear --skip-mergekit
 
 Inputs: the base and two fine-tuned checkpoints of benches/bench_ties.py (generated once under
 --dir, default ./bench-out, and reused). Needs the peer venv (benches/make_peer_venv.sh) for
@@ -38,6 +39,8 @@ from bench_ties import (  # noqa: E402
 from measure import Measurement, run_measured, warm_page_cache  # noqa: E402
 
 TABLE2 = ("linear", "dare_linear", "dare_ties", "magnitude_prune", "ties")
+#: Also available with --methods (not in the paper's table): mergekit's defaults (epsilon 0.15, L1 rescale).
+EXTRA = ("della_linear", "della")
 
 
 def config_text(method: str, base: Path, fts: list[Path], density: float) -> str:
@@ -73,7 +76,7 @@ def _fail(m: Measurement, what: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=Path("bench-out"), help="inputs and outputs (default ./bench-out)")
-    p.add_argument("--methods", nargs="+", default=list(TABLE2), choices=TABLE2)
+    p.add_argument("--methods", nargs="+", default=list(TABLE2), choices=TABLE2 + EXTRA)
     p.add_argument("--layers", type=int, default=22)
     p.add_argument("--density", type=float, default=0.8)
     p.add_argument("--threads", type=int, default=None, help="umerge --threads (default: all cores)")

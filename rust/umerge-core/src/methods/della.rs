@@ -126,23 +126,55 @@ impl MagPrune {
         }
     }
 
-    /// Masks one row `x` whose first element has flat index `first` into `out` (zeroed by the
-    /// caller); `order` is scratch space.
-    pub fn row(&self, x: &[f32], first: u64, out: &mut [f32], order: &mut Vec<u64>) {
-        // (|x| bits, index) packed in one u64: sorting it ranks by magnitude, then index.
-        order.clear();
-        order.extend(x.iter().enumerate().map(|(j, &v)| ((abs_bits(v) as u64) << 32) | j as u64));
-        order.sort_unstable();
+    /// Masks one row `x` whose first element has flat index `first` into `out`; `scratch` is
+    /// reused from row to row.
+    pub fn row(&self, x: &[f32], first: u64, out: &mut [f32], scratch: &mut RowScratch) {
         let c = x.len();
-        for (rank, &e) in order.iter().enumerate() {
-            let j = (e & 0xffff_ffff) as usize;
-            let p = self.probability(rank, c);
-            if rng::keep(self.key, first + j as u64, rng::keep_cutoff(p)) {
-                out[j] = match self.scale {
-                    Scale::ByProbability => (x[j] as f64 / p) as f32,
-                    Scale::By(s) => x[j] * s,
-                };
-            }
+        scratch.prepare(self, c);
+        let RowScratch { order, bits, probs, cuts, .. } = scratch;
+        // (|x| bits, index) pairs, stably radix-sorted by magnitude: ranks with ties broken by
+        // index. Measured on the 1.1B benchmark: a comparison sort of (|x| bits, index) words
+        // was 40% of della_linear's CPU time.
+        order.clear();
+        order.extend(x.iter().enumerate().map(|(j, &v)| (abs_bits(v), j as u32)));
+        radsort::sort_by_key(order, |&(magnitude, _)| magnitude);
+        bits.resize(c, 0);
+        rng::fill_bits(self.key, first, bits);
+        // Every entry is written, kept or not: a branch on a coin flip mispredicts half the time.
+        for ((&(_, j), &cut), &p) in order.iter().zip(cuts.iter()).zip(probs.iter()) {
+            let j = j as usize;
+            let kept = match self.scale {
+                Scale::ByProbability => (x[j] as f64 / p) as f32,
+                Scale::By(s) => x[j] * s,
+            };
+            out[j] = if (bits[j] as u64) < cut { kept } else { 0.0 };
+        }
+    }
+}
+
+/// Buffers [`MagPrune::row`] reuses from row to row: the ranking, the row's random draws, and
+/// the keep probability and [`rng::keep_cutoff`] of every rank, which depend only on the row
+/// length and the mask's density and epsilon, so they are computed once per tensor rather than
+/// once per entry.
+#[derive(Debug, Default)]
+pub struct RowScratch {
+    order: Vec<(u32, u32)>,
+    bits: Vec<u32>,
+    probs: Vec<f64>,
+    cuts: Vec<u64>,
+    /// (row length, density bits, epsilon bits) that `probs` and `cuts` were computed for.
+    made_for: Option<(usize, u64, u64)>,
+}
+
+impl RowScratch {
+    fn prepare(&mut self, mask: &MagPrune, c: usize) {
+        let wanted = (c, mask.density.to_bits(), mask.epsilon.to_bits());
+        if self.made_for != Some(wanted) {
+            self.probs.clear();
+            self.probs.extend((0..c).map(|rank| mask.probability(rank, c)));
+            self.cuts.clear();
+            self.cuts.extend(self.probs.iter().map(|&p| rng::keep_cutoff(p)));
+            self.made_for = Some(wanted);
         }
     }
 }
@@ -193,6 +225,24 @@ mod tests {
             let prob = (d - e) + 2.0 * e * i as f64 / (n - 1) as f64;
             assert!(o == 0.0 || o == (x as f64 / prob) as f32, "i={i} o={o}");
         }
+    }
+
+    #[test]
+    fn row_mask_follows_rank_with_ties_by_index() {
+        // Few distinct magnitudes (many ties) and both signs, over whole generator blocks.
+        let x: Vec<f32> = (0..3000).map(|i| ((i * 7919) % 13) as f32 * if i % 3 == 0 { -0.5 } else { 0.5 }).collect();
+        let mask = MagPrune { density: 0.5, epsilon: 0.4, key: rng::stream_key(1, "t", 0), scale: Scale::By(1.0) };
+        let first = 1024 * 5 + 17;
+        let mut out = vec![0f32; x.len()];
+        mask.row(&x, first, &mut out, &mut RowScratch::default());
+        // Reference: a stable comparison sort by |x| (ties keep index order), the scalar draw.
+        let mut order: Vec<usize> = (0..x.len()).collect();
+        order.sort_by(|&a, &b| x[a].abs().total_cmp(&x[b].abs()));
+        for (rank, &j) in order.iter().enumerate() {
+            let kept = rng::keep(mask.key, first + j as u64, rng::keep_cutoff(mask.probability(rank, x.len())));
+            assert_eq!(out[j], if kept { x[j] } else { 0.0 }, "entry {j} rank {rank}");
+        }
+        assert!(out.iter().filter(|&&v| v != 0.0).count() > 1000);
     }
 
     #[test]

@@ -323,9 +323,9 @@ impl TaskVectorMerge {
         };
         let mask = della::MagPrune { density, epsilon: sc.eps[i] as f64, key, scale: rescale };
         let row = r.row as usize;
-        let mut order = Vec::with_capacity(row);
+        let mut scratch = della::RowScratch::default();
         for (ri, (xs, os)) in x.chunks(row).zip(out.chunks_mut(row)).enumerate() {
-            mask.row(xs, c.start + (ri * row) as u64, os, &mut order);
+            mask.row(xs, c.start + (ri * row) as u64, os, &mut scratch);
         }
         out
     }
