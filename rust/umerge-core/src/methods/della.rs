@@ -154,8 +154,8 @@ impl MagPrune {
 
 /// Buffers [`MagPrune::row`] reuses from row to row: the ranking, the row's random draws, and
 /// the keep probability and [`rng::keep_cutoff`] of every rank, which depend only on the row
-/// length and the mask's density and epsilon, so they are computed once per tensor rather than
-/// once per entry.
+/// length and the mask's density and epsilon, so they are computed once per chunk of rows rather
+/// than once per entry.
 #[derive(Debug, Default)]
 pub struct RowScratch {
     order: Vec<(u32, u32)>,
