@@ -100,23 +100,10 @@ fn ceil_to_u64(y: f64) -> u64 {
 /// The 32-bit draws ([`bits32`]) of entries `first..first + out.len()`, whole blocks at the
 /// vector kernels' speed.
 pub fn fill_bits(key: u64, first: u64, out: &mut [u32]) {
-    let (head, blocks) = block_split(first, out.len());
-    let entrywise = |from: usize, os: &mut [u32]| {
-        for (j, o) in os.iter_mut().enumerate() {
-            *o = bits32(key, first + (from + j) as u64);
-        }
-    };
-    entrywise(0, &mut out[..head]);
-    let b0 = (first + head as u64) / BLOCK;
-    let (mut hi, mut lo) = ([0u32; HALF], [0u32; HALF]);
-    for b in 0..blocks {
-        block_bits(key, b0 + b as u64, &mut hi, &mut lo);
-        let j0 = head + b * BLOCK as usize;
-        out[j0..j0 + HALF].copy_from_slice(&hi);
-        out[j0 + HALF..j0 + BLOCK as usize].copy_from_slice(&lo);
+    let mut draws = Draws::new(key, first, out.len());
+    while let Some((j0, bits)) = draws.next() {
+        out[j0..j0 + bits.len()].copy_from_slice(bits);
     }
-    let tail = head + blocks * BLOCK as usize;
-    entrywise(tail, &mut out[tail..]);
 }
 
 /// The bits of every entry of block `b` (see [`bits32`]): `hi` for its first half, `lo` for its
@@ -143,13 +130,57 @@ fn last_kept(cutoff: u64) -> (u32, bool) {
     }
 }
 
-/// Splits the run of entries `first..first + n` into a head up to the first block boundary,
-/// whole blocks, and a tail: (head length, number of whole blocks). The head and tail take the
-/// entry-by-entry path.
-#[inline(always)]
-fn block_split(first: u64, n: usize) -> (usize, usize) {
-    let head = (((BLOCK - first % BLOCK) % BLOCK) as usize).min(n);
-    (head, (n - head) / BLOCK as usize)
+/// The draws ([`bits32`]) of the entries `first..first + n`, run by run, in order: each
+/// [`Draws::next`] gives `(j, draws)`, the draws of entries `first + j..first + j + draws.len()`:
+/// entry by entry up to the first block boundary and after the last whole block, whole
+/// half-blocks of 512 (from [`block_bits`]) in between. The one walk behind every kernel here, so
+/// they all follow the documented layout. A loop over it rather than a closure: a closure is
+/// compiled apart from the kernel that calls it, without the kernel's instruction set.
+struct Draws {
+    key: u64,
+    first: u64,
+    n: usize,
+    j: usize,
+    hi: [u32; HALF],
+    lo: [u32; HALF],
+    /// The low half-block is ready and comes next.
+    lo_next: bool,
+}
+
+impl Draws {
+    #[inline(always)]
+    fn new(key: u64, first: u64, n: usize) -> Self {
+        Draws { key, first, n, j: 0, hi: [0; HALF], lo: [0; HALF], lo_next: false }
+    }
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<(usize, &[u32])> {
+        let j = self.j;
+        if self.lo_next {
+            self.lo_next = false;
+            self.j += HALF;
+            return Some((j, &self.lo));
+        }
+        if j >= self.n {
+            return None;
+        }
+        let i = self.first + j as u64;
+        let to_boundary = ((BLOCK - i % BLOCK) % BLOCK) as usize;
+        if to_boundary == 0 && self.n - j >= BLOCK as usize {
+            block_bits(self.key, i / BLOCK, &mut self.hi, &mut self.lo);
+            self.lo_next = true;
+            self.j += HALF;
+            return Some((j, &self.hi));
+        }
+        // Before the first block boundary or after the last whole block: entry by entry.
+        let end = if to_boundary == 0 { self.n } else { self.n.min(j + to_boundary) };
+        let len = (end - j).min(HALF);
+        for (k, d) in self.hi[..len].iter_mut().enumerate() {
+            *d = bits32(self.key, i + k as u64);
+        }
+        self.j += len;
+        Some((j, &self.hi[..len]))
+    }
 }
 
 crate::simd::kernel! {
@@ -159,28 +190,13 @@ crate::simd::kernel! {
     /// the scalar generator was 70% of the CPU time of `dare_linear`.
     pub fn masked_scale(key: u64, first: u64, cutoff: u64, x: &[f32], scale: f32, w: f32, out: &mut [f32]) {
         let (last, none) = last_kept(cutoff);
-        let one = |kept: bool, d: f32| (if kept && !none { d * scale } else { 0.0 }) * w;
-        let (head, blocks) = block_split(first, x.len());
-        let entrywise = |from: usize, xs: &[f32], os: &mut [f32]| {
-            for (j, (o, &d)) in os.iter_mut().zip(xs).enumerate() {
-                *o = one(keep(key, first + (from + j) as u64, cutoff), d);
-            }
-        };
-        entrywise(0, &x[..head], &mut out[..head]);
-        let b0 = (first + head as u64) / BLOCK;
-        let (mut hi, mut lo) = ([0u32; HALF], [0u32; HALF]);
-        for b in 0..blocks {
-            block_bits(key, b0 + b as u64, &mut hi, &mut lo);
-            let j0 = head + b * BLOCK as usize;
-            for (h, bits) in [(0, &hi), (HALF, &lo)] {
-                let (xs, os) = (&x[j0 + h..][..HALF], &mut out[j0 + h..][..HALF]);
-                for ((o, &d), &r) in os.iter_mut().zip(xs).zip(bits.iter()) {
-                    *o = one(r <= last, d);
-                }
+        let mut draws = Draws::new(key, first, x.len());
+        while let Some((j0, bits)) = draws.next() {
+            let (xs, os) = (&x[j0..j0 + bits.len()], &mut out[j0..j0 + bits.len()]);
+            for ((o, &d), &r) in os.iter_mut().zip(xs).zip(bits) {
+                *o = (if r <= last && !none { d * scale } else { 0.0 }) * w;
             }
         }
-        let tail = head + blocks * BLOCK as usize;
-        entrywise(tail, &x[tail..], &mut out[tail..]);
     }
 }
 
@@ -193,34 +209,27 @@ crate::simd::kernel! {
     pub fn masked_l1(key: u64, first: u64, cutoff: u64, x: &[f32]) -> (f64, f64) {
         let (last, none) = last_kept(cutoff);
         let (mut all, mut kept) = ([0f64; 8], [0f64; 8]);
-        let mut add = |lane: usize, v: f32, k: bool| {
-            let a = v.abs() as f64;
-            all[lane] += a;
-            kept[lane] += if k && !none { a } else { 0.0 };
-        };
-        let (head, blocks) = block_split(first, x.len());
-        let entrywise = |from: usize, xs: &[f32], add: &mut dyn FnMut(usize, f32, bool)| {
-            for (j, &d) in xs.iter().enumerate() {
-                let i = first + (from + j) as u64;
-                add((i % 8) as usize, d, keep(key, i, cutoff));
-            }
-        };
-        entrywise(0, &x[..head], &mut add);
-        let b0 = (first + head as u64) / BLOCK;
-        let (mut hi, mut lo) = ([0u32; HALF], [0u32; HALF]);
-        for b in 0..blocks {
-            block_bits(key, b0 + b as u64, &mut hi, &mut lo);
-            let j0 = head + b * BLOCK as usize;
-            for (h, bits) in [(0, &hi), (HALF, &lo)] {
-                for (run, r) in x[j0 + h..][..HALF].chunks_exact(8).zip(bits.chunks_exact(8)) {
+        let is_kept = |r: u32| r <= last && !none;
+        let mut draws = Draws::new(key, first, x.len());
+        while let Some((j0, bits)) = draws.next() {
+            let xs = &x[j0..j0 + bits.len()];
+            if (first + j0 as u64).is_multiple_of(8) && xs.len().is_multiple_of(8) {
+                // Half-blocks: lane l of each run of 8 is lane l of the tensor (vectorises).
+                for (run, rs) in xs.chunks_exact(8).zip(bits.chunks_exact(8)) {
                     for l in 0..8 {
-                        add(l, run[l], r[l] <= last);
+                        let a = run[l].abs() as f64;
+                        all[l] += a;
+                        kept[l] += if is_kept(rs[l]) { a } else { 0.0 };
                     }
+                }
+            } else {
+                for (k, (&v, &r)) in xs.iter().zip(bits).enumerate() {
+                    let (lane, a) = (((first + (j0 + k) as u64) % 8) as usize, v.abs() as f64);
+                    all[lane] += a;
+                    kept[lane] += if is_kept(r) { a } else { 0.0 };
                 }
             }
         }
-        let tail = head + blocks * BLOCK as usize;
-        entrywise(tail, &x[tail..], &mut add);
         (all.iter().sum(), kept.iter().sum())
     }
 }
