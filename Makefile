@@ -8,7 +8,7 @@ PEERS  ?= .venv-peers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip maturin
+	$(BIN)/pip install -q --upgrade pip maturin setuptools wheel
 
 # Everything: the engine, the CLI, the unlearning workbench (torch) and the test tools.
 install: $(BIN)/python
