@@ -201,14 +201,15 @@ def test_train_cli_imports_no_torch_and_names_the_extra(monkeypatch: pytest.Monk
 
 
 class CharTokenizer:
-    """One token per character (id = ord), eos = 0: makes truncation checkable by eye."""
+    """One token per character (id = ord), eos = 0, and by default a BOS (id 1) in front, as many
+    tokenizers add: makes truncation and special tokens checkable by eye."""
 
     eos_token_id = 0
     pad_token_id = 0
+    bos_token_id = 1
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        assert add_special_tokens is False
-        return {"input_ids": [ord(c) for c in text]}
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": [self.bos_token_id] * add_special_tokens + [ord(c) for c in text]}
 
 
 @pytest.mark.train
@@ -217,17 +218,22 @@ def test_encode_truncates_prompt_from_the_left_and_labels_only_the_answer() -> N
     from umerge.unlearn.tokenize import encode_example
 
     tok = CharTokenizer()
-    # max_length 10 -> prompt keeps its last floor(0.8 * 10) = 8 tokens; answer + eos fill the rest (2)
+    # The prompt is encoded with the tokenizer's defaults (here: BOS first), the answer without.
+    # max_length 10 -> prompt keeps its last floor(0.8 * 10) = 8 tokens (BOS cut with the rest, as
+    # the reference's [-max_q_len:]); answer + eos fill the rest (2)
     e = encode_example(tok, "0123456789AB", "xyz", 10)
     assert e.input_ids == [ord(c) for c in "456789AB"] + [ord("x"), ord("y")]
     assert e.labels == [-100] * 8 + [ord("x"), ord("y")]
-    # short prompt: untouched; answer followed by eos
+    # short prompt: untouched, BOS kept; answer followed by eos
     e = encode_example(tok, "ab", "xyz", 10)
-    assert e.input_ids == [97, 98, 120, 121, 122, 0]
-    assert e.labels == [-100, -100, 120, 121, 122, 0]
+    assert e.input_ids == [1, 97, 98, 120, 121, 122, 0]
+    assert e.labels == [-100, -100, -100, 120, 121, 122, 0]
+    assert e.prompt_len == 3
     # max_length 7 -> floor(5.6) = 5 prompt tokens
     e = encode_example(tok, "abcdefgh", "z", 7)
     assert e.input_ids == [ord(c) for c in "defgh"] + [122, 0]
+    # an empty prompt is still encoded with the defaults: just the BOS
+    assert encode_example(tok, "", "z", 7).input_ids == [1, 122, 0]
 
 
 @pytest.mark.train

@@ -158,15 +158,15 @@ def test_kl_direction_is_ref_to_theta() -> None:
     ref = logits_from_probs([[[0.5, 0.5]]])
     forward = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # KL(ref || theta) = 0.5108
     reverse = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)  # KL(theta || ref) = 0.3681
-    got = losses.kl_to_reference(theta, ref).item()
+    got = losses.kl_to_reference(theta, ref, torch.ones(1, 1), "real_mean").item()
     assert got == pytest.approx(forward, abs=1e-12)
     assert got != pytest.approx(reverse, abs=1e-3)
 
 
-def test_kl_all_positions_versus_answer_positions() -> None:
-    # B=2, T=3: KL per position written by hand; "all" averages the 6, "answer" the answer ones.
+def test_kl_reductions_by_hand() -> None:
+    # B=2, T=3, max_length 5; KL per position written by hand. Sequence 1's last column is padding.
     ref_p = [0.5, 0.5]
-    th = [[[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]], [[0.6, 0.4], [0.1, 0.9], [0.5, 0.5]]]
+    th = [[[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]], [[0.6, 0.4], [0.1, 0.9], [0.5, 0.3 + 0.2]]]
     theta = logits_from_probs(th)
     ref = logits_from_probs([[ref_p] * 3, [ref_p] * 3])
 
@@ -174,25 +174,41 @@ def test_kl_all_positions_versus_answer_positions() -> None:
         return sum(p * math.log(p / qq) for p, qq in zip(ref_p, q))
 
     per = [[kl(q) for q in row] for row in th]
-    # sequence 0: positions 0 and 1 predict answer tokens; sequence 1: only position 1; the
-    # last position and padding (sequence 1, position 2: pad) count only in "all".
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # sequence 0: positions 0 and 1 predict answer tokens; sequence 1: only position 1.
     labels = torch.tensor([[-100, 1, 0], [-100, -100, 1]])
-    want_all = sum(sum(r) for r in per) / 6
-    want_answer = (per[0][0] + per[0][1] + per[1][1]) / 3
-    assert losses.kl_to_reference(theta, ref, labels, "all").item() == pytest.approx(want_all, abs=1e-12)
-    assert losses.kl_to_reference(theta, ref, labels, "answer").item() == pytest.approx(want_answer, abs=1e-12)
+    real = per[0][0] + per[0][1] + per[0][2] + per[1][0] + per[1][1]
+    got = {r: losses.kl_to_reference(theta, ref, mask, r, max_length=5, labels=labels).item()
+           for r in losses.KL_REDUCTIONS}
+    assert got["reference"] == pytest.approx(real / (2 * 5), abs=1e-12)  # B * max_length
+    assert got["real_mean"] == pytest.approx(real / 5, abs=1e-12)  # five real positions
+    assert got["answer_mean"] == pytest.approx((per[0][0] + per[0][1] + per[1][1]) / 3, abs=1e-12)
+    with pytest.raises(ValueError, match="max_length"):
+        losses.kl_to_reference(theta, ref, mask, "reference", max_length=2)
+    with pytest.raises(ValueError, match="labels"):
+        losses.kl_to_reference(theta, ref, mask, "answer_mean")
+    with pytest.raises(ValueError, match="unknown KL reduction"):
+        losses.kl_to_reference(theta, ref, mask, "all")
 
 
-def test_kl_is_zero_at_reference_and_matches_torch_kl_div_batchmean() -> None:
+def test_kl_reference_equals_kl_div_batchmean_over_left_padding_to_max_length() -> None:
+    # The reference code's formulation: left-pad to max_length, kl_div(log p_theta, log p_ref,
+    # batchmean, log_target) on (B * max_length, V). Pad positions given identical logits under both
+    # models (zero KL, as a zero pad embedding gives) must make it equal to our unpadded "reference".
     g = torch.Generator().manual_seed(1)
     a = torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
-    assert losses.kl_to_reference(a, a.clone()).item() == pytest.approx(0.0, abs=1e-12)
     b = torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
-    # The reference code's formulation: kl_div(log p_theta, log p_ref, batchmean, log_target) on (B*T, V).
+    mask = torch.ones(2, 5, dtype=torch.long)
+    assert losses.kl_to_reference(a, a.clone(), mask, "reference", max_length=5).item() == pytest.approx(0.0, abs=1e-12)
+    max_length = 9
+    pad = torch.zeros(2, max_length - 5, 11, dtype=torch.float64)
     ref_code = torch.nn.functional.kl_div(
-        torch.log_softmax(a, -1).view(-1, 11), torch.log_softmax(b, -1).view(-1, 11), reduction="batchmean", log_target=True
+        torch.log_softmax(torch.cat([pad, a], 1), -1).view(-1, 11),
+        torch.log_softmax(torch.cat([pad, b], 1), -1).view(-1, 11),
+        reduction="batchmean", log_target=True,
     )
-    assert losses.kl_to_reference(a, b).item() == pytest.approx(ref_code.item(), rel=1e-12)
+    got = losses.kl_to_reference(a, b, mask, "reference", max_length=max_length).item()
+    assert got == pytest.approx(ref_code.item(), rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +236,8 @@ def test_alias_mapping_is_ga_npo_gd_kl_gk_retain() -> None:
 
 def test_presets_match_the_paper() -> None:
     common = dict(grad_accum=4, epochs=5, lr=1e-4, max_length=256, weight_decay=0.01, seed=42, lora_r=32,
-                  lora_alpha=32, lora_dropout=0.05, warmup_epochs=1.0, beta=0.1, lora_targets=None)
+                  lora_alpha=32, lora_dropout=0.05, warmup_epochs=1.0, beta=0.1, lora_targets=None,
+                  npo_reduction="mean", kl_reduction="reference", prompt_fraction=0.8, pairing="fixed")
     for name, (npo, kl, ret, bs) in {"zjuklab-model1": (0.4, 0.4, 0.2, 1), "zjuklab-model2": (0.3, 0.3, 0.4, 2)}.items():
         cfg = get_preset(name)
         assert (cfg.npo_weight, cfg.kl_weight, cfg.retain_weight, cfg.batch_size) == (npo, kl, ret, bs)
@@ -252,6 +269,9 @@ def test_config_round_trips_json_and_yaml(tmp_path) -> None:
         ("nonsense=1", "unknown config key"),
         ("lr=0", "lr"),
         ("npo_reduction=median", "npo_reduction"),
+        ("kl_reduction=all", "kl_reduction"),
+        ("kl_positions=all", "replaced by kl_reduction"),
+        ("pad_to_max_length=true", "no longer supported"),
         ("epochs", "key=value"),
     ],
 )

@@ -230,6 +230,32 @@ def test_resume_continues_exactly_and_eval_hook_is_logged(world: dict) -> None:
     assert steps_cut == [1, 2, 3, 4]
 
 
+def test_the_trainer_steps_on_step_terms(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every micro-batch's loss is `umerge.unlearn.step_terms` on the paired rows, and the log shows it."""
+    import umerge.unlearn.trainer as trainer_module
+    from umerge.unlearn import step_terms
+
+    root, data = world["root"], world["data"]
+    seen: list[tuple[list[str], list[str], float]] = []
+
+    def spy(model, reference, forget_rows, retain_rows, tokenizer, config):  # noqa: ANN001
+        terms = step_terms(model, reference, forget_rows, retain_rows, tokenizer, config)
+        seen.append(([r.id for r in forget_rows], [r.id for r in retain_rows], float(terms["total"])))
+        return terms
+
+    monkeypatch.setattr(trainer_module, "step_terms", spy)
+    over = ["epochs=1", "grad_accum=1", f"max_length={ML}", "max_forget_rows=4", "max_retain_rows=3"]
+    res = train(root / "vanilla", data, "zjuklab-model2", root / "spied", overrides=over, progress=False)
+    assert len(seen) == res.steps == 2  # 4 forget rows, batch 2, no accumulation
+    forget_ids = [i for f, _, _ in seen for i in f]
+    assert sorted(forget_ids) == sorted(r.id for r in data.forget[:4])
+    index = {r.id: k for k, r in enumerate(data.forget[:4])}
+    for f, r, _ in seen:  # fixed pairing: forget row i with retain row i mod 3
+        assert r == [data.retain[index[i] % 3].id for i in f]
+    logged = [json.loads(x)["loss"] for x in res.log_path.read_text().splitlines() if json.loads(x)["type"] == "step"]
+    assert logged == pytest.approx([t for _, _, t in seen], rel=1e-6)
+
+
 def test_presets_command_lists_both() -> None:
     proc = subprocess.run(
         [sys.executable, "-c", "from umerge.cli import main; main()", "presets"],

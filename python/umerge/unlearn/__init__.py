@@ -7,6 +7,7 @@ data loader and the config work in a plain `pip install umerge`):
     UnlearnConfig, get_preset(name) -> UnlearnConfig, PRESETS
     train(model_dir, data, preset_or_config, out, overrides=None, eval_hook=None, progress=True,
           resume=False, gradient_checkpointing=None) -> TrainResult
+    step_terms(model, reference, forget_rows, retain_rows, tokenizer, config) -> {"npo", "kl", "gdr", "total", ...}
     finetune(model_dir, rows, out, epochs=10, lr=1e-3, batch_size=8, max_length=256, ...) -> FinetuneResult
 
 Loss weights: npo_weight, kl_weight, retain_weight. The reference code's ga_ratio, gd_ratio and
@@ -26,6 +27,7 @@ _LAZY = {
     "TrainResult": ("umerge.unlearn.trainer", "TrainResult"),
     "batch_nll": ("umerge.unlearn.trainer", "batch_nll"),
     "make_nll_hook": ("umerge.unlearn.trainer", "make_nll_hook"),
+    "step_terms": ("umerge.unlearn.step", "step_terms"),
     "finetune": ("umerge.unlearn.sft", "finetune"),
     "FinetuneResult": ("umerge.unlearn.sft", "FinetuneResult"),
 }

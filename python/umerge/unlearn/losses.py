@@ -13,10 +13,13 @@ Position t predicts token t+1, so every function shifts: logits[:, :-1] score la
   what the reference system computed, through the Hugging Face loss) -- reduction "mean" -- or the
   summed NLL of each sequence, with L_NPO averaged over sequences (the paper's log pi(y|x)) --
   reduction "sum".
-- KLR, on the retain batch:  KL(p_ref || p_theta) = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v)),
-  averaged over positions. The reference system flattened all B*T positions (prompt, answer and
-  padding alike) and divided by B*T (`F.kl_div(..., reduction="batchmean", log_target=True)` on
-  (B*T, V) tensors); positions="answer" averages over the positions that predict answer tokens only.
+- KLR, on the retain batch: KL_t = KL(p_ref || p_theta) = sum_v p_ref(v) * (log p_ref(v) - log p_theta(v))
+  at every position t of every sequence (prompt and answer alike; no shift), then reduced over
+  positions (`kl_to_reference`, reduction "reference", "real_mean" or "answer_mean"). The reference
+  system left-padded every example to max_length and called
+  `F.kl_div(..., reduction="batchmean", log_target=True)` on the (B*max_length, V) flattening: the
+  sum over all positions divided by B*max_length, which "reference" reproduces without computing
+  the padding.
 - GDR, on the retain batch: the mean token NLL of the retain answers (gradient descent on retain).
 - total = npo_weight * L_NPO + kl_weight * KLR + retain_weight * GDR.
 
@@ -46,7 +49,7 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 NPO_REDUCTIONS = ("mean", "sum")
-KL_POSITIONS = ("all", "answer")
+KL_REDUCTIONS = ("reference", "real_mean", "answer_mean")
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,28 +123,48 @@ def npo_loss(
 def kl_to_reference(
     logits: torch.Tensor,
     ref_logits: torch.Tensor,
+    attention_mask: torch.Tensor,
+    reduction: str = "reference",
+    *,
+    max_length: int | None = None,
     labels: torch.Tensor | None = None,
-    positions: str = "all",
 ) -> torch.Tensor:
-    """KL(p_ref || p_theta) over the vocabulary, averaged over positions.
+    """KL(p_ref || p_theta) over the vocabulary at each position, reduced over positions.
 
-    KL_t = sum_v p_ref(v|t) * (log p_ref(v|t) - log p_theta(v|t)).
-    positions "all": mean over all B*T positions, unmasked (reference code: prompt and padding too).
-    positions "answer": mean over the positions t that predict an answer token (labels[:, t+1] != -100),
-    which needs `labels`.
+    KL[b, t] = sum_v p_ref(v | x[b, :t+1]) * (log p_ref(v | .) - log p_theta(v | .)), for every
+    position t (the prediction made after token t; prompt and answer alike). A position is real
+    where attention_mask[b, t] == 1. Reductions:
+
+    - "reference": sum of KL over the real positions / (B * max_length). This is what the ZJUKLAB
+      reference computes: it left-pads each example to max_length and divides the sum over all
+      B * max_length positions by B * max_length (`kl_div(reduction="batchmean")` on the flattened
+      positions). Its pad positions add exactly zero when the pad token's embedding row is zero and
+      the layers have no biases (OLMo: the embedding's padding_idx row; then every activation at a
+      pad position is zero under both models). Where a model gives pad positions non-zero KL, the
+      reference's term also holds that artefact of padding; this reduction leaves it out. Needs
+      `max_length` (>= the batch's width).
+    - "real_mean": mean of KL over the real positions.
+    - "answer_mean": mean over the positions that predict an answer token
+      (labels[b, t+1] != -100); needs `labels`.
     """
-    if positions not in KL_POSITIONS:
-        raise ValueError(f"unknown KL positions {positions!r} (use 'all' or 'answer')")
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"unknown KL reduction {reduction!r} (use {', '.join(KL_REDUCTIONS)})")
     logp_theta = F.log_softmax(_upcast(logits), dim=-1)
     with torch.no_grad():
         logp_ref = F.log_softmax(_upcast(ref_logits.detach()), dim=-1)
     per_pos = (logp_ref.exp() * (logp_ref - logp_theta)).sum(dim=-1)  # (B, T)
-    if positions == "all":
-        return per_pos.mean()
-    if labels is None:
-        raise ValueError("positions='answer' needs labels")
-    mask = (labels[:, 1:] != IGNORE_INDEX).to(per_pos.dtype)
-    return (per_pos[:, :-1] * mask).sum() / mask.sum().clamp_min(1.0)
+    if reduction == "answer_mean":
+        if labels is None:
+            raise ValueError("reduction 'answer_mean' needs labels")
+        answer = (labels[:, 1:] != IGNORE_INDEX).to(per_pos.dtype)
+        return (per_pos[:, :-1] * answer).sum() / answer.sum().clamp_min(1.0)
+    real = attention_mask.to(per_pos.dtype)
+    if reduction == "real_mean":
+        return (per_pos * real).sum() / real.sum().clamp_min(1.0)
+    width = per_pos.shape[1]
+    if max_length is None or max_length < width:
+        raise ValueError(f"reduction 'reference' needs max_length >= the batch width {width}, got {max_length}")
+    return (per_pos * real).sum() / (per_pos.shape[0] * max_length)
 
 
 def gdr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -170,6 +193,8 @@ __all__ = [
     "npo_from_nll",
     "npo_loss",
     "kl_to_reference",
+    "KL_REDUCTIONS",
+    "NPO_REDUCTIONS",
     "gdr_loss",
     "total_loss",
 ]

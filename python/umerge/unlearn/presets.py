@@ -50,12 +50,13 @@ class UnlearnConfig:
     retain_weight: float = 0.2  # weight of the retain NLL, GDR (reference: gk_ratio)
     beta: float = 0.1  # NPO temperature
     npo_reduction: str = "mean"  # "mean": batch mean token NLL (reference); "sum": per-sequence sum (paper)
-    kl_positions: str = "all"  # "all": all B*T positions (reference); "answer": answer tokens only
+    # KL over positions: "reference" sum over real positions / (B * max_length), as the reference's
+    # left padding to max_length and kl_div(batchmean) give; "real_mean"; "answer_mean" (see losses.py)
+    kl_reduction: str = "reference"
     # data
     max_length: int = 256  # tokens per example (prompt + answer + eos)
     prompt_fraction: float = 0.8  # the prompt keeps its last floor(0.8 * max_length) tokens
     pairing: str = "fixed"  # forget i with retain i mod N ("fixed") or a seeded random retain ("random")
-    pad_to_max_length: bool = False  # pad every batch to max_length (the reference did; affects KL "all")
     max_forget_rows: int | None = None  # use only the first N forget rows (None: all)
     max_retain_rows: int | None = None  # use only the first N retain rows (None: all)
     # optimisation
@@ -101,7 +102,7 @@ class UnlearnConfig:
             raise bad("lora_dropout", "must be < 1")
         choices = {
             "npo_reduction": ("mean", "sum"),
-            "kl_positions": ("all", "answer"),
+            "kl_reduction": ("reference", "real_mean", "answer_mean"),
             "pairing": ("fixed", "random"),
             "optimizer": ("auto", "adamw", "paged_adamw"),
             "dtype": ("auto", "bfloat16", "float16", "float32"),
@@ -215,8 +216,20 @@ _FIELDS = {f.name: f for f in dataclasses.fields(UnlearnConfig)}
 _HINTS = typing.get_type_hints(UnlearnConfig)
 
 
+#: Keys earlier versions accepted, and why they are gone (so an old config fails with a reason).
+REMOVED_KEYS: dict[str, str] = {
+    "kl_positions": "replaced by kl_reduction: reference (the reference code's effective reduction), "
+    "real_mean or answer_mean; the old 'all' averaged over the batch's padded width, which the "
+    "reference never did",
+    "pad_to_max_length": "removed: no loss depends on the padded width any more (kl_reduction "
+    "'reference' divides by batch * max_length itself)",
+}
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Convert `value` to the declared type of field `key` (int, float, bool, str, list[str], or None)."""
+    if key in REMOVED_KEYS:
+        raise InputError(f"config key {key!r} is no longer supported: {REMOVED_KEYS[key]}")
     if key not in _FIELDS:
         known = ", ".join(sorted(_FIELDS)) + ", " + ", ".join(sorted(LOSS_WEIGHT_ALIASES))
         raise InputError(f"unknown config key {key!r} (known: {known})")

@@ -2,18 +2,21 @@
 
 One example = prompt tokens + answer tokens + eos:
 
-- the prompt (`input`) and the answer (`output`) are tokenised separately, with no special tokens
-  added (the evaluation generates from the raw prompt, so training sees exactly the same prefix);
+- the prompt (`input`) is tokenised with the tokenizer's defaults (a BOS where the tokenizer adds
+  one), as the reference trainer and the official evaluator encode prompts; the answer (`output`) is
+  tokenised with no special tokens and followed by eos;
 - the prompt keeps its last floor(prompt_fraction * max_length) tokens (truncated from the left:
   the end of the prompt is what the answer continues), prompt_fraction = 0.8;
 - the answer, followed by eos, fills the rest, cut on the right at max_length tokens in all;
 - labels copy the ids on the answer and eos, -100 on the prompt (and, after collation, on padding).
 
-Batches are padded on the right with the pad token (pad = eos) to the longest sequence of the batch,
-or to max_length with `pad_to_max_length` (the reference padded to max_length; it matters only for the
-KL term averaged over all positions). The unlearning data set yields forget example i together with
-retain example i mod N_retain ("fixed"), or with a retain example drawn at random, reproducibly from
-(seed, epoch, i) ("random").
+Batches are padded on the right with the pad token to the longest sequence of the batch. (The
+reference padded every example on the left to max_length; for causal models with rotary positions
+the real positions' logits are the same either way, and the KL reduction "reference" accounts for
+the padded width: see `umerge.unlearn.losses.kl_to_reference`.) The unlearning data set yields
+forget row i together with retain row i mod N_retain ("fixed", the reference's pairing), or with a
+retain row drawn at random, reproducibly from (seed, epoch, i) ("random"); rows are tokenised when
+a step uses them (`umerge.unlearn.step.step_terms`).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def encode_example(
     max_length: int,
     prompt_fraction: float = 0.8,
 ) -> Encoded:
-    """Tokenise prompt + answer + eos with left-truncated prompt; labels only on answer and eos.
+    """Tokenise prompt (tokenizer defaults) + answer + eos, prompt cut on the left; labels on answer and eos.
 
     prompt tokens kept = the last floor(prompt_fraction * max_length); total length <= max_length.
     """
@@ -63,8 +66,8 @@ def encode_example(
     eos = tokenizer.eos_token_id
     if eos is None:
         raise InputError("the tokenizer has no eos token")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"]) if answer else []
     keep = int(math.floor(prompt_fraction * max_length))
     if len(prompt_ids) > keep:
         prompt_ids = prompt_ids[len(prompt_ids) - keep :] if keep > 0 else []
@@ -113,15 +116,15 @@ def pair_index(i: int, n_retain: int, pairing: str = "fixed", seed: int = 0, epo
 
 
 class UnlearnDataset(torch.utils.data.Dataset):
-    """Forget example i with its paired retain example; length = number of forget examples.
+    """Forget item i with its paired retain item (rows or encoded examples); length = number of forget items.
 
     Call `set_epoch(k)` before each epoch so "random" pairing draws a new, reproducible pairing.
     """
 
     def __init__(
         self,
-        forget: Sequence[Encoded],
-        retain: Sequence[Encoded],
+        forget: Sequence[Any],
+        retain: Sequence[Any],
         pairing: str = "fixed",
         seed: int = 0,
     ) -> None:
@@ -142,23 +145,14 @@ class UnlearnDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.forget)
 
-    def __getitem__(self, i: int) -> tuple[Encoded, Encoded]:
+    def __getitem__(self, i: int) -> tuple[Any, Any]:
         j = pair_index(i, len(self.retain), self.pairing, self.seed, self.epoch)
         return self.forget[i], self.retain[j]
 
 
-class PairCollator:
-    """Collate (forget, retain) pairs into {"forget": batch, "retain": batch}."""
-
-    def __init__(self, pad_id: int, pad_to: int | None = None) -> None:
-        self.pad_id = pad_id
-        self.pad_to = pad_to
-
-    def __call__(self, items: Sequence[tuple[Encoded, Encoded]]) -> dict[str, Any]:
-        return {
-            "forget": collate([f for f, _ in items], self.pad_id, self.pad_to),
-            "retain": collate([r for _, r in items], self.pad_id, self.pad_to),
-        }
+def pair_rows(items: Sequence[tuple[Any, Any]]) -> dict[str, list[Any]]:
+    """Collate (forget, retain) pairs into {"forget": [...], "retain": [...]}, left as rows."""
+    return {"forget": [f for f, _ in items], "retain": [r for _, r in items]}
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[int]):
@@ -191,6 +185,6 @@ __all__ = [
     "collate",
     "pair_index",
     "UnlearnDataset",
-    "PairCollator",
+    "pair_rows",
     "EpochShuffleSampler",
 ]

@@ -2,12 +2,12 @@
 
 What one optimizer step does (see `losses.py` for the formulas):
 
-1. a micro-batch holds `batch_size` forget examples and their paired retain examples; the two are
-   padded together and go through the model in one forward pass (then split again), so distributed
-   wrappers see one forward per backward;
-2. the reference logits come from the same model with the LoRA adapter switched off
-   (`PeftModel.disable_adapter()`), under no_grad: the frozen reference is exactly the starting
-   model, and no second copy of the weights is held;
+1. a micro-batch holds `batch_size` forget rows and their paired retain rows;
+2. `umerge.unlearn.step.step_terms` gives its loss, the function researchers can call themselves:
+   the rows tokenised as the reference trainer did, forget and retain through the model in one
+   forward pass, the reference logits from the same model with the LoRA adapter switched off
+   (`PeftModel.disable_adapter()`), in eval mode under no_grad, so the reference is exactly the
+   starting model and no second copy of the weights is held;
 3. loss = npo_weight * NPO(forget) + kl_weight * KL(p_ref || p_theta)(retain) + retain_weight * NLL(retain),
    backpropagated into the LoRA factors only; gradients accumulate over `grad_accum` micro-batches,
    are clipped to `max_grad_norm`, and AdamW steps; the learning rate warms up linearly over
@@ -58,9 +58,10 @@ import torch
 
 from umerge.errors import InputError
 from umerge.unlearn.data import TaskData, load_task_data
-from umerge.unlearn.losses import answer_nll, gdr_loss, kl_to_reference, npo_from_nll, token_nll, total_loss
+from umerge.unlearn.losses import token_nll
 from umerge.unlearn.presets import UnlearnConfig, resolve_config
-from umerge.unlearn.tokenize import EpochShuffleSampler, PairCollator, UnlearnDataset, collate, encode_rows
+from umerge.unlearn.step import step_terms
+from umerge.unlearn.tokenize import EpochShuffleSampler, UnlearnDataset, collate, encode_rows, pair_rows
 
 EvalHook = Callable[[Any, Any, int], Mapping[str, Any]]
 
@@ -269,16 +270,9 @@ def train(
         raise InputError(f"{model_dir}: the tokenizer has no eos token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    forget_enc = encode_rows(tokenizer, task.forget, cfg.max_length, cfg.prompt_fraction)
-    retain_enc = encode_rows(tokenizer, task.retain, cfg.max_length, cfg.prompt_fraction)
-    dataset = UnlearnDataset(forget_enc, retain_enc, cfg.pairing, cfg.seed)
+    dataset = UnlearnDataset(task.forget, task.retain, cfg.pairing, cfg.seed)
     sampler = EpochShuffleSampler(len(dataset), cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        collate_fn=PairCollator(tokenizer.pad_token_id, cfg.max_length if cfg.pad_to_max_length else None),
-    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=pair_rows)
 
     # -- model --------------------------------------------------------------------------------
     dtype = _resolve_dtype(cfg, device)
@@ -347,8 +341,9 @@ def train(
             t_window = time.perf_counter()
             for batch in loader:
                 with accelerator.accumulate(model):
-                    terms = _micro_step(model, unwrapped, batch, cfg, tokenizer.pad_token_id)
-                    accelerator.backward(terms["loss"])
+                    terms = step_terms(model, None, batch["forget"], batch["retain"], tokenizer, cfg)
+                    tokens += int(terms.pop("tokens"))
+                    accelerator.backward(terms["total"])
                     grad_norm = None
                     if accelerator.sync_gradients:
                         if cfg.max_grad_norm is not None:
@@ -363,7 +358,6 @@ def train(
                 for k, v in terms.items():
                     acc[k] = acc.get(k, 0.0) + float(v.detach())
                 n_micro += 1
-                tokens += int(batch["forget"]["attention_mask"].sum() + batch["retain"]["attention_mask"].sum())
                 if accelerator.sync_gradients:
                     global_step += 1
                     means = {k: v / n_micro for k, v in acc.items()}
@@ -376,7 +370,7 @@ def train(
                         "step": global_step,
                         "epoch": epoch + 1,
                         "epoch_progress": round(epoch + (global_step - epoch * steps_per_epoch) / steps_per_epoch, 6),
-                        "loss": means["loss"],
+                        "loss": means["total"],
                         "npo": means["npo"],
                         "kl": means["kl"],
                         "gdr": means["gdr"],
@@ -455,48 +449,6 @@ def train(
         last={k: v for k, v in last.items() if isinstance(v, (int, float))},
         is_main_process=is_main,
     )
-
-
-def _micro_step(
-    model: torch.nn.Module, unwrapped: Any, batch: dict[str, dict[str, torch.Tensor]], cfg: UnlearnConfig, pad_id: int
-) -> dict[str, torch.Tensor]:
-    """Losses of one micro-batch: forget and retain go through the model together, then split.
-
-    Returns loss (the weighted total), npo, kl, gdr, and the forget NLL under the model and the
-    reference (mean over answer tokens, the reference reduction) for the log.
-    """
-    f, r = batch["forget"], batch["retain"]
-    nf, tf = f["input_ids"].shape
-    tr = r["input_ids"].shape[1]
-    width = max(tf, tr)
-
-    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-    ids = torch.cat([pad(f["input_ids"], pad_id), pad(r["input_ids"], pad_id)])
-    mask = torch.cat([pad(f["attention_mask"], 0), pad(r["attention_mask"], 0)])
-
-    # use_cache=False here rather than in the config, so that an eval hook's generate() keeps its cache.
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    with torch.no_grad(), unwrapped.disable_adapter():
-        ref_logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    # Right padding: each half's own tokens sit in its first tf (tr) columns; cutting there restores
-    # exactly the logits each batch would have had alone (causal attention never looks right).
-    f_logits, r_logits = logits[:nf, :tf], logits[nf:, :tr]
-    f_ref, r_ref = ref_logits[:nf, :tf], ref_logits[nf:, :tr]
-
-    red = cfg.npo_reduction
-    nll_theta = answer_nll(f_logits, f["labels"], red)
-    with torch.no_grad():
-        nll_ref = answer_nll(f_ref, f["labels"], red)
-    npo = npo_from_nll(nll_theta, nll_ref, cfg.beta)
-    kl = kl_to_reference(r_logits, r_ref, r["labels"], cfg.kl_positions)
-    gdr = gdr_loss(r_logits, r["labels"])
-    loss = total_loss(npo, kl, gdr, cfg.npo_weight, cfg.kl_weight, cfg.retain_weight)
-    with torch.no_grad():
-        fn = answer_nll(f_logits, f["labels"], "mean")
-        fr = answer_nll(f_ref, f["labels"], "mean")
-    return {"loss": loss, "npo": npo, "kl": kl, "gdr": gdr, "forget_nll": fn, "forget_nll_ref": fr}
 
 
 def batch_nll(
