@@ -117,8 +117,57 @@ def test_angle_figure_and_files(run_dir: Path, tmp_path: Path) -> None:
     rows = list(csv.DictReader(paths["csv"].open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert float(rows[0]["angle_0s_sF"]) == pytest.approx(90.0)
-    assert json.loads(paths["json"].read_text())["model1"][1]["epoch"] == 2
+    saved = json.loads(paths["json"].read_text())["model1"]
+    assert saved["rows"][1]["epoch"] == 2 and saved["rows"][0]["dim"] == 6  # updates B @ A: m1 2 x 2, m2 1 x 2
+    assert saved["s"] == 1 and saved["s_rule"].startswith("first epoch")  # no training log here
     assert paths["modules_csv"].is_file()
+    given = json.loads(angle_analysis({"model1": run_dir}, tmp_path / "out2", s=2)["json"].read_text())["model1"]
+    assert given["s"] == 2 and given["s_rule"] == "given" and given["at_s"]["epoch"] == 2
+    with pytest.raises(InputError, match="no checkpoint for epoch s=3"):
+        angle_analysis({"model1": run_dir}, tmp_path / "out3", s=3)
+
+
+def test_null_band_matches_random_directions() -> None:
+    """Independent check by simulation: random Gaussian directions in R^D with the given norms."""
+    from umerge.analysis.angles import null_band
+
+    dim, a, b = 2000, 3.0, 1.5
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, dim))
+    y = rng.standard_normal((4000, dim))
+    x *= a / np.linalg.norm(x, axis=1, keepdims=True)
+    y *= b / np.linalg.norm(y, axis=1, keepdims=True)
+    c = x + y
+
+    def ang(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        cos = np.sum(u * v, 1) / (np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1))
+        return np.degrees(np.arccos(np.clip(cos, -1, 1)))
+
+    band = null_band(a, b, dim)
+    for key, sample in (("angle_0s_sF", ang(x, y)), ("angle_0s_0F", ang(x, c)), ("angle_sF_0F", ang(y, c))):
+        lo, hi = np.percentile(sample, [2.5, 97.5])
+        assert band[key][0] == pytest.approx(lo, abs=0.15), key
+        assert band[key][1] == pytest.approx(hi, abs=0.15), key
+    assert band["angle_0s_sF"][0] < 90 < band["angle_0s_sF"][1]
+    with pytest.raises(InputError, match="dimension"):
+        null_band(1.0, 1.0, 1)
+
+
+def test_plateau_epoch_is_where_the_forget_loss_stops_moving(tmp_path: Path) -> None:
+    from umerge.analysis.angles import plateau_epoch
+
+    # per-epoch means 1, 5, 8.6, 9.0, 9.1: total change 8.1; the step 8.6 -> 9.0 (0.4 <= 0.81) is the first small one
+    means = [1.0, 5.0, 8.6, 9.0, 9.1]
+    rows = [{"type": "step", "step": 2 * k + j + 1, "epoch_progress": k + (j + 1) / 2, "loss": 1.0,
+             "forget_nll": m + (0.1 if j else -0.1)} for k, m in enumerate(means) for j in range(2)]
+    log = write_log(tmp_path / "run" / "train_log.jsonl", rows)
+    assert plateau_epoch(log) == 3
+    assert plateau_epoch(log, tol=0.01) == 4  # never flat enough: the last epoch before the end
+    one = write_log(tmp_path / "one" / "train_log.jsonl", rows[:2])
+    assert plateau_epoch(one) is None
+    # a flat start (warmup) is not the plateau: means 1, 1.05, 5, 9, 9.1 -> s = 4
+    late = [dict(r, forget_nll=[1.0, 1.05, 5.0, 9.0, 9.1][int(r["epoch_progress"] - 0.5)]) for r in rows]
+    assert plateau_epoch(write_log(tmp_path / "late" / "train_log.jsonl", late)) == 4
 
 
 def test_angle_errors(tmp_path: Path) -> None:
@@ -210,6 +259,35 @@ def test_score_curves_from_log_and_reports(tmp_path: Path) -> None:
     r = [r for r in rows if r["label"] == "reports"]
     assert float(r[0]["forget_regurgitation"]) == pytest.approx(0.25)  # recall 1/4
     assert float(r[0]["task_aggregate"]) == rep.task_aggregate == 0.0  # forget knowledge 1 -> 0
+
+
+def test_task_curves_per_split_task_and_metric_from_epoch_0(tmp_path: Path) -> None:
+    from umerge.analysis.curves import task_curves
+    from umerge.evaluate import build_report
+    from umerge.evaluate.run import per_task_scores
+
+    gens = [{"id": f'"{t}"sc1', "task": t, "split": s, "input": "p", "output": "one two three four",
+             "generation": g} for t, g in (("Task1", "one"), ("Task2", "one two")) for s in ("forget", "retain")]
+    gens += [{"id": f'"{t}"qa0', "task": t, "split": s, "input": "q", "output": "x", "generation": "x"}
+             for t in ("Task1", "Task2") for s in ("forget", "retain")]
+    scores = per_task_scores(build_report(gens))
+    assert scores["forget/Task1/regurgitation"] == pytest.approx(0.25)  # ROUGE-L recall 1/4
+    assert scores["retain/Task2/regurgitation"] == pytest.approx(0.5)
+    assert scores["forget/Task2/knowledge"] == 1.0
+    log = write_log(tmp_path / "m" / "train_log.jsonl", [
+        {"type": "eval", "epoch": 0, "step": 0, **{k: 1.0 for k in scores}},
+        {"type": "step", "step": 1, "loss": 1.0},
+        {"type": "eval", "epoch": 1, "step": 1, **scores},
+    ])
+    paths = task_curves({"m": log}, tmp_path / "out")
+    assert paths["figure"].read_bytes()[:8] == PNG
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert len(rows) == 2 * len(scores)  # epochs 0 and 1, every split x task x metric
+    first = [r for r in rows if (r["epoch"], r["split"], r["task"], r["metric"]) == ("1.0", "forget", "Task1", "regurgitation")]
+    assert float(first[0]["value"]) == pytest.approx(0.25)
+    with pytest.raises(InputError, match="no per-task scores"):
+        task_curves({"m": write_log(tmp_path / "e" / "train_log.jsonl", [{"type": "eval", "epoch": 1, "x": 1.0}])},
+                    tmp_path / "o2")
 
 
 # ---------------------------------------------------------------- sweep and methods

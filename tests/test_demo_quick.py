@@ -79,13 +79,42 @@ def test_report_has_every_table_and_figure(demo_run: tuple[Path, str]) -> None:
     rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
     for title in ("Finding", "Table 1", "Table 2", "Density sweep", "Figures", "Calibration", "Setup"):
         _section(md, title)
-    for key in ("loss_curves", "score_curves", "angles", "density_sweep"):
+    for key in ("loss_curves", "task_curves", "score_curves", "angles", "density_sweep"):
         rel = rep["figures"][key]
         assert f"]({rel})" in md
         png = out / rel
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert rep["command"] in md and "--quick" in rep["command"]
     assert "Seeds:" in md
+
+
+def test_the_paper_figures_have_their_numbers_in_report_json(demo_run: tuple[Path, str]) -> None:
+    out, _ = demo_run
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    data = rep["figure_data"]
+    # Figure 2: every split x task x metric for both presets, from epoch 0 to the last epoch
+    epochs = rep["unlearning"]["model1"]["config"]["epochs"]
+    tasks = {r["task"] for r in data["task_curves"]}
+    assert len(tasks) == 3
+    for label in ("model1", "model2"):
+        rows = [r for r in data["task_curves"] if r["label"] == label]
+        assert sorted({r["epoch"] for r in rows}) == [float(k) for k in range(epochs + 1)]
+        assert len(rows) == (epochs + 1) * 2 * 3 * 2
+    # epoch 0 is the starting model: the vanilla model's scores (up to the hook's row subset)
+    # Figure 3: NPO alone beside both presets, same number of steps as model1
+    labels = {r["label"] for r in data["loss_curves"]}
+    assert labels == {"model1 (NPO+GDR+KLR)", "NPO alone (model1's budget)", "model2 (NPO+GDR+KLR)"}
+    npo_only = [r for r in data["loss_curves"] if r["label"].startswith("NPO alone")]
+    assert len(npo_only) == rep["unlearning"]["model1"]["steps"] == rep["unlearning"]["npo-only"]["steps"]
+    assert all(r["kl"] is not None for r in npo_only)  # logged, though weighted 0
+    # Figure 4: a null band at every s, and the chosen s
+    for label in ("model1", "model2"):
+        a = data["angles"][label]
+        assert a["s"] in [r["epoch"] for r in a["rows"]] and a["s_rule"]
+        for r in a["rows"]:
+            assert r["null_angle_0s_sF_lo"] < 90 < r["null_angle_0s_sF_hi"] and r["dim"] > 1000
+    # Figure 5: the sweep's rows hold the AUC as well as the score
+    assert all("mia_auc" in r and "mia_score" in r for r in rep["sweep"])
 
 
 def test_table_numbers_equal_report_json(demo_run: tuple[Path, str]) -> None:

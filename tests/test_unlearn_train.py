@@ -204,13 +204,16 @@ def test_resume_continues_exactly_and_eval_hook_is_logged(world: dict) -> None:
         return {"forget_nll": batch_nll(model, tokenizer, data.forget[:4], ML)}
 
     full = train(root / "vanilla", data, "zjuklab-model1", root / "full", overrides=over, eval_hook=hook, progress=False)
-    assert calls == [1, 2] and full.steps == 4
+    assert calls == [0, 1, 2] and full.steps == 4  # epoch 0: the starting model
     evals = [json.loads(x) for x in full.log_path.read_text().splitlines() if json.loads(x)["type"] == "eval"]
-    assert [(e["epoch"], e["step"]) for e in evals] == [(1, 2), (2, 4)]
+    assert [(e["epoch"], e["step"]) for e in evals] == [(0, 0), (1, 2), (2, 4)]
     assert all(math.isfinite(e["forget_nll"]) for e in evals)
 
     def crash(model, tokenizer, epoch):  # noqa: ANN001
-        raise KeyboardInterrupt if epoch == 1 else AssertionError("not reached")
+        if epoch == 1:
+            raise KeyboardInterrupt
+        assert epoch == 0, "not reached"
+        return {}
 
     with pytest.raises(KeyboardInterrupt):
         train(root / "vanilla", data, "zjuklab-model1", root / "cut", overrides=over, eval_hook=crash, progress=False)
@@ -226,8 +229,9 @@ def test_resume_continues_exactly_and_eval_hook_is_logged(world: dict) -> None:
     a = load_file(str(root / "full" / "adapter_model.safetensors"))
     b = load_file(str(root / "cut" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
-    steps_cut = [json.loads(x)["step"] for x in (root / "cut" / "train_log.jsonl").read_text().splitlines()]
-    assert steps_cut == [1, 2, 3, 4]
+    rows_cut = [json.loads(x) for x in (root / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows_cut if r["type"] == "step"] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in rows_cut if r["type"] == "eval"] == [0]  # epoch 0 logged once, kept on resume
 
 
 def test_the_trainer_steps_on_step_terms(world: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -265,6 +269,7 @@ def test_presets_command_lists_both() -> None:
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("zjuklab-model1: npo_weight=0.4 kl_weight=0.4 retain_weight=0.2 batch_size=1")
     assert lines[1].startswith("zjuklab-model2: npo_weight=0.3 kl_weight=0.3 retain_weight=0.4 batch_size=2")
+    assert lines[2].startswith("npo-only: npo_weight=1.0 kl_weight=0.0 retain_weight=0.0 batch_size=1")
 
 
 @pytest.mark.slow

@@ -2,9 +2,10 @@
 
 * `curves.loss_curves(logs, out)`: loss terms over optimizer steps (Figure 3);
 * `curves.score_curves(sources, out)`: scores over epochs, from eval rows in the training log or
-  from per-epoch reports (Figure 2);
+  from per-epoch reports; `curves.task_curves(logs, out)`: regurgitation and knowledge per task and
+  split from epoch 0 (Figure 2);
 * `angles.angle_analysis(runs, out)`: angles between ΔP(0→s), ΔP(s→F), ΔP(0→F) from epoch
-  checkpoints (Figure 4);
+  checkpoints, with the band random directions give and s at the forget-loss plateau (Figure 4);
 * `sweep.density_sweep(merge, score, out)`: merge at densities 0.1..1.0 and score each (Figure 5);
 * `sweep.methods_table(entries, out)`: the merge-method comparison (Table 2).
 
@@ -15,7 +16,7 @@ numpy and matplotlib only; torch only when a scorer evaluates a model. CLI: `ume
 from __future__ import annotations
 
 from umerge.analysis.angles import angle_analysis, change_angles, run_angles
-from umerge.analysis.curves import loss_curves, read_log, score_curves
+from umerge.analysis.curves import loss_curves, read_log, score_curves, task_curves
 from umerge.analysis.sweep import command_merger, density_sweep, methods_table, model_scorer
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "read_log",
     "run_angles",
     "score_curves",
+    "task_curves",
 ]

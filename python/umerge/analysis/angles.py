@@ -5,8 +5,11 @@ epoch unless given), the parameter change from the start to epoch s is ``ΔP(0�
 from s to the end ``ΔP(s→F) = W_F - W_s``, and overall ``ΔP(0→F) = W_F - W_0``. Each is one
 vector: the concatenation of every changed module, flattened. Reported per epoch s < K, in
 degrees: ``angle(ΔP(0→s), ΔP(s→F))``, ``angle(ΔP(0→s), ΔP(0→F))``, ``angle(ΔP(s→F), ΔP(0→F))``
-with ``angle(x, y) = arccos(<x, y> / (|x| |y|))``, plus the three norms. Nearly orthogonal
-ΔP(0→s) and ΔP(s→F) mean later training moves in directions unrelated to the early updates.
+with ``angle(x, y) = arccos(<x, y> / (|x| |y|))``, plus the three norms and the dimension. Nearly
+orthogonal ΔP(0→s) and ΔP(s→F) would mean later training moves in directions unrelated to the early
+updates -- but two random directions in a high dimension are nearly orthogonal too, so every angle
+comes with the band that random directions of the same dimension and norms give (`null_band`), and
+the epoch s the paper reads off is the one where the forget loss plateaus (`plateau_epoch`).
 
 Checkpoints:
 
@@ -191,7 +194,68 @@ def _stats(acc: Mapping[str, float]) -> dict[str, float | None]:
         "norm_0s": math.sqrt(acc["aa"]),
         "norm_sF": math.sqrt(acc["bb"]),
         "norm_0F": math.sqrt(acc["cc"]),
+        "dim": int(acc["n"]),
     }
+
+
+def null_band(norm_0s: float, norm_sF: float, dim: int, z: float = 1.96) -> dict[str, tuple[float, float]]:
+    """The three angles' central 95% range when ΔP(0→s) and ΔP(s→F) are independent random
+    directions in R^dim with the measured norms (ΔP(0→F) their sum).
+
+    The cosine t of two independent uniform directions in R^D has mean 0 and variance 1/D (its law
+    is a scaled Beta((D-1)/2, (D-1)/2)); for the dimensions of a model's update (D >= 10^3) it is
+    normal to well under 1% in its quantiles, so t in [-z/sqrt(D), z/sqrt(D)]. With a = |ΔP(0→s)|,
+    b = |ΔP(s→F)|: angle(ΔP(0→s), ΔP(s→F)) = arccos t; angle(ΔP(0→s), ΔP(0→F)) has cosine
+    (a + b t) / sqrt(a^2 + b^2 + 2 a b t), and angle(ΔP(s→F), ΔP(0→F)) has (b + a t) / the same;
+    both are monotone in t, so the band ends are the values at t = -+z/sqrt(D). Random
+    high-dimensional increments are themselves near 90 degrees apart: an observed angle means
+    something only outside this band.
+    """
+    if dim < 2:
+        raise InputError(f"the null band needs a dimension of at least 2, got {dim}")
+    t_hi = min(1.0, z / math.sqrt(dim))
+
+    def with_sum(x: float, y: float, t: float) -> float:
+        norm = math.sqrt(max(x * x + y * y + 2 * x * y * t, 0.0))
+        return math.degrees(math.acos(max(-1.0, min(1.0, (x + y * t) / norm)))) if norm > 0 else 90.0
+
+    def band(f: Any) -> tuple[float, float]:
+        lo, hi = f(-t_hi), f(t_hi)
+        return (min(lo, hi), max(lo, hi))
+
+    return {
+        "angle_0s_sF": band(lambda t: math.degrees(math.acos(t))),
+        "angle_0s_0F": band(lambda t: with_sum(norm_0s, norm_sF, t)),
+        "angle_sF_0F": band(lambda t: with_sum(norm_sF, norm_0s, t)),
+    }
+
+
+def plateau_epoch(log: str | Path, tol: float = 0.1, term: str = "forget_nll") -> int | None:
+    """The epoch s after which the forget loss has plateaued (the paper's choice of s).
+
+    Per-epoch means of `term` over the log's step rows, m_1..m_K; s is the first epoch k < K from
+    which on every epoch moves it by at most tol of its whole change: |m_{j+1} - m_j| <=
+    tol * |m_K - m_1| for all j >= k (a flat start during warmup is not a plateau); K - 1 when even
+    the last epoch moves it more. None when the log has fewer than two epochs or the term is missing.
+    """
+    from umerge.analysis.curves import read_log
+
+    steps, _ = read_log(log)
+    by_epoch: dict[int, list[float]] = {}
+    for r in steps:
+        if r[term] is not None and r["epoch"] is not None:
+            by_epoch.setdefault(max(1, math.ceil(r["epoch"] - 1e-9)), []).append(r[term])
+    epochs = sorted(by_epoch)
+    if len(epochs) < 2:
+        return None
+    means = [sum(by_epoch[k]) / len(by_epoch[k]) for k in epochs]
+    total = abs(means[-1] - means[0])
+    s = epochs[-2]
+    for i in range(len(epochs) - 2, -1, -1):  # walk back while the epochs after i stay flat
+        if abs(means[i + 1] - means[i]) > tol * total:
+            break
+        s = epochs[i]
+    return s
 
 
 def change_angles(
@@ -201,7 +265,7 @@ def change_angles(
     if set(at_s.names()) != set(final.names()):
         only = sorted(set(at_s.names()) ^ set(final.names()))[:3]
         raise InputError(f"the two checkpoints change different modules (e.g. {', '.join(only)})")
-    total = dict.fromkeys(("aa", "bb", "cc", "ab", "ac", "bc"), 0.0)
+    total = dict.fromkeys(("aa", "bb", "cc", "ab", "ac", "bc", "n"), 0.0)
     per_module = []
     for name in at_s.names():
         acc = dict.fromkeys(total, 0.0)
@@ -215,6 +279,7 @@ def change_angles(
             acc["ab"] += float(np.vdot(a, b))
             acc["ac"] += float(np.vdot(a, c))
             acc["bc"] += float(np.vdot(b, c))
+            acc["n"] += a.size
         for k in total:
             total[k] += acc[k]
         per_module.append({"module": name, **_stats(acc)})
@@ -258,9 +323,16 @@ def angle_analysis(
     runs: Mapping[str, str | Path] | Sequence[str | Path],
     out: str | Path,
     base: str | Path | None = None,
+    logs: Mapping[str, str | Path] | None = None,
+    s: int | None = None,
 ) -> dict[str, Path]:
-    """Angles for one or more runs; writes ``angles.png``, ``angles.csv``, ``angles.json`` and
-    ``angles_by_module.csv`` into ``out``."""
+    """Angles for one or more runs, each with its random-direction null band and its chosen s.
+
+    s is `s` when given, else the epoch where the run's forget loss plateaus (`plateau_epoch` on
+    ``logs[label]``, default ``RUN/train_log.jsonl``), else the first epoch. Writes ``angles.png``,
+    ``angles.csv`` (with the null band per row), ``angles.json`` ({label: {"rows", "s", "s_rule",
+    "at_s"}}) and ``angles_by_module.csv`` into ``out``.
+    """
     if not isinstance(runs, Mapping):
         runs = {Path(r).name or str(r): r for r in runs}
     if not runs:
@@ -269,31 +341,53 @@ def angle_analysis(
     table, by_module, series = [], [], {}
     for label, run in runs.items():
         rows, modules = run_angles(run, base=base)
-        series[label] = rows
+        for r in rows:
+            for key, (lo, hi) in null_band(r["norm_0s"], r["norm_sF"], r["dim"]).items():
+                r[f"null_{key}_lo"], r[f"null_{key}_hi"] = lo, hi
+        log = Path(logs[label]) if logs and label in logs else Path(run) / "train_log.jsonl"
+        if s is not None:
+            chosen, rule = s, "given"
+        else:
+            found = plateau_epoch(log) if log.is_file() else None
+            chosen, rule = (found, "forget loss plateau (next epoch moves it by <= 10% of its total change)") \
+                if found is not None else (rows[0]["epoch"], "first epoch (no training log to find the plateau)")
+        at_s = next((r for r in rows if r["epoch"] == chosen), None)
+        if at_s is None:
+            raise InputError(f"{run}: no checkpoint for epoch s={chosen} (epochs: {[r['epoch'] for r in rows]})")
+        series[label] = {"rows": rows, "s": chosen, "s_rule": rule, "at_s": at_s}
         table += [{"label": label, **r} for r in rows]
         by_module += [{"label": label, **r} for r in modules]
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(6.8, 4.2))
     styles = {"angle_0s_sF": ("ΔP(0→s) vs ΔP(s→F)", "-"), "angle_0s_0F": ("ΔP(0→s) vs ΔP(0→F)", "--"),
               "angle_sF_0F": ("ΔP(s→F) vs ΔP(0→F)", ":")}
-    for i, (label, rows) in enumerate(series.items()):
-        color = f"C{i}"
+    for i, (label, entry) in enumerate(series.items()):
+        color, rows = f"C{i}", entry["rows"]
         for key, (name, ls) in styles.items():
             pts = [(r["epoch"], r[key]) for r in rows if r[key] is not None]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", color=color,
                         label=f"{label}: {name}" if len(series) > 1 else name)
-    ax.set_xlabel("epoch s")
+        xs = [r["epoch"] for r in rows]
+        ax.fill_between(xs, [r["null_angle_0s_sF_lo"] for r in rows], [r["null_angle_0s_sF_hi"] for r in rows],
+                        color=color, alpha=0.15, linewidth=0,
+                        label=f"{label}: random directions, 95%" if len(series) > 1 else "random directions, 95%")
+        ax.axvline(entry["s"], color=color, linewidth=0.8, linestyle="-.")
+    ax.set_xlabel("epoch s (dash-dot: the s chosen at the forget-loss plateau)")
     ax.set_ylabel("angle (degrees)")
     ax.set_ylim(0, 180)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.axhline(90, color="grey", linewidth=0.6)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("Angles between parameter-change vectors")
-    cols = ["label", "epoch", "angle_0s_sF", "angle_0s_0F", "angle_sF_0F", "norm_0s", "norm_sF", "norm_0F"]
+    null_cols = [f"null_{k}_{e}" for k in styles for e in ("lo", "hi")]
+    cols = ["label", "epoch", "angle_0s_sF", "angle_0s_0F", "angle_sF_0F", "norm_0s", "norm_sF", "norm_0F", "dim"]
     return {
         "figure": save_figure(fig, d / "angles.png"),
-        "csv": write_csv(d / "angles.csv", table, cols),
+        "csv": write_csv(d / "angles.csv", table, cols + null_cols),
         "json": write_json(d / "angles.json", series),
         "modules_csv": write_csv(d / "angles_by_module.csv", by_module, ["label", "epoch", "module", *cols[2:]]),
     }

@@ -1,4 +1,5 @@
-"""Loss curves (the paper's Figure 3) and score curves over epochs (Figure 2) from training logs.
+"""Loss curves (the paper's Figure 3) and score curves over epochs (Figure 2, overall and per task)
+from training logs.
 
 What is read from a log (``OUT/train_log.jsonl`` of `umerge train`, one JSON object per line):
 
@@ -56,7 +57,23 @@ TITLES = {
     "lr": "learning rate",
     "grad_norm": "gradient norm",
 }
+UNITS = {
+    "loss": "loss (weighted sum)",
+    "npo": "NPO loss",
+    "kl": "KL (nats, kl_reduction)",
+    "gdr": "NLL (nats per token)",
+    "forget_nll": "NLL (nats per token)",
+    "lr": "learning rate",
+    "grad_norm": "L2 norm",
+}
 _NOT_SCORES = {"type", "epoch", "step", "epoch_progress", "elapsed_s"}
+
+
+def integer_epochs(ax: Any) -> None:
+    """Epoch ticks at whole numbers only."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _num(x: Any) -> float | None:
@@ -93,6 +110,14 @@ def read_log(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any
     if not steps and not evals:
         raise InputError(f"{path}: no step or eval rows (expected JSON lines with 'loss' or 'type')")
     return steps, evals
+
+
+def _eval_rows(evals: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``{"epoch", score...}`` from a log's eval rows (numeric scores only)."""
+    return [
+        {"epoch": _num(e.get("epoch")), **{k: _num(v) for k, v in e.items() if k not in _NOT_SCORES and _num(v) is not None}}
+        for e in evals
+    ]
 
 
 def default_labels(paths: Sequence[str | Path], labels: Sequence[str] | None) -> list[str]:
@@ -141,6 +166,7 @@ def loss_curves(
                 ax.plot(xs, ys, label=name, linewidth=1.2)
         ax.set_title(TITLES[term])
         ax.set_xlabel("optimizer step")
+        ax.set_ylabel(UNITS[term])
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.set_visible(False)
@@ -199,17 +225,14 @@ def score_curves(
                 raise InputError(
                     f"{src}: no eval rows (train with eval_hook=umerge.evaluate.epoch_eval_hook(...))"
                 )
-            rows = [
-                {"epoch": _num(e.get("epoch")), **{k: _num(v) for k, v in e.items() if k not in _NOT_SCORES and _num(v) is not None}}
-                for e in evals
-            ]
+            rows = _eval_rows(evals)
         series[label] = rows
         table += [{"label": label, **r} for r in rows]
     keys: dict[str, None] = {}
     for rows in series.values():
         for r in rows:
             for k, v in r.items():
-                if k != "epoch" and v is not None:
+                if k != "epoch" and "/" not in k and v is not None:  # per-task keys: `task_curves`
                     keys.setdefault(k, None)
     present = list(keys)
     if not present:
@@ -225,6 +248,8 @@ def score_curves(
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, linewidth=1.2)
         ax.set_title(key.replace("_", " "))
         ax.set_xlabel("epoch")
+        ax.set_ylabel("score")
+        integer_epochs(ax)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.set_visible(False)
@@ -235,4 +260,54 @@ def score_curves(
         "figure": save_figure(fig, d / "score_curves.png"),
         "csv": write_csv(d / "score_curves.csv", table, ["label", "epoch", *present]),
         "json": write_json(d / "score_curves.json", {k: v for k, v in series.items()}),
+    }
+
+
+def task_curves(logs: Mapping[str, str | Path], out: str | Path) -> dict[str, Path]:
+    """Regurgitation and knowledge per task and split over epochs, from epoch 0 (the paper's Figure 2).
+
+    Reads the eval rows' ``{split}/{task}/{metric}`` scores (`umerge.evaluate.epoch_eval_hook`
+    writes them). One panel per split and metric (forget/retain x regurgitation/knowledge), one
+    colour per task, one line style per run. Writes ``task_curves.png``, ``task_curves.csv`` (label,
+    epoch, split, task, metric, value) and ``task_curves.json``.
+    """
+    if not logs:
+        raise InputError("task curves need at least one training log")
+    d = out_dir(out)
+    table: list[dict[str, Any]] = []
+    for label, path in logs.items():
+        _, evals = read_log(path)
+        for row in _eval_rows(evals):
+            for key, value in row.items():
+                if key.count("/") == 2 and value is not None:
+                    split, task, metric = key.split("/")
+                    table.append({"label": label, "epoch": row["epoch"], "split": split, "task": task,
+                                  "metric": metric, "value": value})
+    if not table:
+        raise InputError("no per-task scores in the logs' eval rows (train with umerge.evaluate.epoch_eval_hook)")
+    tasks = sorted({r["task"] for r in table})
+    plt = pyplot()
+    panels = [(sp, m) for sp in ("forget", "retain") for m in ("regurgitation", "knowledge")]
+    fig, axes = plt.subplots(2, 2, figsize=(9.6, 6.4), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for ax, (split, metric) in zip(axes.flat, panels):
+        for i, label in enumerate(logs):
+            for j, task in enumerate(tasks):
+                pts = sorted((r["epoch"], r["value"]) for r in table
+                             if (r["label"], r["split"], r["task"], r["metric"]) == (label, split, task, metric))
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[i % len(styles)], marker="o", markersize=3,
+                            color=f"C{j}", label=f"{label}, {task}" if len(logs) > 1 else task)
+        ax.set_title(f"{split} set: {metric}")
+        ax.set_xlabel("epoch (0 = before unlearning)")
+        ax.set_ylabel(f"{metric} score")
+        ax.set_ylim(-0.02, 1.02)
+        integer_epochs(ax)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Scores per task over epochs")
+    return {
+        "figure": save_figure(fig, d / "task_curves.png"),
+        "csv": write_csv(d / "task_curves.csv", table, ["label", "epoch", "split", "task", "metric", "value"]),
+        "json": write_json(d / "task_curves.json", table),
     }

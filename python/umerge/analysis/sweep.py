@@ -29,6 +29,14 @@ SCORE_KEYS = (
     "forget_regurgitation", "forget_knowledge", "retain_regurgitation", "retain_knowledge",
 )
 HEADLINE = ("task_aggregate", "mia_score", "mmlu", "aggregate")
+#: The density sweep's lines (the paper's Figure 5 plus the AUC behind the MIA score).
+SWEEP_LINES = {
+    "task_aggregate": ("Task Aggregate", "-"),
+    "mia_auc": ("MIA AUC", "--"),
+    "mia_score": ("MIA score", "-"),
+    "mmlu": ("MMLU", "-"),
+    "aggregate": ("final aggregate", "-"),
+}
 
 
 def score_row(result: Any) -> dict[str, float | None]:
@@ -151,13 +159,13 @@ def density_sweep(
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     xs = [r["density"] for r in rows]
-    labels = {"task_aggregate": "Task Aggregate", "mia_score": "MIA score", "mmlu": "MMLU", "aggregate": "Aggregate"}
-    for key, label in labels.items():
+    for key, (label, style) in SWEEP_LINES.items():
         pts = [(x, r[key]) for x, r in zip(xs, rows) if r[key] is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label)
+    ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")  # the AUC a balanced model aims at
     ax.set_xlabel("density (fraction of each update kept)")
-    ax.set_ylabel("score")
+    ax.set_ylabel("score (MIA AUC: 0.5 is balanced)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -205,10 +213,22 @@ def methods_table(entries: Mapping[str, Any], out: str | Path | None = None) -> 
         fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(rows) + 2), 4.0))
         width = 0.8 / len(HEADLINE)
         for j, key in enumerate(HEADLINE):
-            ax.bar([i + j * width for i in range(len(rows))], [r[key] or 0.0 for r in rows], width, label=key.replace("_", " "))
+            xs = [i + j * width for i in range(len(rows))]
+            bars = ax.bar(xs, [r[key] or 0.0 for r in rows], width, color=f"C{j}", label=key.replace("_", " "))
+            for x, r, bar in zip(xs, rows, bars):
+                if r[key] is None:  # missing: an outlined, hatched placeholder, never a zero-height bar
+                    bar.set_height(1.0)
+                    bar.set_facecolor("none")
+                    bar.set_edgecolor("grey")
+                    bar.set_hatch("//")
+                    ax.text(x, 0.5, "n/a", rotation=90, ha="center", va="center", fontsize=7, color="grey")
+                elif r[key] == 0.0:  # a real zero: a mark on the axis with its value
+                    ax.plot([x], [0.0], marker="_", markersize=10, color=f"C{j}")
+                    ax.text(x, 0.02, "0", ha="center", va="bottom", fontsize=7)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
         ax.set_xticklabels([r["method"] for r in rows], rotation=20, ha="right", fontsize=8)
         ax.set_ylim(0, 1.02)
+        ax.set_ylabel("score (hatched: not available)")
         ax.legend(fontsize=8)
         ax.set_title("Merge methods")
         save_figure(fig, d / "methods.png")

@@ -14,8 +14,10 @@ Stages (each one call into the package's own pieces; this module only orchestrat
    as the paper's system) and TIES on the full updates with the umerge engine (`umerge.demo.merging`);
 5. evaluate vanilla, model1, model2 and both merges (`umerge.evaluate.evaluate`: regurgitation,
    knowledge, Task Aggregate, MIA, MMLU-format utility, final aggregate);
-6. analyses (`umerge.analysis`): loss curves, score curves, parameter-change angles, the density
-   sweep, the merge-method comparison;
+6. analyses (`umerge.analysis`): loss curves beside an NPO-only run (Figure 3), scores per task from
+   epoch 0 (Figure 2), parameter-change angles against a random-direction null (Figure 4), the
+   density sweep (Figure 5), the merge-method comparison (Table 2); each figure's numbers are in
+   report.json under "figure_data" (the sweep's under "sweep");
 7. report.json, and report.md rendered from it (`umerge.demo.render`).
 
 Why the vanilla model also learns the utility questions: a tiny model trained from scratch knows
@@ -45,6 +47,7 @@ FORMAT = "umerge-demo-report/1"
 MARKER = ".umerge-demo"  # marks a directory written by the demo, so --overwrite only ever removes ours
 PRESETS = ("zjuklab-model1", "zjuklab-model2")
 MODEL_NAMES = {"zjuklab-model1": "model1", "zjuklab-model2": "model2"}
+NPO_ONLY = "npo-only"  # the run trained for Figure 3 only
 #: AUC thresholds used to call a model over- or under-forgetting (0.5 is a perfect MIA score).
 OVER_FORGET_AUC = 0.45
 UNDER_FORGET_AUC = 0.55
@@ -283,6 +286,12 @@ def _unlearn(opts: DemoOptions, cfg: DemoConfig, data: _Data, vanilla: Path, out
             "config": res.config.to_dict(), "preset_defaults": get_preset(preset).to_dict(),
             "overrides": overrides,
         }
+    # Figure 3's baseline: NPO alone with model1's budget (no evaluation: only its losses are plotted).
+    run_dir = out / "runs" / NPO_ONLY
+    res = train(vanilla, str(data.dir), "npo-only", run_dir, overrides=overrides, progress=opts.progress)
+    runs[NPO_ONLY] = {"preset": "npo-only", "dir": run_dir, "log": res.log_path, "steps": res.steps,
+                      "config": res.config.to_dict(), "preset_defaults": get_preset("npo-only").to_dict(),
+                      "overrides": overrides}
     return runs
 
 
@@ -346,6 +355,20 @@ def _methods(cfg: DemoConfig, vanilla: Path, runs: dict[str, Any], models: dict[
             shutil.rmtree(target, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     return rows, missing
+
+
+def _csv_rows(path: Path) -> list[dict[str, Any]]:
+    """A figure's CSV as rows of numbers (text kept where a cell is not one)."""
+    import csv
+
+    def num(v: str) -> Any:
+        try:
+            return float(v) if v != "" else None
+        except ValueError:
+            return v
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [{k: num(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
 def _findings(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -423,7 +446,7 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
     import torch
     import transformers
 
-    from umerge.analysis import angle_analysis, density_sweep, loss_curves, score_curves
+    from umerge.analysis import angle_analysis, density_sweep, loss_curves, score_curves, task_curves
 
     transformers.utils.logging.disable_progress_bar()  # per-file load/save bars: noise in the demo's output
     out = Path(opts.out)
@@ -459,16 +482,26 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
     figures_dir = out / "figures"
     figures: dict[str, str] = {}
 
-    def curves() -> None:
-        logs = [runs["model1"]["log"], runs["model2"]["log"]]
-        p = loss_curves(logs, figures_dir, labels=["model1", "model2"])
-        figures["loss_curves"] = str(p["figure"].relative_to(out))
-        p = score_curves({"model1": runs["model1"]["log"], "model2": runs["model2"]["log"]}, figures_dir)
-        figures["score_curves"] = str(p["figure"].relative_to(out))
-        p = angle_analysis({"model1": runs["model1"]["dir"], "model2": runs["model2"]["dir"]}, figures_dir)
-        figures["angles"] = str(p["figure"].relative_to(out))
+    figure_data: dict[str, Any] = {}
 
-    log.stage("analyses: loss curves, score curves, angles", curves)
+    def curves() -> None:
+        logs = {"model1": runs["model1"]["log"], "model2": runs["model2"]["log"]}
+        loss_labels = {"model1": "model1 (NPO+GDR+KLR)", NPO_ONLY: "NPO alone (model1's budget)",
+                       "model2": "model2 (NPO+GDR+KLR)"}
+        p = loss_curves([runs[n]["log"] for n in loss_labels], figures_dir, labels=list(loss_labels.values()))
+        figures["loss_curves"] = str(p["figure"].relative_to(out))
+        figure_data["loss_curves"] = _csv_rows(p["csv"])
+        p = task_curves(logs, figures_dir)
+        figures["task_curves"] = str(p["figure"].relative_to(out))
+        figure_data["task_curves"] = json.loads(p["json"].read_text(encoding="utf-8"))
+        p = score_curves(logs, figures_dir)
+        figures["score_curves"] = str(p["figure"].relative_to(out))
+        figure_data["score_curves"] = json.loads(p["json"].read_text(encoding="utf-8"))
+        p = angle_analysis({n: runs[n]["dir"] for n in logs}, figures_dir, logs=logs)
+        figures["angles"] = str(p["figure"].relative_to(out))
+        figure_data["angles"] = json.loads(p["json"].read_text(encoding="utf-8"))
+
+    log.stage("analyses: loss curves, task and score curves, angles", curves)
 
     from umerge.demo.merging import merge_adapters
 
@@ -511,6 +544,7 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
         "table2": method_rows,
         "sweep": sweep_rows,
         "figures": figures,
+        "figure_data": figure_data,
         "findings": _findings(scores),
         "factorwise_update": geometry,
         "missing": missing,

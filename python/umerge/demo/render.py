@@ -33,6 +33,22 @@ def _yes(v: Any) -> str:
     return "yes" if v else "no"
 
 
+def _angle_sentence(angles: dict[str, Any] | None) -> str:
+    """What Figure 4 shows at the chosen s, against the random-direction band."""
+    if not angles:
+        return ""
+    parts = []
+    for label, entry in angles.items():
+        at = entry["at_s"]
+        value, lo, hi = at["angle_0s_sF"], at["null_angle_0s_sF_lo"], at["null_angle_0s_sF_hi"]
+        if value is None:
+            continue
+        where = "inside" if lo <= value <= hi else "outside"
+        parts.append(f"{label}: s = {entry['s']} ({entry['s_rule']}), angle(ΔP(0→s), ΔP(s→F)) = {value:.1f}°, "
+                     f"{where} the random band [{lo:.1f}°, {hi:.1f}°]")
+    return ("At the chosen s: " + "; ".join(parts) + ".") if parts else ""
+
+
 def render_report(r: dict[str, Any]) -> str:
     """report.md for a report.json object."""
     cfg = r["config"]
@@ -120,7 +136,7 @@ def render_report(r: dict[str, Any]) -> str:
         L += ["", "Not available in this run:", ""] + [f"- {m}" for m in r["missing"]]
     L.append("")
 
-    # -- density sweep numbers (Figure 4's data)
+    # -- density sweep numbers (Figure 5's data)
     L += ["## Density sweep (TIES, factor-wise)", "",
           "| Density | Task Aggregate | MIA score / AUC | MMLU | Aggregate |", "|---|---|---|---|---|"]
     for row in r["sweep"]:
@@ -131,10 +147,16 @@ def render_report(r: dict[str, Any]) -> str:
     # -- figures
     L += ["## Figures", ""]
     captions = {
-        "loss_curves": "Figure 1. Loss terms over optimizer steps (NPO on forget, KL and NLL on retain).",
-        "score_curves": "Figure 2. Scores after each unlearning epoch (full forget/retain sets, MIA).",
-        "angles": "Figure 3. Angles between parameter-change vectors ΔP(0→s), ΔP(s→F), ΔP(0→F).",
-        "density_sweep": "Figure 4. Scores of the factor-wise TIES merge against density.",
+        "task_curves": "Figure 2. Regurgitation and knowledge per task on the forget and retain sets, from epoch 0 "
+                       "(the vanilla model) to the last epoch, for both presets.",
+        "score_curves": "Figure 2b. Overall scores over the same epochs (Task Aggregate, per-split scores, MIA).",
+        "loss_curves": "Figure 3. Loss terms over optimizer steps: NPO alone (same budget as model1) beside "
+                       "NPO+GDR+KLR (model1, model2).",
+        "angles": "Figure 4. Angles between parameter-change vectors ΔP(0→s), ΔP(s→F), ΔP(0→F) per epoch s; the "
+                  "shaded band is where two random directions of the same dimension and norms fall (95%). "
+                  + _angle_sentence(r.get("figure_data", {}).get("angles")),
+        "density_sweep": "Figure 5. Task Aggregate, MIA AUC and score, MMLU and final aggregate of the factor-wise "
+                         "TIES merge against density.",
     }
     for key, caption in captions.items():
         if key in r["figures"]:

@@ -29,6 +29,7 @@ from typing import Any
 
 from umerge.errors import InputError
 from umerge.evaluate import data as data_io
+from umerge.evaluate import metrics
 from umerge.evaluate.metrics import DEFAULT_MIN_K
 from umerge.evaluate.report import EvalReport, build_report
 
@@ -273,6 +274,17 @@ def evaluate(
     return report
 
 
+def per_task_scores(rep: Any) -> dict[str, float | None]:
+    """``{"forget/Task1/regurgitation": v, ...}``: each split's regurgitation and knowledge per task."""
+    out: dict[str, float | None] = {}
+    for split_name, split in (("forget", rep.forget_set), ("retain", rep.retain_set)):
+        for task in metrics.split_tasks(split):
+            for metric, key in (("regurgitation", metrics.REGURGITATION), ("knowledge", metrics.KNOWLEDGE)):
+                value = split[task].get(key)
+                out[f"{split_name}/{task}/{metric}"] = None if value is None else float(value)
+    return out
+
+
 def epoch_eval_hook(
     data: Any,
     *,
@@ -286,8 +298,11 @@ def epoch_eval_hook(
 
     Evaluates the in-training model on a subset (``max_rows`` per task and kind in each split)
     and returns flat scores: ``task_aggregate``, ``forget_regurgitation``, ``forget_knowledge``,
-    ``retain_regurgitation``, ``retain_knowledge``, and ``mia_auc``/``mia_score`` when MIA
-    documents are given. Pass it as ``umerge.unlearn.train(..., eval_hook=epoch_eval_hook(data))``.
+    ``retain_regurgitation``, ``retain_knowledge``, the same per task as
+    ``{split}/{task}/{regurgitation|knowledge}`` (the paper's Figure 2, e.g.
+    ``forget/Task1/regurgitation``), and ``mia_auc``/``mia_score`` when MIA documents are given.
+    Pass it as ``umerge.unlearn.train(..., eval_hook=epoch_eval_hook(data))``; the trainer calls it
+    at epoch 0 (the starting model) too.
     """
     rows = data_io.load_eval_data(data)
 
@@ -303,6 +318,7 @@ def epoch_eval_hook(
             "retain_regurgitation": rep.retain_set.get("overall-regurgitation-score"),
             "retain_knowledge": rep.retain_set.get("overall-knowledge-score"),
         }
+        out.update(per_task_scores(rep))
         if rep.mia is not None:
             out["mia_auc"] = rep.mia_auc
             out["mia_score"] = rep.mia_final_score

@@ -320,11 +320,14 @@ def apply_overrides(cfg: UnlearnConfig, overrides: Iterable[str] | Mapping[str, 
 PRESETS: dict[str, dict[str, Any]] = {
     "zjuklab-model1": {"npo_weight": 0.4, "kl_weight": 0.4, "retain_weight": 0.2, "batch_size": 1},
     "zjuklab-model2": {"npo_weight": 0.3, "kl_weight": 0.3, "retain_weight": 0.4, "batch_size": 2},
+    # The paper's Figure 3 baseline: NPO alone, otherwise model1's recipe.
+    "npo-only": {"npo_weight": 1.0, "kl_weight": 0.0, "retain_weight": 0.0, "batch_size": 1},
 }
 #: One-line description of each preset, for `umerge presets`.
 PRESET_NOTES: dict[str, str] = {
     "zjuklab-model1": "stronger forgetting (tends to over-forget): NPO 0.4, KL 0.4, retain NLL 0.2, batch 1",
     "zjuklab-model2": "gentler forgetting (tends to under-forget): NPO 0.3, KL 0.3, retain NLL 0.4, batch 2",
+    "npo-only": "NPO alone, no retain terms (the paper's Figure 3 baseline): NPO 1.0, batch 1",
 }
 
 

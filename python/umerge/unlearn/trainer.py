@@ -191,6 +191,18 @@ def _truncate_log(log_path: Path, keep_steps: int) -> None:
     log_path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
 
 
+def _log_eval(hook: EvalHook, model: Any, unwrapped: Any, tokenizer: Any, epoch: int, step: int, log_fh: Any) -> None:
+    """Run the eval hook on the model in eval mode (adapter active) and log its scores as an eval row."""
+    model.eval()
+    with torch.no_grad():
+        result = dict(hook(unwrapped, tokenizer, epoch))
+    model.train()
+    rec = {"type": "eval", "epoch": epoch, "step": step, **result}
+    if log_fh is not None:
+        log_fh.write(json.dumps(rec, default=float) + "\n")
+        log_fh.flush()
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
@@ -210,7 +222,8 @@ def train(
 
     `preset_or_config`: a preset name (zjuklab-model1, zjuklab-model2), a JSON/YAML config file, an
     `UnlearnConfig` or a dict; `overrides` ("key=value" strings or a dict) are applied on top.
-    `eval_hook(model, tokenizer, epoch) -> dict` runs after each epoch (on the main process, model in
+    `eval_hook(model, tokenizer, epoch) -> dict` runs before training (epoch 0, the starting model;
+    not again on resume) and after each epoch (on the main process, model in
     eval mode with the adapter active); its result is logged as {"type": "eval", "epoch": k, ...}.
     `resume=True` continues from the last OUT/epoch-k that holds a trainer state.
     """
@@ -327,6 +340,9 @@ def train(
     log_fh = open(log_path, "a", encoding="utf-8") if is_main else None
     t_start = time.perf_counter()
     try:
+        if eval_hook is not None and is_main and start_epoch == 0:  # epoch 0: the starting model
+            _log_eval(eval_hook, model, unwrapped, tokenizer, 0, 0, log_fh)
+        accelerator.wait_for_everyone()
         for epoch in range(start_epoch, cfg.epochs):
             # The prepared loader's set_epoch passes the epoch on to our sampler and data set
             # (accelerate would otherwise count epochs from 0 again after a resume).
@@ -418,14 +434,7 @@ def train(
                         if stale.exists():
                             stale.unlink()
             if eval_hook is not None and is_main:
-                model.eval()
-                with torch.no_grad():
-                    result = dict(eval_hook(unwrapped, tokenizer, k))
-                model.train()
-                rec = {"type": "eval", "epoch": k, "step": global_step, **result}
-                if log_fh is not None:
-                    log_fh.write(json.dumps(rec, default=float) + "\n")
-                    log_fh.flush()
+                _log_eval(eval_hook, model, unwrapped, tokenizer, k, global_step, log_fh)
             accelerator.wait_for_everyone()
     finally:
         if bar is not None:
