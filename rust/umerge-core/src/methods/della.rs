@@ -12,17 +12,17 @@
 //! (mergekit's `della_magprune`: rank_norm = (rank - min) / (max - min)); a one-entry row keeps
 //! with p = density. The draws come from the counter-based generator in `rng`, keyed by (seed,
 //! tensor, model, element), so the bytes do not depend on threads or budget. Kept entries are
-//! rescaled ([`Rescale`](super::task_arithmetic::Rescale)): by 1/p_r (default: the paper's
+//! rescaled ([`Rescale`](super::task_vector::Rescale)): by 1/p_r (default: the paper's
 //! 1/(1 - P_drop), which keeps every entry's expectation), by the tensor's L1 ratio
 //! (mergekit's `rescale: true`), or not at all. Then the task-vector kernel of
-//! `task_arithmetic.rs`.
+//! `task_vector.rs`.
 //!
 //! The executor hands this method chunks of whole rows (`TensorRecipe::row`); tensors with more
 //! than two dimensions are refused (mergekit ranks them along dim 1, a strided layout no LLM
 //! weight uses).
 
 use crate::error::{Error, Result};
-use crate::methods::task_arithmetic::{Sparsify, TaskVectorMerge, DENSITY, EPSILON, LAMBDA, RESCALE, SEED, WEIGHT};
+use crate::methods::task_vector::{Sparsify, TaskVectorMerge, DENSITY, EPSILON, LAMBDA, RESCALE, SEED, WEIGHT};
 use crate::methods::{rng, ParamSpec, TensorCtx};
 use crate::params::Params;
 use crate::select::abs_bits;
