@@ -97,3 +97,38 @@ pub(crate) fn fold_recipe_yaml(spec: &FoldSpec) -> String {
     y.field("out_dtype", text_or_null(spec.out_dtype.as_deref()));
     y.0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::Params;
+
+    #[test]
+    fn merge_recipe_text() {
+        let spec: MergeSpec = serde_json::from_value(serde_json::json!({
+            "method": "linear", "models": [{"path": "no/such/a", "params": {"weight": 2.0}}, {"path": "no/such/b"}],
+            "out": "no/such/out", "params": {"normalize": true}
+        }))
+        .unwrap();
+        let method = crate::methods::build("linear", &Params::default()).unwrap();
+        let want = format!(
+            "# umerge recipe: the merge that produced these weights\numerge_version: \"{}\"\nmethod: \"linear\"\ndescription: {}\nbase: null\nmodels:\n  - path: \"no/such/a\"\n    params: {{\"weight\":2.0}}\n  - path: \"no/such/b\"\nparams: {{\"normalize\":true}}\nout_dtype: null\nstrict: false\nallow_nonfinite: false\n",
+            crate::VERSION,
+            serde_json::to_string(&method.describe()).unwrap()
+        );
+        assert_eq!(recipe_yaml(&spec, method.as_ref()), want);
+    }
+
+    #[test]
+    fn fold_recipe_text() {
+        let spec = FoldSpec::from_json(
+            r#"{"base": "no/such/base", "adapters": [{"path": "no/such/ad", "scaling": 0.5}], "out": "no/such/out", "out_dtype": "bf16"}"#,
+        )
+        .unwrap();
+        let want = format!(
+            "# umerge recipe: the fold that produced these weights\numerge_version: \"{}\"\noperation: fold\nmethod: null\nbase: \"no/such/base\"\nadapters:\n  - path: \"no/such/ad\"\n    scaling: 0.5\n    fan_in_fan_out: false\nparams: {{}}\nmodel_params: []\nout_dtype: \"bf16\"\n",
+            crate::VERSION
+        );
+        assert_eq!(fold_recipe_yaml(&spec), want);
+    }
+}
