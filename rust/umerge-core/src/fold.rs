@@ -145,17 +145,37 @@ impl Factors {
                 // stored[i, j] = sum_k A[k, i] * B[j, k]: lhs = A^T (row stride 1, col stride R),
                 // rhs = B^T (row stride 1, col stride r).
                 matrixmultiply::sgemm(
-                    m, k, cols, self.scaling,
-                    self.a.as_ptr().add(rows.start), 1, big_r as isize,
-                    self.b.as_ptr(), 1, k as isize,
-                    beta, out.as_mut_ptr(), cols as isize, 1,
+                    m,
+                    k,
+                    cols,
+                    self.scaling,
+                    self.a.as_ptr().add(rows.start),
+                    1,
+                    big_r as isize,
+                    self.b.as_ptr(),
+                    1,
+                    k as isize,
+                    beta,
+                    out.as_mut_ptr(),
+                    cols as isize,
+                    1,
                 );
             } else {
                 matrixmultiply::sgemm(
-                    m, k, cols, self.scaling,
-                    self.b.as_ptr().add(rows.start * k), k as isize, 1,
-                    self.a.as_ptr(), cols as isize, 1,
-                    beta, out.as_mut_ptr(), cols as isize, 1,
+                    m,
+                    k,
+                    cols,
+                    self.scaling,
+                    self.b.as_ptr().add(rows.start * k),
+                    k as isize,
+                    1,
+                    self.a.as_ptr(),
+                    cols as isize,
+                    1,
+                    beta,
+                    out.as_mut_ptr(),
+                    cols as isize,
+                    1,
                 );
             }
         }
@@ -418,11 +438,10 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
             ticker.tick(w.nbytes())?;
             continue;
         };
-        let factors: Vec<Factors> = t
-            .by
-            .iter()
-            .map(|(ai, a, b)| load_factors(&adapters[*ai], a, b, &spec.adapters[*ai], check_finite, name))
-            .collect::<Result<_>>()?;
+        let factors: Vec<Factors> =
+            t.by.iter()
+                .map(|(ai, a, b)| load_factors(&adapters[*ai], a, b, &spec.adapters[*ai], check_finite, name))
+                .collect::<Result<_>>()?;
         match &method {
             None => {
                 let src = MappedSource::new(&base, w, None, name, check_finite);
@@ -542,9 +561,12 @@ mod tests {
     }
 
     fn spec(base: &Path, adapter: &Path, out: &Path) -> FoldSpec {
-        FoldSpec::from_json(&serde_json::json!({
-            "base": base, "adapters": [{"path": adapter, "scaling": 0.5}], "out": out, "threads": 2
-        }).to_string())
+        FoldSpec::from_json(
+            &serde_json::json!({
+                "base": base, "adapters": [{"path": adapter, "scaling": 0.5}], "out": out, "threads": 2
+            })
+            .to_string(),
+        )
         .unwrap()
     }
 
@@ -559,16 +581,19 @@ mod tests {
         let b: Vec<f32> = (0..out_d * r).map(|_| lcg(&mut seed)).collect();
         let norm = vec![1.0f32, 2.0, 3.0];
         std::fs::create_dir_all(d.join("base")).unwrap();
-        write_st(&d.join("base/model.safetensors"), &[
-            ("m.norm.weight", "F32", vec![3], f32s(&norm)),
-            ("m.proj.weight", "F32", vec![out_d, in_d], f32s(&w)),
-        ]);
+        write_st(
+            &d.join("base/model.safetensors"),
+            &[("m.norm.weight", "F32", vec![3], f32s(&norm)), ("m.proj.weight", "F32", vec![out_d, in_d], f32s(&w))],
+        );
         std::fs::write(d.join("base/config.json"), "{}").unwrap();
         std::fs::create_dir_all(d.join("ad")).unwrap();
-        write_st(&d.join("ad/adapter_model.safetensors"), &[
-            ("base_model.model.m.proj.lora_A.weight", "F32", vec![r, in_d], f32s(&a)),
-            ("base_model.model.m.proj.lora_B.weight", "F32", vec![out_d, r], f32s(&b)),
-        ]);
+        write_st(
+            &d.join("ad/adapter_model.safetensors"),
+            &[
+                ("base_model.model.m.proj.lora_A.weight", "F32", vec![r, in_d], f32s(&a)),
+                ("base_model.model.m.proj.lora_B.weight", "F32", vec![out_d, r], f32s(&b)),
+            ],
+        );
         let rep = fold(&spec(&d.join("base"), &d.join("ad"), &d.join("out")), None).unwrap();
         assert_eq!(rep.tensors, 2);
         let c = Checkpoint::open(&d.join("out")).unwrap();
@@ -591,12 +616,15 @@ mod tests {
         std::fs::create_dir_all(d.join("base")).unwrap();
         write_st(&d.join("base/model.safetensors"), &[("m.proj.weight", "F32", vec![4, 3], f32s(&[0.0; 12]))]);
         std::fs::create_dir_all(d.join("ad")).unwrap();
-        write_st(&d.join("ad/adapter_model.safetensors"), &[
-            ("base_model.model.m.proj.lora_A.weight", "F32", vec![2, 5], f32s(&[0.0; 10])),
-            ("base_model.model.m.proj.lora_B.weight", "F32", vec![4, 2], f32s(&[0.0; 8])),
-            ("base_model.model.m.gone.lora_A.weight", "F32", vec![2, 3], f32s(&[0.0; 6])),
-            ("base_model.model.m.gone.lora_B.weight", "F32", vec![4, 2], f32s(&[0.0; 8])),
-        ]);
+        write_st(
+            &d.join("ad/adapter_model.safetensors"),
+            &[
+                ("base_model.model.m.proj.lora_A.weight", "F32", vec![2, 5], f32s(&[0.0; 10])),
+                ("base_model.model.m.proj.lora_B.weight", "F32", vec![4, 2], f32s(&[0.0; 8])),
+                ("base_model.model.m.gone.lora_A.weight", "F32", vec![2, 3], f32s(&[0.0; 6])),
+                ("base_model.model.m.gone.lora_B.weight", "F32", vec![4, 2], f32s(&[0.0; 8])),
+            ],
+        );
         let e = fold(&spec(&d.join("base"), &d.join("ad"), &d.join("out")), None).unwrap_err();
         let msg = e.to_string();
         assert!(e.is_input(), "{msg}");
@@ -607,7 +635,10 @@ mod tests {
 
     #[test]
     fn module_names_strip_the_peft_prefix() {
-        assert_eq!(module_of("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", PEFT_PREFIX), Some(("model.layers.0.mlp.up_proj", true)));
+        assert_eq!(
+            module_of("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", PEFT_PREFIX),
+            Some(("model.layers.0.mlp.up_proj", true))
+        );
         assert_eq!(module_of("x.lora_B.weight", PEFT_PREFIX), Some(("x", false)));
         assert_eq!(module_of("x.lora_magnitude_vector", PEFT_PREFIX), None);
     }

@@ -9,7 +9,15 @@ use crate::plan::{Inputs, SrcRef};
 use crate::write::Output;
 
 /// Copies one tensor: raw bytes when the dtype is unchanged, else decoded and re-encoded.
-pub(super) fn copy_tensor(inputs: &Inputs, src: &SrcRef, out_dtype: Dtype, name: &str, ti: usize, out: &Output, check_finite: bool) -> Result<()> {
+pub(super) fn copy_tensor(
+    inputs: &Inputs,
+    src: &SrcRef,
+    out_dtype: Dtype,
+    name: &str,
+    ti: usize,
+    out: &Output,
+    check_finite: bool,
+) -> Result<()> {
     let (Some(ck), Some(info)) = (inputs.get(src.input), src.info.as_ref()) else {
         return Err(Error::Internal(format!("copy source for {name} missing")));
     };
@@ -19,7 +27,15 @@ pub(super) fn copy_tensor(inputs: &Inputs, src: &SrcRef, out_dtype: Dtype, name:
 /// Copies tensor `info` of checkpoint `ck` into output tensor `ti`: raw bytes when the dtype is
 /// kept (and no NaN/Inf check is asked of a float tensor), else decoded and re-encoded in steps
 /// of 8 MiB so memory stays bounded. Shared by the merge executor and `fold`.
-pub(crate) fn copy_tensor_from(ck: &Checkpoint, info: &TensorInfo, out_dtype: Dtype, name: &str, ti: usize, out: &Output, check_finite: bool) -> Result<()> {
+pub(crate) fn copy_tensor_from(
+    ck: &Checkpoint,
+    info: &TensorInfo,
+    out_dtype: Dtype,
+    name: &str,
+    ti: usize,
+    out: &Output,
+    check_finite: bool,
+) -> Result<()> {
     const STEP: usize = 8 << 20;
     if info.dtype == out_dtype && !(check_finite && is_float(info.dtype)) {
         let total = info.end - info.start;

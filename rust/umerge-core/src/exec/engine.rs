@@ -86,7 +86,14 @@ impl<'a> Engine<'a> {
     /// An engine running `method` on chunks of `chunk` elements, caching tensors up to
     /// `cache_bytes` of decoded inputs.
     pub fn new(method: &'a dyn Method, chunk: usize, cache_bytes: u64) -> Self {
-        Engine { method, chunk: chunk.max(1), cache_bytes, list_bytes: cache_bytes / 2, pool: BufPool::default(), cache_pool: BufPool::default() }
+        Engine {
+            method,
+            chunk: chunk.max(1),
+            cache_bytes,
+            list_bytes: cache_bytes / 2,
+            pool: BufPool::default(),
+            cache_pool: BufPool::default(),
+        }
     }
 
     /// (reduction block, chunk), in elements, for one job: [`BLOCK`] and the engine's chunk, or,
@@ -194,8 +201,7 @@ impl<'a> Engine<'a> {
             let s = it.start as usize;
             // SAFETY: each item covers a distinct range [s, s + len) of vectors of length n
             // that live until after this loop; no other reference to them exists meanwhile.
-            let mut ins: Vec<&mut [f32]> =
-                unsafe { ips.iter().map(|p| std::slice::from_raw_parts_mut(p.0.add(s), it.len)).collect() };
+            let mut ins: Vec<&mut [f32]> = unsafe { ips.iter().map(|p| std::slice::from_raw_parts_mut(p.0.add(s), it.len)).collect() };
             let mut base = job.base.map(|_| self.pool.take(it.len));
             let r = self.gather_into(job, it.start, base.as_deref_mut(), &mut ins);
             if let Some(b) = base {
@@ -288,11 +294,8 @@ impl<'a> Engine<'a> {
             // only then is the tensor cached. Measured on the 1.1B TIES benchmark (band
             // selection: two passes): caching every tensor cost 10% more CPU time.
             let decoded = job.numel * job.models.len() as u64 * 4;
-            let mut cache = if job.recipe.reductions > 0 && decoded <= self.cache_bytes {
-                Some(self.load_cache(job, items)?)
-            } else {
-                None
-            };
+            let mut cache =
+                if job.recipe.reductions > 0 && decoded <= self.cache_bytes { Some(self.load_cache(job, items)?) } else { None };
             let tensor_sel = self.tensor_selection(jobs, ji, items, cache.as_ref().map_or(Data::Stream, Data::Cached))?;
             let cuts = Cuts { tensor: &tensor_sel, model: global_sel.as_ref().map(|g| (g, offsets[ji])) };
             let tensor_acc = if job.recipe.reductions > 0 {

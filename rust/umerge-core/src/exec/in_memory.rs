@@ -44,13 +44,7 @@ pub fn merge_in_memory(
     let model_srcs: Vec<SliceSource<'_>> = models.iter().map(|m| SliceSource(m)).collect();
     let model_ids: Vec<usize> = (0..models.len()).collect();
     let shape = [n];
-    let ctx = methods::TensorCtx {
-        name,
-        shape: &shape,
-        pos: crate::params::TensorPos { name, t: 0.0 },
-        params,
-        models: &model_ids,
-    };
+    let ctx = methods::TensorCtx { name, shape: &shape, pos: crate::params::TensorPos { name, t: 0.0 }, params, models: &model_ids };
     let recipe = method.plan_tensor(&ctx)?;
     for (i, m) in models.iter().enumerate() {
         if let Some(p) = m.iter().position(|x| !x.is_finite()) {
@@ -85,10 +79,7 @@ mod tests {
         let mut p = Params::default();
         p.global.insert("density".into(), ParamValue::Number(density));
         p.global.insert("preset".into(), ParamValue::Text(preset.into()));
-        p.models = weights
-            .iter()
-            .map(|w| [("weight".to_string(), ParamValue::Number(*w))].into_iter().collect())
-            .collect();
+        p.models = weights.iter().map(|w| [("weight".to_string(), ParamValue::Number(*w))].into_iter().collect()).collect();
         p
     }
 

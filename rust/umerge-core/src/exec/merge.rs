@@ -153,7 +153,6 @@ fn merge_tensors(
     workers.pool.install(|| engine.run(&jobs, inputs.models.len(), &sink, &done))
 }
 
-
 fn make_src<'a>(inputs: &'a Inputs, s: &'a SrcRef, name: &'a str, check_finite: bool) -> Box<dyn Source + 'a> {
     match (s.input, inputs.get(s.input), s.info.as_ref()) {
         (InputId::Zeros, _, _) | (_, None, _) | (_, _, None) => Box::new(ZeroSource),

@@ -46,7 +46,13 @@ pub(crate) struct Opened {
 
 /// Opens the base (with [`Checkpoint::open`]) and every model (with `open_model`) and checks
 /// the output directory against them, collecting every failure into one error.
-pub(crate) fn open_inputs(base: Option<&Path>, models: &[&Path], open_model: fn(&Path) -> Result<Checkpoint>, out: &Path, overwrite: bool) -> Result<Opened> {
+pub(crate) fn open_inputs(
+    base: Option<&Path>,
+    models: &[&Path],
+    open_model: fn(&Path) -> Result<Checkpoint>,
+    out: &Path,
+    overwrite: bool,
+) -> Result<Opened> {
     let mut errors = Vec::new();
     let base_ck = base.and_then(|p| Checkpoint::open(p).map_err(|e| errors.push(e)).ok());
     let mut opened = Vec::new();

@@ -18,7 +18,14 @@ pub(super) enum Reduction {
 
 impl Engine<'_> {
     /// Per-block partial reductions of one job's items (trimmed), summed in block order.
-    pub(super) fn block_reduce(&self, job: &Job<'_>, items: &[Item], cache: Option<&mut Cache>, cuts: &Cuts<'_>, which: Reduction) -> Result<Vec<f64>> {
+    pub(super) fn block_reduce(
+        &self,
+        job: &Job<'_>,
+        items: &[Item],
+        cache: Option<&mut Cache>,
+        cuts: &Cuts<'_>,
+        which: Reduction,
+    ) -> Result<Vec<f64>> {
         let n = match which {
             Reduction::Tensor => job.recipe.reductions,
             Reduction::Global => self.method.global_reductions(),
@@ -54,7 +61,13 @@ impl Engine<'_> {
     /// The method's global reductions over every job (after trimming), added job by job in order;
     /// empty when the method has none. `offsets[j]`: job j's first item in the whole-model
     /// selection `model_sel`.
-    pub(super) fn global_reductions(&self, jobs: &[Job<'_>], per_job: &[Vec<Item>], offsets: &[usize], model_sel: Option<&Selection>) -> Result<Vec<f64>> {
+    pub(super) fn global_reductions(
+        &self,
+        jobs: &[Job<'_>],
+        per_job: &[Vec<Item>],
+        offsets: &[usize],
+        model_sel: Option<&Selection>,
+    ) -> Result<Vec<f64>> {
         let mut global_acc = vec![0f64; self.method.global_reductions()];
         if global_acc.is_empty() {
             return Ok(global_acc);

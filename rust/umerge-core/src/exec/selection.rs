@@ -149,7 +149,11 @@ impl Engine<'_> {
             // The band's members are kept in lists (and copied once to pick the threshold):
             // when the sample says they would not fit the list allowance, the histogram passes
             // (bounded memory) select this key instead.
-            let members = if sample.is_empty() { job.numel } else { sample.iter().filter(|&&b| b >= lo && b <= hi).count() as u64 * job.numel / sampled };
+            let members = if sample.is_empty() {
+                job.numel
+            } else {
+                sample.iter().filter(|&&b| b >= lo && b <= hi).count() as u64 * job.numel / sampled
+            };
             if (held + members + largest.max(members)) * 4 <= self.list_bytes {
                 held += members;
                 largest = largest.max(members);
@@ -240,13 +244,7 @@ impl Engine<'_> {
     /// One pass over a selection's items adding, per active key, its inputs into a histogram of
     /// `bins` bins with `add(values, key, histogram)`; summed over items (integer counts, so
     /// the order does not matter).
-    fn histograms(
-        &self,
-        q: &Query<'_, '_>,
-        active: &[bool],
-        bins: usize,
-        add: &HistogramAdd<'_>,
-    ) -> Result<Vec<Vec<u64>>> {
+    fn histograms(&self, q: &Query<'_, '_>, active: &[bool], bins: usize, add: &HistogramAdd<'_>) -> Result<Vec<Vec<u64>>> {
         let zero = || vec![Vec::<u64>::new(); q.spec.len()];
         q.items
             .par_iter()

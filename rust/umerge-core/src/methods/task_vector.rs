@@ -27,7 +27,9 @@
 //! top-k picks a different entry among equal magnitudes.
 
 use crate::error::{Error, Result};
-use crate::methods::{breadcrumbs, della, rng, BaseUse, Chunk, Method, ParamSpec, Stats, TensorCtx, TensorRecipe, Trim, TrimRule, TrimScope};
+use crate::methods::{
+    breadcrumbs, della, rng, BaseUse, Chunk, Method, ParamSpec, Stats, TensorCtx, TensorRecipe, Trim, TrimRule, TrimScope,
+};
 use crate::params::{ParamValue, Params};
 
 /// How task vectors are sparsified before merging.
@@ -106,17 +108,34 @@ pub const DEFAULT_SEED: u64 = 0;
 /// Parameter docs shared by the family.
 pub const WEIGHT: ParamSpec = ParamSpec { name: "weight", per_model: true, default: "1.0", doc: "weight of each model's task vector" };
 /// `lambda`.
-pub const LAMBDA: ParamSpec = ParamSpec { name: "lambda", per_model: false, default: "1.0", doc: "scale of the merged task vector added to the base" };
+pub const LAMBDA: ParamSpec =
+    ParamSpec { name: "lambda", per_model: false, default: "1.0", doc: "scale of the merged task vector added to the base" };
 /// `density`, required.
-pub const DENSITY: ParamSpec = ParamSpec { name: "density", per_model: true, default: "required", doc: "fraction of each task vector's entries kept, in (0, 1]" };
+pub const DENSITY: ParamSpec =
+    ParamSpec { name: "density", per_model: true, default: "required", doc: "fraction of each task vector's entries kept, in (0, 1]" };
 /// `seed`.
-pub const SEED: ParamSpec = ParamSpec { name: "seed", per_model: false, default: "0", doc: "seed of the counter-based random masks (keyed by seed, tensor name, model, element)" };
+pub const SEED: ParamSpec = ParamSpec {
+    name: "seed",
+    per_model: false,
+    default: "0",
+    doc: "seed of the counter-based random masks (keyed by seed, tensor name, model, element)",
+};
 /// `rescale`.
 pub const RESCALE: ParamSpec = ParamSpec { name: "rescale", per_model: false, default: "density", doc: "density (divide kept entries by their keep probability, as the DARE and DELLA papers; alias: probability) | l1 (match the L1 norm, mergekit) | none" };
 /// `gamma` (breadcrumbs).
-pub const GAMMA: ParamSpec = ParamSpec { name: "gamma", per_model: true, default: "0.01", doc: "fraction of the largest |d| dropped as outliers, in [0, 1) (mergekit's default 0.01)" };
+pub const GAMMA: ParamSpec = ParamSpec {
+    name: "gamma",
+    per_model: true,
+    default: "0.01",
+    doc: "fraction of the largest |d| dropped as outliers, in [0, 1) (mergekit's default 0.01)",
+};
 /// `epsilon` (DELLA).
-pub const EPSILON: ParamSpec = ParamSpec { name: "epsilon", per_model: true, default: "0.15", doc: "keep probabilities span density +- epsilon by magnitude rank; density +- epsilon must lie in (0, 1)" };
+pub const EPSILON: ParamSpec = ParamSpec {
+    name: "epsilon",
+    per_model: true,
+    default: "0.15",
+    doc: "keep probabilities span density +- epsilon by magnitude rank; density +- epsilon must lie in (0, 1)",
+};
 
 const PARAMS: &[ParamSpec] = &[
     WEIGHT,
@@ -181,15 +200,16 @@ pub fn sign(x: f32) -> f32 {
 /// How a TIES consensus elects each element's sign from the sum `s` of its models' values.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Elect {
-    /// + where s >= 0, else - (mergekit's `(sign(s) >= 0) * 2 - 1`; a NaN sum elects -).
+    /// Plus where s >= 0, else minus (mergekit's `(sign(s) >= 0) * 2 - 1`; a NaN sum elects
+    /// minus).
     PlusUnlessNegative,
-    /// + where s >= 0, - where s < 0: a NaN sum (from non-finite inputs, accepted only with
+    /// Plus where s >= 0, minus where s < 0: a NaN sum (from non-finite inputs, accepted only with
     /// `allow_nonfinite`) elects no sign, so no value agrees. The rule of the `ties` presets
     /// `mergekit` and `peft`; it differs from [`Elect::PlusUnlessNegative`] only at NaN sums,
     /// and is kept apart so their output bytes stay as they were.
     PlusOrMinus,
-    /// The TIES paper: sign(s), or the given model majority where that is 0; + where the result
-    /// is positive, else -.
+    /// The TIES paper: sign(s), or the given model majority where that is 0; plus where the
+    /// result is positive, else minus.
     SignOrModelMajority(f32),
 }
 
@@ -406,7 +426,8 @@ impl TaskVectorMerge {
     /// Steps 2-5 of the module doc on one chunk; DARE's mask, when given, is drawn here, tile by
     /// tile (otherwise the inputs are used as they come: whole, or already sparsified).
     fn combine(&self, sc: &Scalars<'_>, dare: Option<&DareMask>, c: &Chunk<'_>, out: &mut [f32]) {
-        let rule = Combine { w: sc.w, consensus: self.consensus.then_some(Consensus::MERGEKIT), normalize: self.normalize, lambda: sc.lambda };
+        let rule =
+            Combine { w: sc.w, consensus: self.consensus.then_some(Consensus::MERGEKIT), normalize: self.normalize, lambda: sc.lambda };
         combine_tiles(&rule, c.base, out, |i, t0, v| {
             // v_i = w_i * sparsify(d_i)
             let x = &c.inputs[i][t0..t0 + v.len()];

@@ -61,11 +61,26 @@ pub struct Ties {
 }
 
 const PARAMS: &[ParamSpec] = &[
-    ParamSpec { name: "density", per_model: true, default: "required", doc: "fraction of each task vector's entries kept, by magnitude: k = floor(density * n), in (0, 1]" },
+    ParamSpec {
+        name: "density",
+        per_model: true,
+        default: "required",
+        doc: "fraction of each task vector's entries kept, by magnitude: k = floor(density * n), in (0, 1]",
+    },
     ParamSpec { name: "weight", per_model: true, default: "1.0", doc: "weight of each model's task vector" },
     ParamSpec { name: "lambda", per_model: false, default: "1.0", doc: "scale of the merged task vector added to the base" },
-    ParamSpec { name: "preset", per_model: false, default: "mergekit", doc: "mergekit | peft | paper: which published variant (sign election, divisor, trim scope)" },
-    ParamSpec { name: "majority_sign", per_model: false, default: "total", doc: "peft preset: total (sign of the sum) or frequency (sign of the vote)" },
+    ParamSpec {
+        name: "preset",
+        per_model: false,
+        default: "mergekit",
+        doc: "mergekit | peft | paper: which published variant (sign election, divisor, trim scope)",
+    },
+    ParamSpec {
+        name: "majority_sign",
+        per_model: false,
+        default: "total",
+        doc: "peft preset: total (sign of the sum) or frequency (sign of the vote)",
+    },
 ];
 
 pub use crate::methods::task_vector::sign;
@@ -83,7 +98,9 @@ pub fn consensus(preset: Preset, majority: MajoritySign, model_majority: f32) ->
             elect: Elect::PlusOrMinus,
             mean: Mean::AgreeingCount,
         },
-        Preset::Paper => Consensus { elect_on: ElectOn::Values, elect: Elect::SignOrModelMajority(model_majority), mean: Mean::NonzeroAgreeing },
+        Preset::Paper => {
+            Consensus { elect_on: ElectOn::Values, elect: Elect::SignOrModelMajority(model_majority), mean: Mean::NonzeroAgreeing }
+        }
     }
 }
 
@@ -203,10 +220,9 @@ impl Method for Ties {
     fn describe(&self) -> String {
         match self.preset {
             Preset::Mergekit => "ties (preset mergekit)".into(),
-            Preset::Peft => format!(
-                "ties (preset peft, majority_sign {})",
-                if self.majority == MajoritySign::Total { "total" } else { "frequency" }
-            ),
+            Preset::Peft => {
+                format!("ties (preset peft, majority_sign {})", if self.majority == MajoritySign::Total { "total" } else { "frequency" })
+            }
             Preset::Paper => "ties (preset paper)".into(),
         }
     }
@@ -226,7 +242,7 @@ mod tests {
             -1.0
         }
     }
-    
+
     /// mergekit step at one element: `vals[i] = w_i * d_i` (trimmed). Returns the merged delta
     /// sum(agreeing w_i d_i) / sum(agreeing w_i), the divisor replaced by 1 when it is 0.
     fn disjoint_mergekit(vals: &[f32], weights: &[f32]) -> f32 {
@@ -248,7 +264,7 @@ mod tests {
         }
         mixed / div
     }
-    
+
     /// PEFT step at one element: `d` trimmed deltas (unweighted). Sign elected on d (total or
     /// frequency), then sum(agreeing w_i d_i) / max(count agreeing, 1).
     fn disjoint_peft(d: &[f32], weights: &[f32], majority: MajoritySign) -> f32 {
@@ -270,7 +286,7 @@ mod tests {
         }
         mixed / count.max(1.0)
     }
-    
+
     /// Paper step at one element: elected sign = sign(sum d_i), or `model_majority` when that is 0;
     /// keep d_i > 0 when the elected sign is positive, else d_i < 0; average the kept w_i d_i over
     /// the number of nonzero kept entries (min 1).
@@ -325,7 +341,11 @@ mod tests {
         let mut rnd = || {
             st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let v = ((st >> 40) as i32 % 7 - 3) as f32 * 0.25; // small set: exact zeros and ties
-            if (st >> 20) % 5 == 0 { v } else { ((st >> 33) as f32 / (1u64 << 31) as f32) - 0.5 }
+            if (st >> 20).is_multiple_of(5) {
+                v
+            } else {
+                ((st >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            }
         };
         let n = 2500;
         let m = 3;
