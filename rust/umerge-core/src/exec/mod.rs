@@ -5,22 +5,23 @@
 //! output, the mapped windows) stay within the budget. Per tensor:
 //!
 //! 1. trim selection (`selection`, with the kernels of [`crate::select`]): the exact top-k
-//!    threshold of each trimmed input. For one tensor, a stratified sample of its magnitudes
-//!    gives a band that very probably holds the threshold, one pass collects the band's
-//!    members and the exact threshold is picked among them (tie counts come from the same
-//!    lists). A key whose band misses, or whose members would not fit the list allowance,
-//!    falls back to the exact radix select: a high-bit histogram pass, then the winning high
-//!    bin's low bits (candidate lists, or a low-bit histogram pass), then, only when some but
-//!    not all entries equal to the threshold are kept and no lists were kept, a tie-counting
-//!    pass. Whole-model trims (`TrimScope::Model`) take the radix select directly, over every
-//!    tensor, before any output is computed.
+//!    threshold of each trimmed input. A selection over one tensor first tries a band: a
+//!    stratified sample of its magnitudes gives a band that very probably holds the threshold,
+//!    one pass collects the band's members and the exact threshold is picked among them (tie
+//!    counts come from the same lists). A key whose band misses, or whose members would not fit
+//!    the list allowance, and every selection spanning several tensors, takes the exact radix
+//!    select: a high-bit histogram pass, then the winning high bin's low bits (candidate
+//!    lists, or a low-bit histogram pass), then, only when some but not all entries equal to
+//!    the threshold are kept and no lists were kept, a tie-counting pass. Whole-model trims
+//!    (`TrimScope::Model`) run over every tensor before any output is computed.
 //! 2. reductions (`reduce`), when the method asks for them, on fixed blocks summed in block
 //!    order.
 //! 3. apply (`engine`): decode, subtract the base, trim (`trim`), [`Method::apply`], encode,
 //!    positioned write ([`Sink`]).
 //!
-//! A tensor whose decoded inputs fit a quarter of the budget and that several passes read
-//! trimmed is decoded once into a cache; others are decoded again by each pass.
+//! A tensor with reductions (so that several passes read its trimmed inputs) whose decoded
+//! inputs fit the cache allowance (a quarter of the budget) is decoded once into a cache;
+//! others are decoded again by each pass.
 //!
 //! Every per-element result depends only on that element's inputs and on integer statistics, and
 //! reductions use fixed block boundaries, so the output bytes are the same for any thread count
