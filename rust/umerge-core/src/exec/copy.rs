@@ -4,25 +4,8 @@ use super::MappedSource;
 use super::Source;
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::{elem_bytes, encode, is_float, Dtype};
-use crate::error::{Error, Result};
-use crate::plan::{Inputs, SrcRef};
+use crate::error::Result;
 use crate::write::Output;
-
-/// Copies one tensor: raw bytes when the dtype is unchanged, else decoded and re-encoded.
-pub(super) fn copy_tensor(
-    inputs: &Inputs,
-    src: &SrcRef,
-    out_dtype: Dtype,
-    name: &str,
-    ti: usize,
-    out: &Output,
-    check_finite: bool,
-) -> Result<()> {
-    let (Some(ck), Some(info)) = (inputs.get(src.input), src.info.as_ref()) else {
-        return Err(Error::Internal(format!("copy source for {name} missing")));
-    };
-    copy_tensor_from(ck, info, out_dtype, name, ti, out, check_finite)
-}
 
 /// Copies tensor `info` of checkpoint `ck` into output tensor `ti`: raw bytes when the dtype is
 /// kept (and no NaN/Inf check is asked of a float tensor), else decoded and re-encoded in steps

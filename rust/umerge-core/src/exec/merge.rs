@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::copy::copy_tensor;
+use super::copy::copy_tensor_from;
 use super::prepare::{self, Ticker, Workers};
 use super::recipe::recipe_yaml;
 use super::sink::FileSink;
@@ -111,7 +111,10 @@ fn merge_tensors(
     let check_finite = workers.check_finite;
     for (ti, t) in plan.tensors.iter().enumerate() {
         if let Action::Copy(src) = &t.action {
-            copy_tensor(inputs, src, t.dtype, &t.name, ti, out, check_finite && is_float(t.dtype))?;
+            let (Some(ck), Some(info)) = (inputs.get(src.input), src.info.as_ref()) else {
+                return Err(Error::Internal(format!("copy source for {} missing", t.name)));
+            };
+            copy_tensor_from(ck, info, t.dtype, &t.name, ti, out, check_finite && is_float(t.dtype))?;
             frontier.mark(ti);
             ticker.tick(t.in_bytes)?;
         }
