@@ -102,7 +102,10 @@ fn pickle_in_dir(dir: &Path) -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().and_then(|e| e.to_str()).is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())))
+        .filter(|p| {
+            p.is_file()
+                && p.extension().and_then(|e| e.to_str()).is_some_and(|e| PICKLE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        })
         .collect();
     found.sort();
     found.into_iter().next()
@@ -173,13 +176,10 @@ fn open_shard(path: &Path) -> Result<(Shard, Vec<(String, safetensors::tensor::T
     // user must not modify during the merge (as with any reader of memory-mapped safetensors).
     // All reads go through bounds-checked slices of the map.
     let mmap = unsafe { Mmap::map(&file) }.map_err(|e| read_err("safetensors file (mmap)", path, e))?;
-    let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| Error::Header {
-        reason: describe_header_error(&e, size, &mmap),
-        path: path.to_path_buf(),
-    })?;
+    let (n, meta) = SafeTensors::read_metadata(&mmap)
+        .map_err(|e| Error::Header { reason: describe_header_error(&e, size, &mmap), path: path.to_path_buf() })?;
     let data_start = 8 + n;
-    let mut tensors: Vec<(String, safetensors::tensor::TensorInfo)> =
-        meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
     tensors.sort_by_key(|(_, info)| info.data_offsets);
     let mtime = file.metadata().ok().and_then(|m| m.modified().ok());
     Ok((Shard { path: path.to_path_buf(), size, data_start, mmap: Some(mmap), file: Some(file), mtime }, tensors))
@@ -222,10 +222,7 @@ fn safe_shard_path(dir: &Path, name: &str, index: &Path) -> Result<PathBuf> {
     }
     // A FIFO or device would block or never end on open/read (found while fuzzing the index).
     if !cfull.is_file() {
-        return Err(Error::Index {
-            reason: format!("shard {name} named in the index is not a regular file"),
-            path: index.to_path_buf(),
-        });
+        return Err(Error::Index { reason: format!("shard {name} named in the index is not a regular file"), path: index.to_path_buf() });
     }
     Ok(full)
 }
@@ -266,12 +263,12 @@ impl Checkpoint {
 
     fn open_index(dir: &Path, index: &Path) -> Result<Checkpoint> {
         let text = std::fs::read_to_string(index).map_err(|e| read_err("shard index", index, e))?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Index { reason: format!("not valid JSON: {e}"), path: index.to_path_buf() })?;
-        let wm = v.get("weight_map").and_then(|w| w.as_object()).ok_or_else(|| Error::Index {
-            reason: "no \"weight_map\" object".to_string(),
-            path: index.to_path_buf(),
-        })?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Index { reason: format!("not valid JSON: {e}"), path: index.to_path_buf() })?;
+        let wm = v
+            .get("weight_map")
+            .and_then(|w| w.as_object())
+            .ok_or_else(|| Error::Index { reason: "no \"weight_map\" object".to_string(), path: index.to_path_buf() })?;
         let mut shard_names: Vec<String> = Vec::new();
         let mut expected: BTreeMap<String, String> = BTreeMap::new();
         for (tensor, shard) in wm {
@@ -491,10 +488,8 @@ pub(crate) mod tests {
             if i > 0 {
                 header.push(',');
             }
-            header.push_str(&format!(
-                "\"{name}\":{{\"dtype\":\"{dt}\",\"shape\":{shape:?},\"data_offsets\":[{off},{}]}}",
-                off + bytes.len()
-            ));
+            header
+                .push_str(&format!("\"{name}\":{{\"dtype\":\"{dt}\",\"shape\":{shape:?},\"data_offsets\":[{off},{}]}}", off + bytes.len()));
             off += bytes.len();
             data.extend_from_slice(bytes);
         }

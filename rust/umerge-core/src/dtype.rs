@@ -187,7 +187,23 @@ mod tests {
 
     #[test]
     fn bf16_bits_equals_half() {
-        let mut special = vec![0u32, 0x8000_0000, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0x7f80_0001, 0xffff_ffff, 0x7f7f_ffff, 0xff7f_ffff, 1, 0x8000, 0x1_8000, 0x3f80_8000, 0x3f81_8000, 0x3f80_8001];
+        let mut special = vec![
+            0u32,
+            0x8000_0000,
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0000,
+            0x7f80_0001,
+            0xffff_ffff,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            1,
+            0x8000,
+            0x1_8000,
+            0x3f80_8000,
+            0x3f81_8000,
+            0x3f80_8001,
+        ];
         let mut s = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..2_000_000 {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);

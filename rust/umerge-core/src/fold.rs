@@ -28,14 +28,14 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, TensorInfo};
-use crate::dtype::{decode, elem_bytes, encode, is_float, parse_out_dtype, Dtype};
+use crate::dtype::{decode, elem_bytes, encode, is_float, Dtype};
 use crate::error::{Error, Result};
+use crate::exec::prepare::{self, Ticker, Workers};
 use crate::exec::{self, Engine, Job, MappedSource, Sink, Source, ZeroSource};
 use crate::methods::{self, BaseUse, TensorCtx};
 use crate::params::{layer_index, layer_position, ParamMap, Params, TensorPos};
 use crate::report::{peak_rss_bytes, Report};
-use crate::spec::{DEFAULT_MAX_SHARD_SIZE, DEFAULT_MEMORY_BUDGET};
-use crate::write::{self, OutTensor, Output};
+use crate::write::{OutTensor, Output};
 use crate::Progress;
 
 /// Suffix of a LoRA A factor.
@@ -145,17 +145,37 @@ impl Factors {
                 // stored[i, j] = sum_k A[k, i] * B[j, k]: lhs = A^T (row stride 1, col stride R),
                 // rhs = B^T (row stride 1, col stride r).
                 matrixmultiply::sgemm(
-                    m, k, cols, self.scaling,
-                    self.a.as_ptr().add(rows.start), 1, big_r as isize,
-                    self.b.as_ptr(), 1, k as isize,
-                    beta, out.as_mut_ptr(), cols as isize, 1,
+                    m,
+                    k,
+                    cols,
+                    self.scaling,
+                    self.a.as_ptr().add(rows.start),
+                    1,
+                    big_r as isize,
+                    self.b.as_ptr(),
+                    1,
+                    k as isize,
+                    beta,
+                    out.as_mut_ptr(),
+                    cols as isize,
+                    1,
                 );
             } else {
                 matrixmultiply::sgemm(
-                    m, k, cols, self.scaling,
-                    self.b.as_ptr().add(rows.start * k), k as isize, 1,
-                    self.a.as_ptr(), cols as isize, 1,
-                    beta, out.as_mut_ptr(), cols as isize, 1,
+                    m,
+                    k,
+                    cols,
+                    self.scaling,
+                    self.b.as_ptr().add(rows.start * k),
+                    k as isize,
+                    1,
+                    self.a.as_ptr(),
+                    cols as isize,
+                    1,
+                    beta,
+                    out.as_mut_ptr(),
+                    cols as isize,
+                    1,
                 );
             }
         }
@@ -338,9 +358,9 @@ impl Sink for FoldSink<'_> {
     }
 }
 
-/// `W + sum_i s_i B_i A_i` for one tensor, in row blocks of about `chunk` elements, in parallel.
-fn fold_sum(base: &Checkpoint, w: &TensorInfo, name: &str, factors: &[Factors], t: &Target, dtype: Dtype, out: &Output, chunk: usize, check_finite: bool) -> Result<()> {
-    let src = MappedSource::new(base, w, None, name, check_finite);
+/// `W + sum_i s_i B_i A_i` for one tensor (`src`: W), in row blocks of about `chunk` elements,
+/// in parallel.
+fn fold_sum(src: &MappedSource<'_>, factors: &[Factors], t: &Target, dtype: Dtype, out: &Output, chunk: usize) -> Result<()> {
     let rows_per = (chunk / t.cols.max(1)).max(1);
     let blocks: Vec<(usize, usize)> = (0..t.rows).step_by(rows_per).map(|r| (r, (r + rows_per).min(t.rows))).collect();
     let eb = elem_bytes(dtype).unwrap_or(4);
@@ -359,42 +379,14 @@ fn fold_sum(base: &Checkpoint, w: &TensorInfo, name: &str, factors: &[Factors], 
     })
 }
 
-fn recipe_yaml(spec: &FoldSpec) -> String {
-    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
-    let abs = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf()).display().to_string();
-    let mut y = String::from("# umerge recipe: the fold that produced these weights\n");
-    y.push_str(&format!("umerge_version: {}\n", q(crate::VERSION)));
-    y.push_str("operation: fold\n");
-    y.push_str(&format!("method: {}\n", spec.method.as_deref().map(q).unwrap_or_else(|| "null".into())));
-    y.push_str(&format!("base: {}\n", q(&abs(&spec.base))));
-    y.push_str("adapters:\n");
-    for a in &spec.adapters {
-        y.push_str(&format!("  - path: {}\n    scaling: {}\n    fan_in_fan_out: {}\n", q(&abs(&a.path)), a.scaling, a.fan_in_fan_out));
-    }
-    y.push_str(&format!("params: {}\n", serde_json::to_string(&spec.params).unwrap_or_default()));
-    y.push_str(&format!("model_params: {}\n", serde_json::to_string(&spec.model_params).unwrap_or_default()));
-    y.push_str(&format!("out_dtype: {}\n", spec.out_dtype.as_deref().map(q).unwrap_or_else(|| "null".into())));
-    y
-}
-
 /// Folds the adapters of `spec` into its base and writes the full checkpoint; returns the report.
 pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
     let t0 = Instant::now();
     if spec.adapters.is_empty() {
         return Err(Error::Spec("no adapters given".into()));
     }
-    if spec.threads == Some(0) {
-        return Err(Error::Spec("threads must be at least 1".into()));
-    }
-    if let Some(b) = spec.memory_budget {
-        if b < 16 << 20 {
-            return Err(Error::Spec(format!("memory budget {b} bytes is below the 16 MiB minimum")));
-        }
-    }
-    let out_dtype = match &spec.out_dtype {
-        None => None,
-        Some(s) => Some(parse_out_dtype(s).ok_or_else(|| Error::Spec(format!("unknown output dtype {s:?} (use bf16, f16 or f32)")))?),
-    };
+    prepare::check_workers(spec.threads, spec.memory_budget)?;
+    let out_dtype = prepare::out_dtype(spec.out_dtype.as_deref())?;
     let params = Params { global: spec.params.clone(), models: spec.model_params.clone() };
     let method = match &spec.method {
         Some(m) => Some(methods::build(m, &params)?),
@@ -404,24 +396,9 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
         return Err(Error::Spec("method parameters given without a method".into()));
     }
 
-    let mut errors = Vec::new();
-    let base = Checkpoint::open(&spec.base).map_err(|e| errors.push(e)).ok();
-    let mut adapters = Vec::new();
-    for a in &spec.adapters {
-        match open_adapter(&a.path) {
-            Ok(c) => adapters.push(c),
-            Err(e) => errors.push(e),
-        }
-    }
-    let mut io = vec![(spec.base.clone(), base.as_ref().map(|c| c.dir.clone()).unwrap_or_else(|| spec.base.clone()))];
-    for (i, a) in spec.adapters.iter().enumerate() {
-        io.push((a.path.clone(), adapters.get(i).map(|c| c.dir.clone()).unwrap_or_else(|| a.path.clone())));
-    }
-    let target = write::check_target(&spec.out, &io, spec.overwrite).map_err(|e| errors.push(e)).ok();
-    if let Some(e) = Error::from_many(errors) {
-        return Err(e);
-    }
-    let (Some(base), Some(target)) = (base, target) else {
+    let adapter_paths: Vec<&Path> = spec.adapters.iter().map(|a| a.path.as_path()).collect();
+    let opened = prepare::open_inputs(Some(&spec.base), &adapter_paths, open_adapter, &spec.out, spec.overwrite)?;
+    let (Some(base), adapters, target) = (opened.base, opened.models, opened.target) else {
         return Err(Error::Internal("inputs missing after opening".into()));
     };
     let order = base.order.clone();
@@ -445,43 +422,31 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
             OutTensor { name: n.clone(), dtype, shape: t.shape.clone() }
         })
         .collect();
-    let layout = write::layout(&out_tensors, spec.max_shard_size.unwrap_or(DEFAULT_MAX_SHARD_SIZE));
-    let out = Output::create(&target, layout)?;
+    let out = prepare::create_output(&target, &out_tensors, spec.max_shard_size)?;
 
-    let threads = spec.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pool = exec::pool(Some(threads))?;
-    let budget = spec.memory_budget.unwrap_or(DEFAULT_MEMORY_BUDGET);
-    let chunk = exec::chunk_for_budget(budget, threads, spec.adapters.len() + 1);
-    let check_finite = !spec.allow_nonfinite;
+    let workers = Workers::new(spec.threads, spec.memory_budget, spec.adapters.len() + 1, spec.allow_nonfinite)?;
+    let (pool, chunk, check_finite) = (&workers.pool, workers.chunk, workers.check_finite);
     let num_layers = order.iter().filter_map(|n| layer_index(n)).max().map_or(0, |m| m + 1);
-
-    let total_tensors = out_tensors.len() as u64;
     let total_bytes: u64 = base.total_bytes();
-    let (mut done_t, mut done_b) = (0u64, 0u64);
-    let mut tick = |bytes: u64| -> Result<()> {
-        done_t += 1;
-        done_b += bytes;
-        match progress {
-            Some(p) if !p(done_t, total_tensors, done_b, total_bytes) => Err(Error::Cancelled),
-            _ => Ok(()),
-        }
-    };
+    let ticker = Ticker::new(progress, out_tensors.len() as u64, total_bytes);
 
     for (ti, name) in order.iter().enumerate() {
         let Some(w) = base.tensors.get(name) else { continue };
         let dtype = out_tensors[ti].dtype;
         let Some(t) = targets.get(name) else {
             exec::copy_tensor_from(&base, w, dtype, name, ti, &out, check_finite)?;
-            tick(w.nbytes())?;
+            ticker.tick(w.nbytes())?;
             continue;
         };
-        let factors: Vec<Factors> = t
-            .by
-            .iter()
-            .map(|(ai, a, b)| load_factors(&adapters[*ai], a, b, &spec.adapters[*ai], check_finite, name))
-            .collect::<Result<_>>()?;
+        let factors: Vec<Factors> =
+            t.by.iter()
+                .map(|(ai, a, b)| load_factors(&adapters[*ai], a, b, &spec.adapters[*ai], check_finite, name))
+                .collect::<Result<_>>()?;
         match &method {
-            None => pool.install(|| fold_sum(&base, w, name, &factors, t, dtype, &out, chunk, check_finite))?,
+            None => {
+                let src = MappedSource::new(&base, w, None, name, check_finite);
+                pool.install(|| fold_sum(&src, &factors, t, dtype, &out, chunk))?
+            }
             Some(m) => {
                 let ids: Vec<usize> = t.by.iter().map(|(ai, _, _)| *ai).collect();
                 let ctx = TensorCtx {
@@ -503,11 +468,11 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
                     recipe: &recipe,
                 };
                 let sink = FoldSink { w: MappedSource::new(&base, w, None, name, check_finite), out: &out, ti, dtype };
-                let engine = Engine::new(m.as_ref(), chunk, exec::cache_bytes_for(budget));
+                let engine = Engine::new(m.as_ref(), chunk, exec::cache_bytes_for(workers.budget));
                 pool.install(|| engine.run(std::slice::from_ref(&job), spec.adapters.len(), &sink, &|_| Ok(())))?;
             }
         }
-        tick(w.nbytes())?;
+        ticker.tick(w.nbytes())?;
     }
 
     let bytes_written = out.bytes();
@@ -516,7 +481,7 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
         Some(m) => format!("fold ({})", m.describe()),
         None => "fold".to_string(),
     };
-    out.finish(&out_tensors, Some(&base.dir), out_dtype.or(float_dtype), &recipe_yaml(spec), &[])?;
+    out.finish(&out_tensors, Some(&base.dir), out_dtype.or(float_dtype), &exec::fold_recipe_yaml(spec), &[])?;
     Ok(Report {
         method: described,
         output: target,
@@ -526,7 +491,7 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
         bytes_written,
         seconds: t0.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
-        threads,
+        threads: workers.threads,
         chunk_elements: chunk,
         warnings: Vec::new(),
     })
@@ -596,9 +561,12 @@ mod tests {
     }
 
     fn spec(base: &Path, adapter: &Path, out: &Path) -> FoldSpec {
-        FoldSpec::from_json(&serde_json::json!({
-            "base": base, "adapters": [{"path": adapter, "scaling": 0.5}], "out": out, "threads": 2
-        }).to_string())
+        FoldSpec::from_json(
+            &serde_json::json!({
+                "base": base, "adapters": [{"path": adapter, "scaling": 0.5}], "out": out, "threads": 2
+            })
+            .to_string(),
+        )
         .unwrap()
     }
 
@@ -613,16 +581,19 @@ mod tests {
         let b: Vec<f32> = (0..out_d * r).map(|_| lcg(&mut seed)).collect();
         let norm = vec![1.0f32, 2.0, 3.0];
         std::fs::create_dir_all(d.join("base")).unwrap();
-        write_st(&d.join("base/model.safetensors"), &[
-            ("m.norm.weight", "F32", vec![3], f32s(&norm)),
-            ("m.proj.weight", "F32", vec![out_d, in_d], f32s(&w)),
-        ]);
+        write_st(
+            &d.join("base/model.safetensors"),
+            &[("m.norm.weight", "F32", vec![3], f32s(&norm)), ("m.proj.weight", "F32", vec![out_d, in_d], f32s(&w))],
+        );
         std::fs::write(d.join("base/config.json"), "{}").unwrap();
         std::fs::create_dir_all(d.join("ad")).unwrap();
-        write_st(&d.join("ad/adapter_model.safetensors"), &[
-            ("base_model.model.m.proj.lora_A.weight", "F32", vec![r, in_d], f32s(&a)),
-            ("base_model.model.m.proj.lora_B.weight", "F32", vec![out_d, r], f32s(&b)),
-        ]);
+        write_st(
+            &d.join("ad/adapter_model.safetensors"),
+            &[
+                ("base_model.model.m.proj.lora_A.weight", "F32", vec![r, in_d], f32s(&a)),
+                ("base_model.model.m.proj.lora_B.weight", "F32", vec![out_d, r], f32s(&b)),
+            ],
+        );
         let rep = fold(&spec(&d.join("base"), &d.join("ad"), &d.join("out")), None).unwrap();
         assert_eq!(rep.tensors, 2);
         let c = Checkpoint::open(&d.join("out")).unwrap();
@@ -645,12 +616,15 @@ mod tests {
         std::fs::create_dir_all(d.join("base")).unwrap();
         write_st(&d.join("base/model.safetensors"), &[("m.proj.weight", "F32", vec![4, 3], f32s(&[0.0; 12]))]);
         std::fs::create_dir_all(d.join("ad")).unwrap();
-        write_st(&d.join("ad/adapter_model.safetensors"), &[
-            ("base_model.model.m.proj.lora_A.weight", "F32", vec![2, 5], f32s(&[0.0; 10])),
-            ("base_model.model.m.proj.lora_B.weight", "F32", vec![4, 2], f32s(&[0.0; 8])),
-            ("base_model.model.m.gone.lora_A.weight", "F32", vec![2, 3], f32s(&[0.0; 6])),
-            ("base_model.model.m.gone.lora_B.weight", "F32", vec![4, 2], f32s(&[0.0; 8])),
-        ]);
+        write_st(
+            &d.join("ad/adapter_model.safetensors"),
+            &[
+                ("base_model.model.m.proj.lora_A.weight", "F32", vec![2, 5], f32s(&[0.0; 10])),
+                ("base_model.model.m.proj.lora_B.weight", "F32", vec![4, 2], f32s(&[0.0; 8])),
+                ("base_model.model.m.gone.lora_A.weight", "F32", vec![2, 3], f32s(&[0.0; 6])),
+                ("base_model.model.m.gone.lora_B.weight", "F32", vec![4, 2], f32s(&[0.0; 8])),
+            ],
+        );
         let e = fold(&spec(&d.join("base"), &d.join("ad"), &d.join("out")), None).unwrap_err();
         let msg = e.to_string();
         assert!(e.is_input(), "{msg}");
@@ -661,7 +635,10 @@ mod tests {
 
     #[test]
     fn module_names_strip_the_peft_prefix() {
-        assert_eq!(module_of("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", PEFT_PREFIX), Some(("model.layers.0.mlp.up_proj", true)));
+        assert_eq!(
+            module_of("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", PEFT_PREFIX),
+            Some(("model.layers.0.mlp.up_proj", true))
+        );
         assert_eq!(module_of("x.lora_B.weight", PEFT_PREFIX), Some(("x", false)));
         assert_eq!(module_of("x.lora_magnitude_vector", PEFT_PREFIX), None);
     }

@@ -159,13 +159,8 @@ pub fn plan(method: &dyn Method, inputs: &Inputs, params: &Params, opts: &PlanOp
     if let Some(e) = Error::from_many(errors) {
         return Err(e);
     }
-    let float_dtypes: BTreeSet<String> =
-        tensors.iter().filter(|t| is_float(t.dtype)).map(|t| format!("{:?}", t.dtype)).collect();
-    let float_dtype = if float_dtypes.len() == 1 {
-        tensors.iter().find(|t| is_float(t.dtype)).map(|t| t.dtype)
-    } else {
-        None
-    };
+    let float_dtypes: BTreeSet<String> = tensors.iter().filter(|t| is_float(t.dtype)).map(|t| format!("{:?}", t.dtype)).collect();
+    let float_dtype = if float_dtypes.len() == 1 { tensors.iter().find(|t| is_float(t.dtype)).map(|t| t.dtype) } else { None };
     Ok(Plan { tensors, warnings, float_dtype })
 }
 
@@ -207,9 +202,7 @@ fn plan_one(
         let ref_ck = inputs.get(ref_id).ok_or_else(|| Error::Internal("reference input missing".into()))?;
         let ref_bytes = ref_ck.tensor_bytes(ref_info)?;
         for &(i, t) in &have {
-            let same = t.dtype == ref_info.dtype
-                && t.shape == ref_info.shape
-                && inputs.models[i].tensor_bytes(t)? == ref_bytes;
+            let same = t.dtype == ref_info.dtype && t.shape == ref_info.shape && inputs.models[i].tensor_bytes(t)? == ref_bytes;
             if !same {
                 errors.push(Error::NonFloatDiffers {
                     tensor: name.to_string(),
@@ -314,21 +307,11 @@ fn plan_one(
     }
     if !missing.is_empty() && !opts.strict {
         let names: Vec<String> = missing.iter().map(|&i| inputs.models[i].display()).collect();
-        warnings.push(format!(
-            "tensor {name} is missing from {}: merged over the {} model(s) that have it",
-            names.join(", "),
-            have.len()
-        ));
+        warnings.push(format!("tensor {name} is missing from {}: merged over the {} model(s) that have it", names.join(", "), have.len()));
     }
 
     let model_ids: Vec<usize> = have.iter().map(|(i, _)| *i).collect();
-    let ctx = TensorCtx {
-        name,
-        shape: &shape,
-        pos: TensorPos { name, t: layer_position(name, num_layers) },
-        params,
-        models: &model_ids,
-    };
+    let ctx = TensorCtx { name, shape: &shape, pos: TensorPos { name, t: layer_position(name, num_layers) }, params, models: &model_ids };
     let recipe = match method.plan_tensor(&ctx) {
         Ok(r) => Some(r),
         Err(e) => {

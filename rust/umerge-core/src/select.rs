@@ -1,18 +1,32 @@
-//! Exact top-k magnitude selection in O(n) by radix select on float bit patterns.
+//! Exact top-k magnitude selection in O(n) on float bit patterns: a sampled band with an exact
+//! pick inside it, and radix select as the fallback.
 //!
 //! TIES and magnitude pruning keep exactly k = floor(density * n) entries of largest |x|
 //! (mergekit and PEFT semantics). Sorting is not needed: for non-negative IEEE floats the bit
-//! pattern orders like the value, so the k-th largest |x| is found with two histogram passes —
-//! one over the high 15 bits of `bits(|x|)` (the sign bit is cleared), one over the low 16 bits
-//! inside the winning high bin. The result is a [`Threshold`]: entries strictly above it are kept;
-//! entries equal to it are kept lowest index first until k are kept. Counts are integers, so the
-//! threshold is exact and identical for any chunking or thread count; the lowest-index tie rule
-//! needs, per chunk, the number of equal entries before it (a third, counting pass, run only when
-//! some but not all equal entries are kept).
+//! pattern orders like the value (the sign bit is cleared), so the k-th largest |x| is found on
+//! `bits(|x|)` in one of two ways, both exact:
 //!
-//! No index arrays (mergekit's argsort needs 8 bytes per element) and no sorting. The histogram
-//! loops are shaped as plain counting loops over contiguous f32 slices: the per-element work is a
-//! shift and an increment, which keeps a pass close to memory bandwidth.
+//! - **band** (the usual path for one tensor): [`sample_runs`] places a stratified sample (runs
+//!   of [`SAMPLE_RUN`] entries, one per stratum at a pseudo-random offset, [`SAMPLES`] in all);
+//!   [`band_of_sample`] turns it into a band of bit patterns that very probably holds the k-th
+//!   largest; one pass ([`band_collect`]) counts the entries above the band and lists, in index
+//!   order, those inside it; [`pick_in_band`] picks the exact threshold among them, or says the
+//!   band missed.
+//! - **radix select** (when the band misses, when its lists would not fit the memory allowance,
+//!   and for whole-model selections): a histogram over the high 15 bits ([`hist_high`],
+//!   [`pick_high`]), then over the low 16 bits inside the winning high bin ([`hist_low`], or the
+//!   candidate lists of [`collect_low`]; [`pick_low`]).
+//!
+//! The result is a [`Threshold`]: entries strictly above it are kept; entries equal to it are
+//! kept lowest index first until k are kept. Counts are integers, so the threshold is exact and
+//! identical for any chunking or thread count; the lowest-index tie rule needs, per chunk, the
+//! number of equal entries before it, counted from the band or candidate lists, or by a counting
+//! pass ([`count_eq`]) run only when some but not all equal entries are kept.
+//!
+//! No index arrays (mergekit's argsort needs 8 bytes per element) and no sorting of the tensor
+//! (only of the sample). The histogram loops are shaped as plain counting loops over contiguous
+//! f32 slices: the per-element work is a shift and an increment, which keeps a pass close to
+//! memory bandwidth. The driver that runs these passes over chunks is `exec::selection`.
 
 /// Number of bins of the first (high-bit) pass: bits 16..31 of |x| (bit 31, the sign, is 0).
 pub const HIGH_BINS: usize = 1 << 15;
@@ -135,7 +149,8 @@ pub fn band_of_sample(sample: &mut [u32], k: u64, n: u64) -> (u32, u32) {
 
 /// [`band_of_sample`] for a scope held in one slice.
 pub fn sample_band(values: &[f32], k: u64) -> (u32, u32) {
-    let mut sample: Vec<u32> = sample_runs(values.len()).into_iter().flat_map(|s| values[s..s + SAMPLE_RUN].iter().map(|&x| abs_bits(x))).collect();
+    let mut sample: Vec<u32> =
+        sample_runs(values.len()).into_iter().flat_map(|s| values[s..s + SAMPLE_RUN].iter().map(|&x| abs_bits(x))).collect();
     band_of_sample(&mut sample, k, values.len() as u64)
 }
 
@@ -422,7 +437,11 @@ mod tests {
             .map(|i| {
                 let u = (crate::methods::rng::mix64(i) >> 40) as f32 / (1u64 << 24) as f32;
                 let v = (u * 3000.0).round() / 100.0;
-                if i % 3 == 0 { -v * v } else { v }
+                if i % 3 == 0 {
+                    -v * v
+                } else {
+                    v
+                }
             })
             .collect();
         for frac in [0.01, 0.2, 0.5, 0.8, 0.99] {

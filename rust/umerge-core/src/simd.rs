@@ -1,6 +1,6 @@
 //! Kernels compiled for the best instruction set of the running CPU.
 //!
-//! Wheels are built for baseline x86-64 (SSE2), where a hot loop gets 4 f32 lanes. [`kernel!`]
+//! Wheels are built for baseline x86-64 (SSE2), where a hot loop gets 4 f32 lanes. `kernel!`
 //! compiles one loop body three times, for AVX-512 (16 lanes, mask registers, 64-bit lane
 //! multiplies), for AVX2 + FMA (8 lanes) and for the baseline, and picks one at run time from
 //! [`level`], detected once. The bodies are plain Rust: LLVM does not reassociate or contract
@@ -9,7 +9,7 @@
 
 use std::sync::OnceLock;
 
-/// The instruction sets a [`kernel!`] is compiled for, best first.
+/// The instruction sets a `kernel!` is compiled for, best first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
     /// AVX-512 F, BW, DQ and VL (with AVX2 and FMA).

@@ -376,10 +376,8 @@ fn find_layout(path: &Path, errors: &mut Vec<String>, warnings: &mut Vec<String>
         }
     };
     if files.is_empty() {
-        errors.push(format!(
-            "no safetensors weights found: expected model.safetensors, {INDEX_NAME} or *.safetensors ({})",
-            path.display()
-        ));
+        errors
+            .push(format!("no safetensors weights found: expected model.safetensors, {INDEX_NAME} or *.safetensors ({})", path.display()));
         return None;
     }
     files.sort();
@@ -571,7 +569,10 @@ pub fn verify(path: &Path, opts: &VerifyOptions) -> VerifyReport {
                             }
                             if let Some(h) = &s.sha256 {
                                 if h != sha {
-                                    errors.push(format!("shard {} has sha256 {h} but the recipe records {sha} (modified or corrupted)", s.file));
+                                    errors.push(format!(
+                                        "shard {} has sha256 {h} but the recipe records {sha} (modified or corrupted)",
+                                        s.file
+                                    ));
                                 }
                             }
                         }
@@ -614,10 +615,8 @@ mod tests {
     fn nonfinite_counts_by_bit_pattern() {
         let b = f32s(&[1.0, f32::NAN, f32::INFINITY, -f32::INFINITY, 0.0]);
         assert_eq!(count_nonfinite(Dtype::F32, &b), Some((1, 2, Some(1))));
-        let h: Vec<u8> = [half::bf16::from_f32(1.0), half::bf16::NAN, half::bf16::NEG_INFINITY]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let h: Vec<u8> =
+            [half::bf16::from_f32(1.0), half::bf16::NAN, half::bf16::NEG_INFINITY].iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(count_nonfinite(Dtype::BF16, &h), Some((1, 1, Some(1))));
         let h: Vec<u8> = [half::f16::INFINITY, half::f16::MAX].iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(count_nonfinite(Dtype::F16, &h), Some((0, 1, Some(0))));
@@ -658,11 +657,8 @@ mod tests {
         let s2 = st(&[("b", "F32", vec![2], f32s(&[3.0, f32::NAN]))]);
         std::fs::write(d.join("s1.safetensors"), &s1).unwrap();
         std::fs::write(d.join("s2.safetensors"), &s2).unwrap();
-        std::fs::write(
-            d.join(INDEX_NAME),
-            r#"{"metadata":{"total_size":16},"weight_map":{"a":"s1.safetensors","b":"s2.safetensors"}}"#,
-        )
-        .unwrap();
+        std::fs::write(d.join(INDEX_NAME), r#"{"metadata":{"total_size":16},"weight_map":{"a":"s1.safetensors","b":"s2.safetensors"}}"#)
+            .unwrap();
         let sha1 = hex(&Sha256::digest(&s1));
         let sha2 = hex(&Sha256::digest(&s2));
         let recipe = format!(

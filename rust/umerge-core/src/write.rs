@@ -88,11 +88,7 @@ const META: &str = r#"{"__metadata__":{"format":"pt"}"#;
 fn entry(t: &OutTensor, start: u64, end: u64) -> String {
     let name = serde_json::to_string(&t.name).unwrap_or_default();
     let shape: Vec<String> = t.shape.iter().map(|d| d.to_string()).collect();
-    format!(
-        r#"{name}:{{"dtype":"{}","shape":[{}],"data_offsets":[{start},{end}]}}"#,
-        header_name(t.dtype),
-        shape.join(",")
-    )
+    format!(r#"{name}:{{"dtype":"{}","shape":[{}],"data_offsets":[{start},{end}]}}"#, header_name(t.dtype), shape.join(","))
 }
 
 fn padded(len: usize) -> usize {
@@ -151,11 +147,7 @@ pub fn layout(tensors: &[OutTensor], max_shard_size: u64) -> Layout {
             place[i] = (si, 8 + hl as u64 + o);
         }
         total_size += off;
-        let name = if n == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", si + 1, n)
-        };
+        let name = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", si + 1, n) };
         shards.push(ShardLayout { name, size: 8 + hl as u64 + off, header });
     }
     Layout { shards, place, total_size }
@@ -170,10 +162,9 @@ fn absolute(p: &Path) -> Result<PathBuf> {
         Some(x) if !x.as_os_str().is_empty() => x.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let cp = parent.canonicalize().map_err(|e| Error::Output {
-        reason: format!("the output's parent directory cannot be used: {e}"),
-        path: p.to_path_buf(),
-    })?;
+    let cp = parent
+        .canonicalize()
+        .map_err(|e| Error::Output { reason: format!("the output's parent directory cannot be used: {e}"), path: p.to_path_buf() })?;
     let name = p.file_name().ok_or_else(|| Error::Output { reason: "the output path has no name".into(), path: p.to_path_buf() })?;
     Ok(cp.join(name))
 }
@@ -332,6 +323,9 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// A finished shard's (file name, bytes, sha256), as recorded in the recipe.
+type ShardSum = (String, u64, String);
+
 impl Output {
     /// Creates the temporary directory and every shard at its final size, headers written.
     pub fn create(target_abs: &Path, layout: Layout) -> Result<Output> {
@@ -432,7 +426,7 @@ impl Output {
         // The sha256 of every finished shard, recorded in the recipe for `umerge verify`: from
         // `digests` (hashed while the merge wrote, see `checksum`) where given, else computed
         // now, while the shards are synced (one waits on the disk, the other on the CPU).
-        let (synced, sums): (Result<()>, Vec<Result<(String, u64, String)>>) = rayon::join(
+        let (synced, sums): (Result<()>, Vec<Result<ShardSum>>) = rayon::join(
             || {
                 for (f, s) in self.files.iter().zip(&self.layout.shards) {
                     let p = self.tmp.join(&s.name);
@@ -450,9 +444,7 @@ impl Output {
                             return Ok((s.name.clone(), s.size, d.clone()));
                         }
                         let p = self.tmp.join(&s.name);
-                        crate::verify::sha256_file(&p)
-                            .map(|h| (s.name.clone(), s.size, h))
-                            .map_err(|e| werr("shard (checksum)", &p, e))
+                        crate::verify::sha256_file(&p).map(|h| (s.name.clone(), s.size, h)).map_err(|e| werr("shard (checksum)", &p, e))
                     })
                     .collect()
             },
@@ -463,12 +455,7 @@ impl Output {
             let (name, size, sha) = r?;
             shards_json.insert(name, serde_json::json!({"bytes": size, "sha256": sha}));
         }
-        let recipe = format!(
-            "{}{}: {}\n",
-            recipe_yaml,
-            crate::verify::RECIPE_SHARDS_KEY,
-            serde_json::Value::Object(shards_json)
-        );
+        let recipe = format!("{}{}: {}\n", recipe_yaml, crate::verify::RECIPE_SHARDS_KEY, serde_json::Value::Object(shards_json));
         if self.layout.shards.len() > 1 {
             let mut wm = BTreeMap::new();
             for (i, t) in tensors.iter().enumerate() {

@@ -85,11 +85,7 @@ fn index_naming_a_fifo_is_refused_without_blocking() {
     let ok = props::st_bytes(&[("a".into(), "F32".into(), vec![1], vec![0, 0, 128, 63])]);
     std::fs::write(d.join("s0.safetensors"), ok).unwrap();
     assert!(std::process::Command::new("mkfifo").arg(d.join("pipe.safetensors")).status().unwrap().success());
-    std::fs::write(
-        d.join(umerge_core::checkpoint::INDEX_NAME),
-        r#"{"weight_map":{"a":"s0.safetensors","b":"pipe.safetensors"}}"#,
-    )
-    .unwrap();
+    std::fs::write(d.join(umerge_core::checkpoint::INDEX_NAME), r#"{"weight_map":{"a":"s0.safetensors","b":"pipe.safetensors"}}"#).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let dd = d.clone();
     std::thread::spawn(move || {

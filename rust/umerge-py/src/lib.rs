@@ -139,8 +139,7 @@ fn merge_arrays<'py>(
         #[serde(default)]
         models: Vec<ParamMap>,
     }
-    let p: P = serde_json::from_str(params_json)
-        .map_err(|e| to_py(py, Error::Spec(format!("invalid parameters: {e}"))))?;
+    let p: P = serde_json::from_str(params_json).map_err(|e| to_py(py, Error::Spec(format!("invalid parameters: {e}"))))?;
     let params = Params { global: p.global, models: p.models };
     let base_v = base.map(f32_from_bytes);
     let method = method.to_string();

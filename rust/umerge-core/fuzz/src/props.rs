@@ -341,7 +341,11 @@ fn float_bytes(b: &mut Bytes<'_>, dt: &str, n: usize, specials: bool) -> Vec<u8>
                 } else if f.is_infinite() {
                     0x7c00
                 } else if f == 0.0 {
-                    if f.is_sign_negative() { 0x8000 } else { 0 }
+                    if f.is_sign_negative() {
+                        0x8000
+                    } else {
+                        0
+                    }
                 } else {
                     let sign = if f < 0.0 { 0x8000u16 } else { 0 };
                     let a = f.abs();
@@ -383,9 +387,7 @@ fn write_checkpoint(dir: &Path, entries: Vec<Entry>, sharded: bool) {
 fn leftovers(root: &Path) -> Vec<String> {
     std::fs::read_dir(root)
         .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
-                .filter(|n| n.starts_with(".umerge"))
-                .collect()
+            rd.filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string())).filter(|n| n.starts_with(".umerge")).collect()
         })
         .unwrap_or_default()
 }
@@ -397,7 +399,13 @@ pub fn planner(data: &[u8]) {
     // Canonical shapes, shared by every checkpoint unless mutated.
     let shapes: Vec<Vec<usize>> = PLAN_TENSORS
         .iter()
-        .map(|n| if n.ends_with("layernorm.weight") || n.ends_with("inv_freq") { vec![1 + b.below(5)] } else { vec![1 + b.below(4), 1 + b.below(5)] })
+        .map(|n| {
+            if n.ends_with("layernorm.weight") || n.ends_with("inv_freq") {
+                vec![1 + b.below(5)]
+            } else {
+                vec![1 + b.below(4), 1 + b.below(5)]
+            }
+        })
         .collect();
     let n_models = 1 + b.below(3);
     let int_buffer = b.chance(4);
@@ -472,7 +480,11 @@ pub fn planner(data: &[u8]) {
         base: dirs.iter().find(|(is_base, _)| *is_base).map(|(_, d)| d.clone()),
         params: serde_json::from_value(params).expect("params"),
         out: out.clone(),
-        out_dtype: if bad == 5 { Some("int8".into()) } else { [None, Some("bf16"), Some("f16"), Some("f32")][b.below(4)].map(String::from) },
+        out_dtype: if bad == 5 {
+            Some("int8".into())
+        } else {
+            [None, Some("bf16"), Some("f16"), Some("f32")][b.below(4)].map(String::from)
+        },
         threads: Some(1 + b.below(2)),
         memory_budget: if bad == 6 { Some(1) } else { [None, Some(16u64 << 20), Some(32 << 20), Some(64 << 20)][b.below(4)] },
         max_shard_size: [None, Some(1u64), Some(200), Some(600)][b.below(4)],

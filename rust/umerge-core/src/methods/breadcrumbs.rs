@@ -7,11 +7,11 @@
 //! other entry is zeroed (mergekit's `magnitude_outliers`: the outlier drop shrinks when it would
 //! eat into the kept count; density 1 keeps everything). Both cuts are exact (the executor's
 //! radix select, two thresholds per model), equal magnitudes ranked lowest index first. Then the
-//! task-vector kernel of `task_arithmetic.rs`: out = base + lambda * sum_i w_i d_i (normalize
+//! task-vector kernel of `task_vector.rs`: out = base + lambda * sum_i w_i d_i (normalize
 //! and consensus as there). gamma 0 is `magnitude_prune`.
 
 use crate::error::{Error, Result};
-use crate::methods::task_arithmetic::{Sparsify, TaskVectorMerge, DENSITY, GAMMA, LAMBDA, WEIGHT};
+use crate::methods::task_vector::{Sparsify, TaskVectorMerge, DENSITY, GAMMA, LAMBDA, WEIGHT};
 use crate::methods::{ParamSpec, TensorCtx};
 use crate::params::Params;
 

@@ -16,13 +16,13 @@
 //!   mergekit's default.
 //! - `rescale: none`.
 //!
-//! Then the task-vector kernel (`task_arithmetic.rs`): dare_linear = base + lambda * sum w_i d_i
+//! Then the task-vector kernel (`task_vector.rs`): dare_linear = base + lambda * sum w_i d_i
 //! (normalize: / sum w_i); dare_ties elects the sign of sum w_i d_i per element and sums only the
 //! agreeing entries (normalize: / sum of agreeing w_i). `normalize` defaults to false for both,
 //! as in mergekit.
 
 use crate::error::Result;
-use crate::methods::task_arithmetic::{Sparsify, TaskVectorMerge, DENSITY, LAMBDA, RESCALE, SEED, WEIGHT};
+use crate::methods::task_vector::{Sparsify, TaskVectorMerge, DENSITY, LAMBDA, RESCALE, SEED, WEIGHT};
 use crate::methods::ParamSpec;
 use crate::params::Params;
 

@@ -12,17 +12,17 @@
 //! (mergekit's `della_magprune`: rank_norm = (rank - min) / (max - min)); a one-entry row keeps
 //! with p = density. The draws come from the counter-based generator in `rng`, keyed by (seed,
 //! tensor, model, element), so the bytes do not depend on threads or budget. Kept entries are
-//! rescaled ([`Rescale`](super::task_arithmetic::Rescale)): by 1/p_r (default: the paper's
+//! rescaled ([`Rescale`](super::task_vector::Rescale)): by 1/p_r (default: the paper's
 //! 1/(1 - P_drop), which keeps every entry's expectation), by the tensor's L1 ratio
 //! (mergekit's `rescale: true`), or not at all. Then the task-vector kernel of
-//! `task_arithmetic.rs`.
+//! `task_vector.rs`.
 //!
 //! The executor hands this method chunks of whole rows (`TensorRecipe::row`); tensors with more
 //! than two dimensions are refused (mergekit ranks them along dim 1, a strided layout no LLM
 //! weight uses).
 
 use crate::error::{Error, Result};
-use crate::methods::task_arithmetic::{Sparsify, TaskVectorMerge, DENSITY, EPSILON, LAMBDA, RESCALE, SEED, WEIGHT};
+use crate::methods::task_vector::{Sparsify, TaskVectorMerge, DENSITY, EPSILON, LAMBDA, RESCALE, SEED, WEIGHT};
 use crate::methods::{rng, ParamSpec, TensorCtx};
 use crate::params::Params;
 use crate::select::abs_bits;
@@ -89,7 +89,11 @@ pub fn row_length(t: &TensorCtx<'_>) -> Result<u64> {
         }
     };
     if row > u32::MAX as u64 {
-        return Err(Error::Param { name: "della".into(), reason: format!("rows of {row} entries are too long"), place: format!(" (tensor {})", t.name) });
+        return Err(Error::Param {
+            name: "della".into(),
+            reason: format!("rows of {row} entries are too long"),
+            place: format!(" (tensor {})", t.name),
+        });
     }
     Ok(row.max(1))
 }
@@ -199,7 +203,11 @@ mod tests {
         // One row: |x| = index + 1, so rank = index.
         let base = vec![0f32; n];
         let a: Vec<f32> = (0..n).map(|i| if i % 2 == 0 { (i + 1) as f32 } else { -((i + 1) as f32) }).collect();
-        let p = params(&[("density", ParamValue::Number(0.5)), ("epsilon", ParamValue::Number(0.3)), ("rescale", ParamValue::Text("none".into()))]);
+        let p = params(&[
+            ("density", ParamValue::Number(0.5)),
+            ("epsilon", ParamValue::Number(0.3)),
+            ("rescale", ParamValue::Text("none".into())),
+        ]);
         let out = merge_in_memory("della_linear", &p, Some(&base), &[&a], "w", 1 << 16, 0).unwrap();
         let kept = |r: std::ops::Range<usize>| out[r.clone()].iter().filter(|&&x| x != 0.0).count() as f64 / r.len() as f64;
         // Expected keep rate of the bottom tenth ~ 0.2 + 0.06 * 0.5 / 1 = 0.23, top tenth ~ 0.77.

@@ -27,9 +27,8 @@ pub struct Linear {
 impl Linear {
     /// Reads `normalize` from the merge's parameters.
     pub fn from_params(params: &Params) -> Result<Linear> {
-        let normalize = params
-            .flag("normalize", true)
-            .map_err(|r| Error::Param { name: "normalize".into(), reason: r, place: String::new() })?;
+        let normalize =
+            params.flag("normalize", true).map_err(|r| Error::Param { name: "normalize".into(), reason: r, place: String::new() })?;
         if normalize {
             // Plain numbers everywhere: check the sum once, for one clear message (per-tensor
             // values from rules or gradients are checked per tensor in `plan_tensor`).
@@ -44,7 +43,9 @@ impl Linear {
                 if !ws.is_empty() && ws.iter().fold(0.0f32, |a, &b| a + b) == 0.0 {
                     return Err(Error::Param {
                         name: "weight".into(),
-                        reason: format!("the weights {ws:?} sum to 0, so their average is undefined (set normalize: false, or change a weight)"),
+                        reason: format!(
+                            "the weights {ws:?} sum to 0, so their average is undefined (set normalize: false, or change a weight)"
+                        ),
                         place: String::new(),
                     });
                 }

@@ -5,11 +5,11 @@
 //!
 //! out = base + lambda * sum_i w_i * trim_k(d_i), k = floor(density * n) per tensor (exact,
 //! lowest index first at equal magnitudes), d_i = x_i - base; with `normalize` the sum is
-//! divided by sum_i w_i. The kernel is the task-vector family's (`task_arithmetic.rs`); the
+//! divided by sum_i w_i. The kernel is the task-vector family's (`task_vector.rs`); the
 //! trim is the executor's exact radix select.
 
 use crate::error::Result;
-use crate::methods::task_arithmetic::{Sparsify, TaskVectorMerge, DENSITY, LAMBDA, WEIGHT};
+use crate::methods::task_vector::{Sparsify, TaskVectorMerge, DENSITY, LAMBDA, WEIGHT};
 use crate::methods::ParamSpec;
 use crate::params::Params;
 

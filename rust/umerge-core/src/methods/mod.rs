@@ -28,7 +28,7 @@ pub mod magnitude_prune;
 pub mod model_stock;
 pub mod rng;
 pub mod slerp;
-pub mod task_arithmetic;
+pub mod task_vector;
 pub mod ties;
 
 use crate::error::{Error, Result};
@@ -266,7 +266,7 @@ pub fn build(name: &str, params: &Params) -> Result<Box<dyn Method>> {
     let m: Box<dyn Method> = match name {
         "ties" => Box::new(ties::Ties::from_params(params)?),
         "linear" => Box::new(linear::Linear::from_params(params)?),
-        "task_arithmetic" => Box::new(task_arithmetic::TaskVectorMerge::task_arithmetic(params)?),
+        "task_arithmetic" => Box::new(task_vector::TaskVectorMerge::task_arithmetic(params)?),
         "magnitude_prune" => Box::new(magnitude_prune::build(params)?),
         "dare_linear" => Box::new(dare::dare_linear(params)?),
         "dare_ties" => Box::new(dare::dare_ties(params)?),

@@ -13,12 +13,8 @@ use crate::error::{Error, Result};
 use crate::methods::{BaseUse, Chunk, Method, ParamSpec, Stats, TensorCtx, TensorRecipe};
 use crate::params::Params;
 
-const PARAMS: &[ParamSpec] = &[ParamSpec {
-    name: "filter_wise",
-    per_model: false,
-    default: "false",
-    doc: "mergekit's per-row variant; only false is supported",
-}];
+const PARAMS: &[ParamSpec] =
+    &[ParamSpec { name: "filter_wise", per_model: false, default: "false", doc: "mergekit's per-row variant; only false is supported" }];
 
 /// Model Stock.
 #[derive(Debug, Clone, Copy)]
@@ -27,9 +23,8 @@ pub struct ModelStock;
 impl ModelStock {
     /// Checks the model count and `filter_wise`.
     pub fn from_params(params: &Params) -> Result<ModelStock> {
-        let fw = params
-            .flag("filter_wise", false)
-            .map_err(|r| Error::Param { name: "filter_wise".into(), reason: r, place: String::new() })?;
+        let fw =
+            params.flag("filter_wise", false).map_err(|r| Error::Param { name: "filter_wise".into(), reason: r, place: String::new() })?;
         if fw {
             return Err(Error::Param {
                 name: "filter_wise".into(),
@@ -98,11 +93,10 @@ impl Method for ModelStock {
     fn reduce(&self, _r: &TensorRecipe, c: &Chunk<'_>, acc: &mut [f64]) {
         let Some(base) = c.base else { return };
         let m = c.inputs.len();
-        let n = base.len();
         let mut off = vec![0f32; m];
-        for k in 0..n {
-            for i in 0..m {
-                off[i] = c.inputs[i][k] - base[k];
+        for (k, &b) in base.iter().enumerate() {
+            for (o, x) in off.iter_mut().zip(c.inputs) {
+                *o = x[k] - b;
             }
             for i in 0..m {
                 let a = off[i] as f64;

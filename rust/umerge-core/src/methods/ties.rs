@@ -21,11 +21,14 @@
 //! In `peft` and `paper` the weights multiply the deltas before averaging (PEFT's
 //! `ties(task_tensors, weights, density)`; the paper has no weights, i.e. all 1). "Agreeing"
 //! means sign(x) equals the elected sign, so zero entries never count (torch.sign(0) = 0).
+//!
+//! The election and the disjoint mean run in the task-vector kernel (`task_vector.rs`, shared
+//! with `dare_ties` and the other consensus methods); this file maps each preset to its rule
+//! ([`consensus`]) and plans the trims.
 
 use crate::error::{Error, Result};
-use crate::methods::{
-    BaseUse, Chunk, Method, ParamSpec, Stats, TensorCtx, TensorRecipe, Trim, TrimRule, TrimScope,
-};
+use crate::methods::task_vector::{self, Consensus, Elect, ElectOn, Mean};
+use crate::methods::{BaseUse, Chunk, Method, ParamSpec, Stats, TensorCtx, TensorRecipe, Trim, TrimRule, TrimScope};
 use crate::params::Params;
 
 /// The TIES variants.
@@ -58,234 +61,64 @@ pub struct Ties {
 }
 
 const PARAMS: &[ParamSpec] = &[
-    ParamSpec { name: "density", per_model: true, default: "required", doc: "fraction of each task vector's entries kept, by magnitude: k = floor(density * n), in (0, 1]" },
+    ParamSpec {
+        name: "density",
+        per_model: true,
+        default: "required",
+        doc: "fraction of each task vector's entries kept, by magnitude: k = floor(density * n), in (0, 1]",
+    },
     ParamSpec { name: "weight", per_model: true, default: "1.0", doc: "weight of each model's task vector" },
     ParamSpec { name: "lambda", per_model: false, default: "1.0", doc: "scale of the merged task vector added to the base" },
-    ParamSpec { name: "preset", per_model: false, default: "mergekit", doc: "mergekit | peft | paper: which published variant (sign election, divisor, trim scope)" },
-    ParamSpec { name: "majority_sign", per_model: false, default: "total", doc: "peft preset: total (sign of the sum) or frequency (sign of the vote)" },
+    ParamSpec {
+        name: "preset",
+        per_model: false,
+        default: "mergekit",
+        doc: "mergekit | peft | paper: which published variant (sign election, divisor, trim scope)",
+    },
+    ParamSpec {
+        name: "majority_sign",
+        per_model: false,
+        default: "total",
+        doc: "peft preset: total (sign of the sum) or frequency (sign of the vote)",
+    },
 ];
 
-/// torch.sign: +1, -1, or 0 for zero (and -0).
-#[inline(always)]
-pub fn sign(x: f32) -> f32 {
-    if x > 0.0 {
-        1.0
-    } else if x < 0.0 {
-        -1.0
-    } else {
-        0.0
-    }
-}
+pub use crate::methods::task_vector::sign;
 
-/// Elected sign from a sum: + when `s >= 0` (mergekit, PEFT), else -.
-#[inline(always)]
-pub fn elect_from_sum(s: f32) -> f32 {
-    if s >= 0.0 {
-        1.0
-    } else {
-        -1.0
-    }
-}
-
-/// mergekit step at one element: `vals[i] = w_i * d_i` (trimmed). Returns the merged delta
-/// sum(agreeing w_i d_i) / sum(agreeing w_i), the divisor replaced by 1 when it is 0.
-#[inline(always)]
-pub fn disjoint_mergekit(vals: &[f32], weights: &[f32]) -> f32 {
-    let mut s = 0.0f32;
-    for &v in vals {
-        s += v;
-    }
-    let maj = elect_from_sum(s);
-    let mut mixed = 0.0f32;
-    let mut div = 0.0f32;
-    for (&v, &w) in vals.iter().zip(weights) {
-        if sign(v) == maj {
-            mixed += v;
-            div += w;
+/// The consensus of a preset (see the module doc's table); `model_majority` is the paper's
+/// sign for elements whose sum is 0.
+pub fn consensus(preset: Preset, majority: MajoritySign, model_majority: f32) -> Consensus {
+    match preset {
+        Preset::Mergekit => Consensus { elect_on: ElectOn::Values, elect: Elect::PlusOrMinus, mean: Mean::AgreeingWeights },
+        Preset::Peft => Consensus {
+            elect_on: match majority {
+                MajoritySign::Total => ElectOn::Values,
+                MajoritySign::Frequency => ElectOn::Signs,
+            },
+            elect: Elect::PlusOrMinus,
+            mean: Mean::AgreeingCount,
+        },
+        Preset::Paper => {
+            Consensus { elect_on: ElectOn::Values, elect: Elect::SignOrModelMajority(model_majority), mean: Mean::NonzeroAgreeing }
         }
     }
-    if div == 0.0 {
-        div = 1.0;
-    }
-    mixed / div
 }
 
-/// PEFT step at one element: `d` trimmed deltas (unweighted). Sign elected on d (total or
-/// frequency), then sum(agreeing w_i d_i) / max(count agreeing, 1).
-#[inline(always)]
-pub fn disjoint_peft(d: &[f32], weights: &[f32], majority: MajoritySign) -> f32 {
-    let mut s = 0.0f32;
-    for &v in d {
-        s += match majority {
-            MajoritySign::Total => v,
-            MajoritySign::Frequency => sign(v),
-        };
-    }
-    let maj = elect_from_sum(s);
-    let mut mixed = 0.0f32;
-    let mut count = 0.0f32;
-    for (&v, &w) in d.iter().zip(weights) {
-        if sign(v) == maj {
-            mixed += v * w;
-            count += 1.0;
-        }
-    }
-    mixed / count.max(1.0)
-}
-
-/// Paper step at one element: elected sign = sign(sum d_i), or `model_majority` when that is 0;
-/// keep d_i > 0 when the elected sign is positive, else d_i < 0; average the kept w_i d_i over
-/// the number of nonzero kept entries (min 1).
-#[inline(always)]
-pub fn disjoint_paper(d: &[f32], weights: &[f32], model_majority: f32) -> f32 {
-    let mut s = 0.0f32;
-    for &v in d {
-        s += v;
-    }
-    let mut sg = sign(s);
-    if sg == 0.0 {
-        sg = model_majority;
-    }
-    let mut mixed = 0.0f32;
-    let mut count = 0.0f32;
-    for (&v, &w) in d.iter().zip(weights) {
-        let keep = if sg > 0.0 { v > 0.0 } else { v < 0.0 };
-        if keep {
-            let x = v * w;
-            mixed += x;
-            if x != 0.0 {
-                count += 1.0;
-            }
-        }
-    }
-    mixed / count.max(1.0)
-}
-
-/// Elements per tile of the fast kernel: three f32 tiles of this size stay in L1.
-const TILE: usize = 1024;
-
-crate::simd::kernel! {
-    /// The apply pass, tiled: the same arithmetic as [`disjoint_mergekit`], [`disjoint_peft`] and
-    /// [`disjoint_paper`] in the same order per element (so the same bits), but written as loops
-    /// over models outside and elements inside, with selects instead of branches, so the compiler
-    /// vectorises them. `out = base + lambda * merged_delta` (base 0 when absent).
-    ///
-    /// Runs an AVX2 build of the same code when the CPU has AVX2 (runtime check; wheels stay
-    /// baseline x86-64). AVX2 has the same IEEE add/mul/div/compare as SSE2 and no FMA is enabled,
-    /// so the bits are the same. Measured together with the fused bf16 decode (`dtype`): the
-    /// embedding tensor merged alone, one thread, went from 1.97 to about 1.1 s of CPU.
-    pub fn apply_tiled(
-        preset: Preset,
-        majority: MajoritySign,
-        model_majority: f32,
-        lambda: f32,
-        weights: &[f32],
-        base: Option<&[f32]>,
-        inputs: &[&[f32]],
-        out: &mut [f32],
-    ) {
-        let n = out.len();
-        let mut s = [0f32; TILE];
-        let mut mixed = [0f32; TILE];
-        let mut div = [0f32; TILE];
-        let mut t0 = 0;
-        while t0 < n {
-            let len = TILE.min(n - t0);
-            let (s, mixed, div) = (&mut s[..len], &mut mixed[..len], &mut div[..len]);
-            s.fill(0.0);
-            mixed.fill(0.0);
-            div.fill(0.0);
-            // Loops below are zips over equal-length slices (no bounds checks) with selects built
-            // from non-short-circuit `&`/`|`, so they vectorise; this made the apply pass ~4x faster
-            // than a per-element gather into a small vector.
-            #[inline(always)]
-            fn tile<'x>(x: &&'x [f32], t0: usize, len: usize) -> &'x [f32] {
-                &x[t0..t0 + len]
-            }
-            match preset {
-                Preset::Mergekit => {
-                    for (x, &w) in inputs.iter().zip(weights) {
-                        for (sj, &d) in s.iter_mut().zip(tile(x, t0, len)) {
-                            *sj += w * d;
-                        }
-                    }
-                    for (x, &w) in inputs.iter().zip(weights) {
-                        for (((m, dv), &sj), &d) in mixed.iter_mut().zip(div.iter_mut()).zip(s.iter()).zip(tile(x, t0, len)) {
-                            let wd = w * d;
-                            let agree = ((sj >= 0.0) & (wd > 0.0)) | ((sj < 0.0) & (wd < 0.0));
-                            *m += if agree { wd } else { 0.0 };
-                            *dv += if agree { w } else { 0.0 };
-                        }
-                    }
-                    for (m, dv) in mixed.iter_mut().zip(div.iter()) {
-                        *m /= if *dv == 0.0 { 1.0 } else { *dv };
-                    }
-                }
-                Preset::Peft => {
-                    for x in inputs {
-                        match majority {
-                            MajoritySign::Total => {
-                                for (sj, &d) in s.iter_mut().zip(tile(x, t0, len)) {
-                                    *sj += d;
-                                }
-                            }
-                            MajoritySign::Frequency => {
-                                for (sj, &d) in s.iter_mut().zip(tile(x, t0, len)) {
-                                    *sj += sign(d);
-                                }
-                            }
-                        }
-                    }
-                    for (x, &w) in inputs.iter().zip(weights) {
-                        for (((m, dv), &sj), &d) in mixed.iter_mut().zip(div.iter_mut()).zip(s.iter()).zip(tile(x, t0, len)) {
-                            let agree = ((sj >= 0.0) & (d > 0.0)) | ((sj < 0.0) & (d < 0.0));
-                            *m += if agree { d * w } else { 0.0 };
-                            *dv += if agree { 1.0 } else { 0.0 };
-                        }
-                    }
-                    for (m, dv) in mixed.iter_mut().zip(div.iter()) {
-                        *m /= dv.max(1.0);
-                    }
-                }
-                Preset::Paper => {
-                    for x in inputs {
-                        for (sj, &d) in s.iter_mut().zip(tile(x, t0, len)) {
-                            *sj += d;
-                        }
-                    }
-                    for sj in s.iter_mut() {
-                        let sg = sign(*sj);
-                        *sj = if sg == 0.0 { model_majority } else { sg };
-                    }
-                    for (x, &w) in inputs.iter().zip(weights) {
-                        for (((m, dv), &sg), &d) in mixed.iter_mut().zip(div.iter_mut()).zip(s.iter()).zip(tile(x, t0, len)) {
-                            let keep = ((sg > 0.0) & (d > 0.0)) | (!(sg > 0.0) & (d < 0.0));
-                            let v = d * w;
-                            *m += if keep { v } else { 0.0 };
-                            *dv += if keep & (v != 0.0) { 1.0 } else { 0.0 };
-                        }
-                    }
-                    for (m, dv) in mixed.iter_mut().zip(div.iter()) {
-                        *m /= dv.max(1.0);
-                    }
-                }
-            }
-            let o = &mut out[t0..t0 + len];
-            match base {
-                Some(b) => {
-                    for ((o, &b), &m) in o.iter_mut().zip(&b[t0..t0 + len]).zip(mixed.iter()) {
-                        *o = b + m * lambda;
-                    }
-                }
-                None => {
-                    for (o, &m) in o.iter_mut().zip(mixed.iter()) {
-                        *o = 0.0 + m * lambda;
-                    }
-                }
-            }
-            t0 += len;
-        }
-    }
+/// The apply pass: `out = base + lambda * merged_delta` over trimmed deltas, by the task-vector
+/// kernel ([`task_vector::merge_with_consensus`]) with the preset's [`consensus`]. The tests
+/// check it bit for bit against per-element definitions of the three presets.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_tiled(
+    preset: Preset,
+    majority: MajoritySign,
+    model_majority: f32,
+    lambda: f32,
+    weights: &[f32],
+    base: Option<&[f32]>,
+    inputs: &[&[f32]],
+    out: &mut [f32],
+) {
+    task_vector::merge_with_consensus(consensus(preset, majority, model_majority), lambda, weights, base, inputs, out);
 }
 
 impl Ties {
@@ -387,10 +220,9 @@ impl Method for Ties {
     fn describe(&self) -> String {
         match self.preset {
             Preset::Mergekit => "ties (preset mergekit)".into(),
-            Preset::Peft => format!(
-                "ties (preset peft, majority_sign {})",
-                if self.majority == MajoritySign::Total { "total" } else { "frequency" }
-            ),
+            Preset::Peft => {
+                format!("ties (preset peft, majority_sign {})", if self.majority == MajoritySign::Total { "total" } else { "frequency" })
+            }
             Preset::Paper => "ties (preset paper)".into(),
         }
     }
@@ -399,6 +231,88 @@ impl Method for Ties {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Per-element definitions of the three presets, the reference of the tiled kernel.
+
+    /// Elected sign from a sum: + when `s >= 0` (mergekit, PEFT), else -.
+    fn elect_from_sum(s: f32) -> f32 {
+        if s >= 0.0 {
+            1.0
+        } else {
+            -1.0
+        }
+    }
+
+    /// mergekit step at one element: `vals[i] = w_i * d_i` (trimmed). Returns the merged delta
+    /// sum(agreeing w_i d_i) / sum(agreeing w_i), the divisor replaced by 1 when it is 0.
+    fn disjoint_mergekit(vals: &[f32], weights: &[f32]) -> f32 {
+        let mut s = 0.0f32;
+        for &v in vals {
+            s += v;
+        }
+        let maj = elect_from_sum(s);
+        let mut mixed = 0.0f32;
+        let mut div = 0.0f32;
+        for (&v, &w) in vals.iter().zip(weights) {
+            if sign(v) == maj {
+                mixed += v;
+                div += w;
+            }
+        }
+        if div == 0.0 {
+            div = 1.0;
+        }
+        mixed / div
+    }
+
+    /// PEFT step at one element: `d` trimmed deltas (unweighted). Sign elected on d (total or
+    /// frequency), then sum(agreeing w_i d_i) / max(count agreeing, 1).
+    fn disjoint_peft(d: &[f32], weights: &[f32], majority: MajoritySign) -> f32 {
+        let mut s = 0.0f32;
+        for &v in d {
+            s += match majority {
+                MajoritySign::Total => v,
+                MajoritySign::Frequency => sign(v),
+            };
+        }
+        let maj = elect_from_sum(s);
+        let mut mixed = 0.0f32;
+        let mut count = 0.0f32;
+        for (&v, &w) in d.iter().zip(weights) {
+            if sign(v) == maj {
+                mixed += v * w;
+                count += 1.0;
+            }
+        }
+        mixed / count.max(1.0)
+    }
+
+    /// Paper step at one element: elected sign = sign(sum d_i), or `model_majority` when that is 0;
+    /// keep d_i > 0 when the elected sign is positive, else d_i < 0; average the kept w_i d_i over
+    /// the number of nonzero kept entries (min 1).
+    fn disjoint_paper(d: &[f32], weights: &[f32], model_majority: f32) -> f32 {
+        let mut s = 0.0f32;
+        for &v in d {
+            s += v;
+        }
+        let mut sg = sign(s);
+        if sg == 0.0 {
+            sg = model_majority;
+        }
+        let mut mixed = 0.0f32;
+        let mut count = 0.0f32;
+        for (&v, &w) in d.iter().zip(weights) {
+            let keep = if sg > 0.0 { v > 0.0 } else { v < 0.0 };
+            if keep {
+                let x = v * w;
+                mixed += x;
+                if x != 0.0 {
+                    count += 1.0;
+                }
+            }
+        }
+        mixed / count.max(1.0)
+    }
 
     #[test]
     fn mergekit_step_by_hand() {
@@ -427,7 +341,11 @@ mod tests {
         let mut rnd = || {
             st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let v = ((st >> 40) as i32 % 7 - 3) as f32 * 0.25; // small set: exact zeros and ties
-            if (st >> 20) % 5 == 0 { v } else { ((st >> 33) as f32 / (1u64 << 31) as f32) - 0.5 }
+            if (st >> 20).is_multiple_of(5) {
+                v
+            } else {
+                ((st >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            }
         };
         let n = 2500;
         let m = 3;
@@ -456,6 +374,22 @@ mod tests {
                 assert_eq!(out[j].to_bits(), (base[j] + delta * 0.7).to_bits(), "{preset:?} j={j}");
             }
         }
+    }
+
+    #[test]
+    fn a_nan_sum_elects_no_sign_in_the_mergekit_and_peft_presets() {
+        // Only reachable with allow_nonfinite. The presets keep none of the element's values;
+        // mergekit's own rule (Consensus::MERGEKIT, the `*_ties` methods) elects - instead.
+        let (d0, d1) = ([f32::NAN], [-2.0f32]);
+        let (w, base) = ([1.0f32, 1.0], [0.5f32]);
+        for (preset, maj) in [(Preset::Mergekit, MajoritySign::Total), (Preset::Peft, MajoritySign::Total)] {
+            let mut out = [0f32];
+            apply_tiled(preset, maj, 0.0, 1.0, &w, Some(&base), &[&d0, &d1], &mut out);
+            assert_eq!(out, [0.5], "{preset:?}");
+        }
+        let mut out = [0f32];
+        task_vector::merge_with_consensus(Consensus::MERGEKIT, 1.0, &w, Some(&base), &[&d0, &d1], &mut out);
+        assert_eq!(out, [-1.5]);
     }
 
     #[test]

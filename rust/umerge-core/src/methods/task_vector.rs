@@ -1,8 +1,9 @@
-//! Task arithmetic (Ilharco et al., 2023, "Editing Models with Task Arithmetic",
-//! arXiv:2212.04089) and the shared kernel of the task-vector family that mergekit calls
-//! "generalized task arithmetic": `task_arithmetic`, `magnitude_prune`, `dare_linear`,
-//! `dare_ties`, `breadcrumbs`, `breadcrumbs_ties`, `della`, `della_linear` (see
-//! `magnitude_prune.rs`, `dare.rs`, `breadcrumbs.rs`, `della.rs`).
+//! The task-vector kernel: task arithmetic (Ilharco et al., 2023, "Editing Models with Task
+//! Arithmetic", arXiv:2212.04089) and the family that mergekit calls "generalized task
+//! arithmetic": `task_arithmetic`, `magnitude_prune`, `dare_linear`, `dare_ties`, `breadcrumbs`,
+//! `breadcrumbs_ties`, `della`, `della_linear` (see `magnitude_prune.rs`, `dare.rs`,
+//! `breadcrumbs.rs`, `della.rs`). Its combine step, with the TIES sign election and disjoint
+//! mean ([`Consensus`]), is also the apply kernel of `ties` (all three presets, see `ties.rs`).
 //!
 //! For task vectors d_i = x_i - base, weights w_i and scale lambda, per element:
 //!
@@ -14,8 +15,10 @@
 //!    entry's magnitude rank in its row (DELLA), and rescale the kept entries ([`Rescale`]);
 //! 2. **weight**: v_i = w_i * d_i;
 //! 3. **combine**: without consensus, m = sum_i v_i and divisor D = sum_i w_i (|D| < 1e-8 -> 1);
-//!    with consensus (TIES sign election, mergekit's `sum` method), the elected sign is + when
-//!    sum_i v_i >= 0, m = sum of the v_i whose sign equals it and D = sum of their w_i (0 -> 1);
+//!    with consensus (TIES sign election, mergekit's `sum` method, [`Consensus::MERGEKIT`]), the
+//!    elected sign is + when sum_i v_i >= 0, else -, m = sum of the v_i whose sign equals it and
+//!    D = sum of their w_i (0 -> 1); the `ties` presets `peft` and `paper` elect and average
+//!    otherwise ([`Elect`], [`ElectOn`], [`Mean`]);
 //! 4. **normalize** (optional): m = m / D;
 //! 5. out = base + lambda * m.
 //!
@@ -24,8 +27,9 @@
 //! top-k picks a different entry among equal magnitudes.
 
 use crate::error::{Error, Result};
-use crate::methods::ties::sign;
-use crate::methods::{breadcrumbs, della, rng, BaseUse, Chunk, Method, ParamSpec, Stats, TensorCtx, TensorRecipe, Trim, TrimRule, TrimScope};
+use crate::methods::{
+    breadcrumbs, della, rng, BaseUse, Chunk, Method, ParamSpec, Stats, TensorCtx, TensorRecipe, Trim, TrimRule, TrimScope,
+};
 use crate::params::{ParamValue, Params};
 
 /// How task vectors are sparsified before merging.
@@ -104,17 +108,34 @@ pub const DEFAULT_SEED: u64 = 0;
 /// Parameter docs shared by the family.
 pub const WEIGHT: ParamSpec = ParamSpec { name: "weight", per_model: true, default: "1.0", doc: "weight of each model's task vector" };
 /// `lambda`.
-pub const LAMBDA: ParamSpec = ParamSpec { name: "lambda", per_model: false, default: "1.0", doc: "scale of the merged task vector added to the base" };
+pub const LAMBDA: ParamSpec =
+    ParamSpec { name: "lambda", per_model: false, default: "1.0", doc: "scale of the merged task vector added to the base" };
 /// `density`, required.
-pub const DENSITY: ParamSpec = ParamSpec { name: "density", per_model: true, default: "required", doc: "fraction of each task vector's entries kept, in (0, 1]" };
+pub const DENSITY: ParamSpec =
+    ParamSpec { name: "density", per_model: true, default: "required", doc: "fraction of each task vector's entries kept, in (0, 1]" };
 /// `seed`.
-pub const SEED: ParamSpec = ParamSpec { name: "seed", per_model: false, default: "0", doc: "seed of the counter-based random masks (keyed by seed, tensor name, model, element)" };
+pub const SEED: ParamSpec = ParamSpec {
+    name: "seed",
+    per_model: false,
+    default: "0",
+    doc: "seed of the counter-based random masks (keyed by seed, tensor name, model, element)",
+};
 /// `rescale`.
 pub const RESCALE: ParamSpec = ParamSpec { name: "rescale", per_model: false, default: "density", doc: "density (divide kept entries by their keep probability, as the DARE and DELLA papers; alias: probability) | l1 (match the L1 norm, mergekit) | none" };
 /// `gamma` (breadcrumbs).
-pub const GAMMA: ParamSpec = ParamSpec { name: "gamma", per_model: true, default: "0.01", doc: "fraction of the largest |d| dropped as outliers, in [0, 1) (mergekit's default 0.01)" };
+pub const GAMMA: ParamSpec = ParamSpec {
+    name: "gamma",
+    per_model: true,
+    default: "0.01",
+    doc: "fraction of the largest |d| dropped as outliers, in [0, 1) (mergekit's default 0.01)",
+};
 /// `epsilon` (DELLA).
-pub const EPSILON: ParamSpec = ParamSpec { name: "epsilon", per_model: true, default: "0.15", doc: "keep probabilities span density +- epsilon by magnitude rank; density +- epsilon must lie in (0, 1)" };
+pub const EPSILON: ParamSpec = ParamSpec {
+    name: "epsilon",
+    per_model: true,
+    default: "0.15",
+    doc: "keep probabilities span density +- epsilon by magnitude rank; density +- epsilon must lie in (0, 1)",
+};
 
 const PARAMS: &[ParamSpec] = &[
     WEIGHT,
@@ -161,6 +182,78 @@ impl TaskVectorMerge {
 
     fn needs_density(&self) -> bool {
         self.sparsify != Sparsify::None
+    }
+}
+
+/// torch.sign: +1, -1, or 0 for zero (and -0, and NaN).
+#[inline(always)]
+pub fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// How a TIES consensus elects each element's sign from the sum `s` of its models' values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Elect {
+    /// Plus where s >= 0, else minus (mergekit's `(sign(s) >= 0) * 2 - 1`; a NaN sum elects
+    /// minus).
+    PlusUnlessNegative,
+    /// Plus where s >= 0, minus where s < 0: a NaN sum (from non-finite inputs, accepted only with
+    /// `allow_nonfinite`) elects no sign, so no value agrees. The rule of the `ties` presets
+    /// `mergekit` and `peft`; it differs from [`Elect::PlusUnlessNegative`] only at NaN sums,
+    /// and is kept apart so their output bytes stay as they were.
+    PlusOrMinus,
+    /// The TIES paper: sign(s), or the given model majority where that is 0; plus where the
+    /// result is positive, else minus.
+    SignOrModelMajority(f32),
+}
+
+/// What a consensus sums to elect the sign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElectOn {
+    /// The values themselves.
+    Values,
+    /// Their signs (a vote; PEFT's `majority_sign_method="frequency"`).
+    Signs,
+}
+
+/// What a consensus averages the agreeing values over. The values a rule gets differ: the
+/// weighted v_i = w_i d_i for [`Mean::AgreeingWeights`], the unweighted d_i for the others
+/// (they weight them here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mean {
+    /// sum of the agreeing v_i / sum of their w_i (0 -> 1): mergekit.
+    AgreeingWeights,
+    /// sum of the agreeing w_i d_i / how many agree (min 1): PEFT.
+    AgreeingCount,
+    /// sum of the agreeing w_i d_i / how many of them are nonzero (min 1): the TIES paper.
+    NonzeroAgreeing,
+}
+
+/// A TIES consensus (sign election and disjoint mean). A value agrees when its sign is the
+/// elected one, so zeros never agree.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Consensus {
+    /// What is summed to elect.
+    pub elect_on: ElectOn,
+    /// How the sum elects.
+    pub elect: Elect,
+    /// How agreeing values are averaged.
+    pub mean: Mean,
+}
+
+impl Consensus {
+    /// mergekit's `sum` consensus: the `*_ties` methods of the task-vector family.
+    pub const MERGEKIT: Consensus = Consensus { elect_on: ElectOn::Values, elect: Elect::PlusUnlessNegative, mean: Mean::AgreeingWeights };
+
+    /// Whether the rule takes weighted values (v_i = w_i d_i) rather than the d_i.
+    fn weighted(&self) -> bool {
+        self.mean == Mean::AgreeingWeights
     }
 }
 
@@ -333,32 +426,40 @@ impl TaskVectorMerge {
     /// Steps 2-5 of the module doc on one chunk; DARE's mask, when given, is drawn here, tile by
     /// tile (otherwise the inputs are used as they come: whole, or already sparsified).
     fn combine(&self, sc: &Scalars<'_>, dare: Option<&DareMask>, c: &Chunk<'_>, out: &mut [f32]) {
-        let m = c.inputs.len();
-        let n = out.len();
-        let wsum: f32 = sc.w.iter().fold(0.0f32, |a, &b| a + b);
-        let mut vals = vec![0f32; m * TILE];
-        let mut scratch = vec![0f32; 2 * TILE];
-        let mut t0 = 0;
-        while t0 < n {
-            let len = TILE.min(n - t0);
+        let rule =
+            Combine { w: sc.w, consensus: self.consensus.then_some(Consensus::MERGEKIT), normalize: self.normalize, lambda: sc.lambda };
+        combine_tiles(&rule, c.base, out, |i, t0, v| {
             // v_i = w_i * sparsify(d_i)
-            for i in 0..m {
-                let v = &mut vals[i * TILE..i * TILE + len];
-                let x = &c.inputs[i][t0..t0 + len];
-                let w = sc.w[i];
-                if let Some(d) = dare.filter(|_| sc.p[i] < 1.0) {
-                    rng::masked_scale(d.keys[i], c.start + t0 as u64, d.cuts[i], x, d.scale[i], w, v);
-                } else {
-                    for (v, &d) in v.iter_mut().zip(x) {
-                        *v = d * w;
-                    }
-                }
+            let x = &c.inputs[i][t0..t0 + v.len()];
+            let w = sc.w[i];
+            if let Some(d) = dare.filter(|_| sc.p[i] < 1.0) {
+                rng::masked_scale(d.keys[i], c.start + t0 as u64, d.cuts[i], x, d.scale[i], w, v);
+            } else {
+                weigh(x, w, v);
             }
-            let tile = Tile { vals: &vals, m, w: sc.w, consensus: self.consensus, normalize: self.normalize, wsum, lambda: sc.lambda };
-            combine_tile(&tile, c.base.map(|b| &b[t0..t0 + len]), &mut out[t0..t0 + len], &mut scratch);
-            t0 += len;
-        }
+        });
     }
+}
+
+/// `v = d * w`, element-wise.
+fn weigh(d: &[f32], w: f32, v: &mut [f32]) {
+    for (v, &d) in v.iter_mut().zip(d) {
+        *v = d * w;
+    }
+}
+
+/// The TIES merge of one chunk of trimmed task vectors `deltas` (the `ties` method's apply):
+/// `out = base + lambda * m`, with m the consensus mean of the deltas weighted by `weights`.
+pub fn merge_with_consensus(consensus: Consensus, lambda: f32, weights: &[f32], base: Option<&[f32]>, deltas: &[&[f32]], out: &mut [f32]) {
+    let rule = Combine { w: weights, consensus: Some(consensus), normalize: true, lambda };
+    combine_tiles(&rule, base, out, |i, t0, v| {
+        let d = &deltas[i][t0..t0 + v.len()];
+        if consensus.weighted() {
+            weigh(d, weights[i], v);
+        } else {
+            v.copy_from_slice(d);
+        }
+    });
 }
 
 /// DARE's keep masks for one chunk, per model: stream key, [`rng::keep_cutoff`] and the scale of
@@ -369,16 +470,45 @@ struct DareMask {
     scale: Vec<f32>,
 }
 
-/// Steps 3-5 of the module doc for one tile: the weighted, sparsified task vectors `vals`
-/// (model i at `vals[i * TILE..]`), combined per element with the models in order.
+/// Steps 3-5 of the module doc: how the models' values are combined.
+struct Combine<'a> {
+    /// The weights w_i, one per model.
+    w: &'a [f32],
+    /// The sign election and disjoint mean, or `None` for a plain sum.
+    consensus: Option<Consensus>,
+    /// Divide by the (agreeing) weight sum or count.
+    normalize: bool,
+    lambda: f32,
+}
+
+/// Steps 3-5 over one chunk, tile by tile: `fill(i, t0, v)` writes model i's values (weighted
+/// and sparsified as the rule expects) for the tile starting at element `t0` into `v`.
+fn combine_tiles(rule: &Combine<'_>, base: Option<&[f32]>, out: &mut [f32], mut fill: impl FnMut(usize, usize, &mut [f32])) {
+    let m = rule.w.len();
+    let n = out.len();
+    let wsum: f32 = rule.w.iter().fold(0.0f32, |a, &b| a + b);
+    let mut vals = vec![0f32; m * TILE];
+    let mut scratch = vec![0f32; 2 * TILE];
+    let mut t0 = 0;
+    while t0 < n {
+        let len = TILE.min(n - t0);
+        for i in 0..m {
+            fill(i, t0, &mut vals[i * TILE..i * TILE + len]);
+        }
+        let tile = Tile { vals: &vals, m, rule, wsum };
+        combine_tile(&tile, base.map(|b| &b[t0..t0 + len]), &mut out[t0..t0 + len], &mut scratch);
+        t0 += len;
+    }
+}
+
+/// One tile of values: model i at `vals[i * TILE..]`, combined per element with the models in
+/// order.
 struct Tile<'a> {
     vals: &'a [f32],
     m: usize,
-    w: &'a [f32],
-    consensus: bool,
-    normalize: bool,
+    rule: &'a Combine<'a>,
+    /// Sum of the weights (the divisor without consensus).
     wsum: f32,
-    lambda: f32,
 }
 
 crate::simd::kernel! {
@@ -394,27 +524,51 @@ crate::simd::kernel! {
         let (mixed, div) = (&mut mixed[..len], &mut div[..len]);
         mixed.fill(0.0);
         let model = |i: usize| &t.vals[i * TILE..i * TILE + len];
-        if t.consensus {
-            // The elected sign: + where sum_i v_i >= 0 (`out` holds the sums meanwhile).
-            let sum = &mut *out;
-            sum.fill(0.0);
+        if let Some(cs) = t.rule.consensus {
+            // `out` holds the sums, then the elected signs (1, -1, or 0 for none).
+            let elected = &mut *out;
+            elected.fill(0.0);
             for i in 0..t.m {
-                for (s, &v) in sum.iter_mut().zip(model(i)) {
-                    *s += v;
+                match cs.elect_on {
+                    ElectOn::Values => elected.iter_mut().zip(model(i)).for_each(|(s, &v)| *s += v),
+                    ElectOn::Signs => elected.iter_mut().zip(model(i)).for_each(|(s, &v)| *s += sign(v)),
                 }
+            }
+            // One loop per rule, so each is a plain vectorised select.
+            match cs.elect {
+                Elect::PlusUnlessNegative => elected.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else { -1.0 }),
+                Elect::PlusOrMinus => elected.iter_mut().for_each(|s| *s = if *s >= 0.0 { 1.0 } else if *s < 0.0 { -1.0 } else { 0.0 }),
+                Elect::SignOrModelMajority(model_majority) => elected.iter_mut().for_each(|s| {
+                    let sg = sign(*s);
+                    *s = if (if sg == 0.0 { model_majority } else { sg }) > 0.0 { 1.0 } else { -1.0 };
+                }),
             }
             div.fill(0.0);
             for i in 0..t.m {
-                let wi = t.w[i];
-                for (((mx, dv), &s), &v) in mixed.iter_mut().zip(div.iter_mut()).zip(sum.iter()).zip(model(i)) {
-                    let maj = if s >= 0.0 { 1.0 } else { -1.0 };
-                    let agree = sign(v) == maj;
-                    *mx += if agree { v } else { 0.0 };
-                    *dv += if agree { wi } else { 0.0 };
+                let wi = t.rule.w[i];
+                let agreeing = mixed.iter_mut().zip(div.iter_mut()).zip(elected.iter()).zip(model(i));
+                match cs.mean {
+                    Mean::AgreeingWeights => agreeing.for_each(|(((mx, dv), &e), &v)| {
+                        let agree = ((e > 0.0) & (v > 0.0)) | ((e < 0.0) & (v < 0.0));
+                        *mx += if agree { v } else { 0.0 };
+                        *dv += if agree { wi } else { 0.0 };
+                    }),
+                    Mean::AgreeingCount => agreeing.for_each(|(((mx, dv), &e), &v)| {
+                        let agree = ((e > 0.0) & (v > 0.0)) | ((e < 0.0) & (v < 0.0));
+                        *mx += if agree { v * wi } else { 0.0 };
+                        *dv += if agree { 1.0 } else { 0.0 };
+                    }),
+                    Mean::NonzeroAgreeing => agreeing.for_each(|(((mx, dv), &e), &v)| {
+                        let agree = ((e > 0.0) & (v > 0.0)) | ((e < 0.0) & (v < 0.0));
+                        let x = v * wi;
+                        *mx += if agree { x } else { 0.0 };
+                        *dv += if agree & (x != 0.0) { 1.0 } else { 0.0 };
+                    }),
                 }
             }
-            for d in div.iter_mut() {
-                *d = if *d == 0.0 { 1.0 } else { *d };
+            match cs.mean {
+                Mean::AgreeingWeights => div.iter_mut().for_each(|d| *d = if *d == 0.0 { 1.0 } else { *d }),
+                Mean::AgreeingCount | Mean::NonzeroAgreeing => div.iter_mut().for_each(|d| *d = d.max(1.0)),
             }
         } else {
             for i in 0..t.m {
@@ -426,11 +580,11 @@ crate::simd::kernel! {
         }
         for (j, o) in out.iter_mut().enumerate() {
             let mut v = mixed[j];
-            if t.normalize {
+            if t.rule.normalize {
                 v /= div[j];
             }
-            if t.lambda != 1.0 {
-                v *= t.lambda;
+            if t.rule.lambda != 1.0 {
+                v *= t.rule.lambda;
             }
             *o = match base {
                 Some(b) => b[j] + v,

@@ -1,0 +1,52 @@
+//! Tensors written unchanged: raw bytes when the dtype is kept, else decoded and re-encoded.
+
+use super::MappedSource;
+use super::Source;
+use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::dtype::{elem_bytes, encode, is_float, Dtype};
+use crate::error::Result;
+use crate::write::Output;
+
+/// Copies tensor `info` of checkpoint `ck` into output tensor `ti`: raw bytes when the dtype is
+/// kept (and no NaN/Inf check is asked of a float tensor), else decoded and re-encoded in steps
+/// of 8 MiB so memory stays bounded. Shared by the merge executor and `fold`.
+pub(crate) fn copy_tensor_from(
+    ck: &Checkpoint,
+    info: &TensorInfo,
+    out_dtype: Dtype,
+    name: &str,
+    ti: usize,
+    out: &Output,
+    check_finite: bool,
+) -> Result<()> {
+    const STEP: usize = 8 << 20;
+    if info.dtype == out_dtype && !(check_finite && is_float(info.dtype)) {
+        let total = info.end - info.start;
+        let mut off = 0usize;
+        while off < total {
+            let n = STEP.min(total - off);
+            out.write_at(ti, off as u64, ck.bytes(info.shard, info.start + off, n)?)?;
+            ck.release(info.shard, info.start + off, n);
+            off += n;
+        }
+        return Ok(());
+    }
+    let s = MappedSource::new(ck, info, None, name, check_finite);
+    let eb = elem_bytes(out_dtype).unwrap_or(4);
+    let n = info.numel();
+    let step = (STEP / 4) as u64;
+    let mut start = 0u64;
+    let mut vals = Vec::new();
+    let mut bytes = Vec::new();
+    while start < n {
+        let len = step.min(n - start) as usize;
+        vals.resize(len, 0f32);
+        s.read(start, &mut vals)?;
+        s.release(start, len);
+        bytes.resize(len * eb, 0u8);
+        encode(out_dtype, &vals, &mut bytes);
+        out.write_at(ti, start * eb as u64, &bytes)?;
+        start += len as u64;
+    }
+    Ok(())
+}
