@@ -347,6 +347,13 @@ def test_cli_analyze(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
 
     main(["analyze", "angles", str(run_dir), "-o", str(tmp_path / "a")])
     assert (tmp_path / "a" / "angles.png").is_file()
+    main(["analyze", "angles", str(run_dir), "--s", "2", "-o", str(tmp_path / "a2")])
+    assert json.loads((tmp_path / "a2" / "angles.json").read_text())["run"]["s"] == 2
+    scores = write_log(tmp_path / "t" / "train_log.jsonl", [
+        {"type": "eval", "epoch": 0, "step": 0, "forget/Task1/regurgitation": 1.0},
+        {"type": "eval", "epoch": 1, "step": 4, "forget/Task1/regurgitation": 0.25}])
+    main(["analyze", "task-curves", str(scores), "-o", str(tmp_path / "t_out")])
+    assert (tmp_path / "t_out" / "task_curves.png").is_file()
     log = write_log(tmp_path / "r" / "train_log.jsonl", [{"type": "step", "step": 1, "loss": 1.0}])
     main(["analyze", "loss-curves", str(log), "-o", str(tmp_path / "l")])
     assert (tmp_path / "l" / "loss_curves.csv").is_file()

@@ -260,6 +260,24 @@ def test_the_trainer_steps_on_step_terms(world: dict, monkeypatch: pytest.Monkey
     assert logged == pytest.approx([t for _, _, t in seen], rel=1e-6)
 
 
+def test_cli_scores_each_task_from_epoch_0(world: dict) -> None:
+    """`--eval-score-rows`: the task's metrics per task and split at epoch 0 and after each epoch."""
+    root = world["root"]
+    out = root / "scored"
+    cli_main(["train", "--model", str(root / "vanilla"), "--data", str(root / "data"), "--preset", "npo-only",
+              "-o", str(out), "--quiet", "--eval-score-rows", "2", "--set", "epochs=2", "--set", "grad_accum=1",
+              "--set", f"max_length={ML}", "--set", "max_forget_rows=2", "--set", "max_retain_rows=2"])
+    evals = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if json.loads(x)["type"] == "eval"]
+    assert [e["epoch"] for e in evals] == [0, 1, 2]
+    keys = {k for k in evals[0] if k.count("/") == 2}
+    assert keys and {k.split("/")[0] for k in keys} == {"forget", "retain"}
+    assert {k.split("/")[2] for k in keys} == {"regurgitation", "knowledge"}
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["train", "--model", str(root / "vanilla"), "--data", str(root / "data"), "-o", str(root / "x"),
+                  "--eval-score-rows", "2", "--eval-nll-rows", "2"])
+    assert exc.value.code != 0
+
+
 def test_presets_command_lists_both() -> None:
     proc = subprocess.run(
         [sys.executable, "-c", "from umerge.cli import main; main()", "presets"],

@@ -3,8 +3,9 @@
 Subcommands, each writing a PNG and its numbers (CSV/JSON) into ``-o DIR``:
 
     loss-curves    LOG...                      loss terms over steps            (Figure 3)
-    score-curves   LOG... | --report E=PATH    scores over epochs               (Figure 2)
-    angles         RUN_DIR...                  parameter-change angles          (Figure 4)
+    task-curves    LOG...                      per-task scores from epoch 0     (Figure 2)
+    score-curves   LOG... | --report E=PATH    overall scores over epochs       (Figure 2b)
+    angles         RUN_DIR... [--s K]          parameter-change angles + null   (Figure 4)
     density-sweep  --merge-cmd ... | --report D=PATH   scores against density   (Figure 5)
     methods        NAME=REPORT...              merge-method table               (Table 2)
 """
@@ -81,15 +82,31 @@ def score_curves_cmd(logs: tuple[Path, ...], labels: tuple[str, ...], reports: t
     _done(score_curves(sources, out))
 
 
+@analyze.command("task-curves")
+@click.argument("logs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--label", "labels", multiple=True, help="Label per log, in order (default: the run directory name).")
+@_OUT
+def task_curves_cmd(logs: tuple[Path, ...], labels: tuple[str, ...], out: Path) -> None:
+    """Regurgitation and knowledge per task and split against the epoch, from epoch 0 (the per-task
+    eval rows that `umerge train --eval-data` / umerge.evaluate.epoch_eval_hook log)."""
+    from umerge.analysis.curves import default_labels, task_curves
+
+    _done(task_curves(dict(zip(default_labels(list(logs), list(labels) or None), logs)), out))
+
+
 @analyze.command("angles")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--base", type=click.Path(path_type=Path), help="Starting model, for full (non-LoRA) checkpoints.")
+@click.option("--s", "s", type=int, help="The epoch s to report (default: where the run's forget loss plateaus, "
+              "read from RUN_DIR/train_log.jsonl).")
 @_OUT
-def angles_cmd(runs: tuple[Path, ...], base: Path | None, out: Path) -> None:
-    """Angles between ΔP(0→s), ΔP(s→F), ΔP(0→F) from RUN_DIR/epoch-<k>/ checkpoints."""
+def angles_cmd(runs: tuple[Path, ...], base: Path | None, s: int | None, out: Path) -> None:
+    """Angles between ΔP(0→s), ΔP(s→F), ΔP(0→F) from RUN_DIR/epoch-<k>/ checkpoints, each with the
+    95% band of two random directions of the same dimension and norms (random high-dimensional
+    directions are near 90 degrees too)."""
     from umerge.analysis.angles import angle_analysis
 
-    _done(angle_analysis(list(runs), out, base=base))
+    _done(angle_analysis(list(runs), out, base=base, s=s))
 
 
 @analyze.command("density-sweep")

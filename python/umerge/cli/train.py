@@ -33,13 +33,17 @@ def _require_train_extra() -> None:
 @click.option("--data", "data", type=click.Path(path_type=Path), help="Directory with forget.* and retain.* (jsonl, parquet, json), or one file with a split column.")
 @click.option("--forget", "forget", type=click.Path(path_type=Path), help="Forget file (overrides --data's).")
 @click.option("--retain", "retain", type=click.Path(path_type=Path), help="Retain file (overrides --data's).")
-@click.option("--preset", default=None, help="zjuklab-model1 or zjuklab-model2 (see `umerge presets`). Default: zjuklab-model1.")
+@click.option("--preset", default=None, help="zjuklab-model1, zjuklab-model2 or npo-only (see `umerge presets`). Default: zjuklab-model1.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="A JSON/YAML config file instead of a preset.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory (adapters, log, config).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field, e.g. --set epochs=3 --set ga_ratio=0.5 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last saved epoch.")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory (recompute activations).")
 @click.option("--eval-nll-rows", type=int, default=0, show_default=True, metavar="N", help="After each epoch, log the answer NLL of the first N forget and retain rows (0: off).")
+@click.option("--eval-score-rows", type=int, default=0, show_default=True, metavar="N",
+              help="Before training (epoch 0) and after each epoch, score the model with the task's metrics on up to N "
+                   "rows per task and kind of each split, logging per-task regurgitation and knowledge for "
+                   "`umerge analyze task-curves` (0: off; needs --data).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(
     model_dir: Path,
@@ -53,6 +57,7 @@ def train(
     resume: bool,
     gradient_checkpointing: bool | None,
     eval_nll_rows: int,
+    eval_score_rows: int,
     quiet: bool,
 ) -> None:
     """Unlearn a forget set with NPO + KL + retain NLL on LoRA (ZJUKLAB's recipe).
@@ -82,12 +87,20 @@ def train(
     task = load_task_data(data, forget=forget, retain=retain)  # data errors too
     _require_train_extra()
 
-    if eval_nll_rows < 0:
-        raise InputError(f"--eval-nll-rows must be >= 0, got {eval_nll_rows}")
+    if eval_nll_rows < 0 or eval_score_rows < 0:
+        raise InputError(f"--eval-nll-rows and --eval-score-rows must be >= 0, got {eval_nll_rows} and {eval_score_rows}")
+    if eval_nll_rows and eval_score_rows:
+        raise InputError("give --eval-nll-rows or --eval-score-rows, not both")
+    if eval_score_rows and data is None:
+        raise InputError("--eval-score-rows needs --data DIR (the rows to score, with their task names)")
     from umerge.unlearn.trainer import make_nll_hook
     from umerge.unlearn.trainer import train as run_train
 
     hook = make_nll_hook(task, eval_nll_rows, cfg.max_length, cfg.prompt_fraction) if eval_nll_rows else None
+    if eval_score_rows:
+        from umerge.evaluate.run import epoch_eval_hook
+
+        hook = epoch_eval_hook(str(data), max_rows=eval_score_rows)
     result = run_train(
         model_dir,
         task,
