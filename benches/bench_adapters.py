@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\nmachine: {machine()}")
     print(f"base: TinyLlama-1.1B shapes, bf16, 3 shards; adapters: r={args.rank}, alpha={2 * args.rank}, all linear layers, f32\n")
-    print("| job | umerge wall s (CPU s) | umerge peak RSS MiB | PEFT wall s (CPU s) | PEFT peak RSS MiB | speed-up wall (CPU) | outputs within 1 bf16 ulp |")
+    print("| job | umerge wall s (CPU s) | umerge peak RSS MiB | PEFT wall s (CPU s) | PEFT peak RSS MiB "
+          "| speed-up wall (CPU) | outputs within 1 bf16 ulp |")
     print("|---|---|---|---|---|---|---|")
     for name, ums, mp, agree in rows:
         uw = sum(m.seconds for m in ums)

@@ -36,7 +36,7 @@ def _table_rows(section: str) -> list[list[str]]:
     for line in section.splitlines():
         if line.startswith("|") and not re.match(r"^\|[-| ]+\|$", line):
             rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-    return [r for r in rows if not r[0] in ("Model", "Method", "Density", "Round", "Stage")]
+    return [r for r in rows if r[0] not in ("Model", "Method", "Density", "Round", "Stage")]
 
 
 def _num(cell: str) -> float | None:

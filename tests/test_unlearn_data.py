@@ -168,7 +168,8 @@ def test_cli_reports_bad_data_in_one_line(tmp_path: Path) -> None:
     _write(tmp_path, "forget.jsonl", [GOOD, json.dumps({"id": "x", "input": "a", "output": "b", "task": "T"})])
     _write(tmp_path, "retain.jsonl", [GOOD])
     proc = subprocess.run(
-        [sys.executable, "-c", "from umerge.cli import main; main()", "train", "--model", str(tmp_path), "--data", str(tmp_path), "-o", str(tmp_path / "out")],
+        [sys.executable, "-c", "from umerge.cli import main; main()", "train", "--model", str(tmp_path),
+         "--data", str(tmp_path), "-o", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         env={"PYTHONPATH": str(REPO / "python"), "PATH": "/usr/bin:/bin"},

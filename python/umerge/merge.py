@@ -34,16 +34,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 from umerge.errors import InputError
 
-PathLike = Union[str, "os.PathLike[str]"]
-ParamValue = Union[float, int, str, bool, Sequence[float], Sequence[Mapping[str, Any]]]
-ProgressArg = Union[bool, Callable[[int, int, int, int], None], None]
+PathLike = str | os.PathLike[str]
+ParamValue = float | int | str | bool | Sequence[float] | Sequence[Mapping[str, Any]]
+ProgressArg = bool | Callable[[int, int, int, int], None] | None
 
 PRESETS = ("mergekit", "peft", "paper")
 OUT_DTYPES = ("bf16", "f16", "f32")
@@ -99,7 +99,7 @@ _UNITS = {
 }
 
 
-def parse_size(value: Union[str, int, None], what: str = "size") -> int | None:
+def parse_size(value: str | int | None, what: str = "size") -> int | None:
     """Parses a byte size: `1000000`, `512MiB` (binary), `5GB` (decimal, as Hugging Face), `2G` (binary)."""
     if value is None:
         return None
@@ -142,8 +142,8 @@ def run_engine(entry: Callable[[str, Any], str], spec: Mapping[str, Any], progre
 def output_options(
     out_dtype: str | None,
     threads: int | None,
-    memory_budget: Union[str, int, None],
-    max_shard_size: Union[str, int, None],
+    memory_budget: str | int | None,
+    max_shard_size: str | int | None,
 ) -> dict[str, Any]:
     """The optional output/resource fields of an engine spec, checked: `out_dtype` (one of
     OUT_DTYPES), `threads` (>= 1), `memory_budget` and `max_shard_size` (bytes, see `parse_size`).
@@ -176,8 +176,8 @@ def build_spec(
     out: PathLike = "merged",
     out_dtype: str | None = None,
     threads: int | None = None,
-    memory_budget: Union[str, int, None] = None,
-    max_shard_size: Union[str, int, None] = None,
+    memory_budget: str | int | None = None,
+    max_shard_size: str | int | None = None,
     strict: bool = False,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
@@ -225,8 +225,8 @@ def merge(
     out: PathLike = "merged",
     out_dtype: str | None = None,
     threads: int | None = None,
-    memory_budget: Union[str, int, None] = None,
-    max_shard_size: Union[str, int, None] = None,
+    memory_budget: str | int | None = None,
+    max_shard_size: str | int | None = None,
     strict: bool = False,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
@@ -284,8 +284,8 @@ def ties(
     out: PathLike = "merged",
     out_dtype: str | None = None,
     threads: int | None = None,
-    memory_budget: Union[str, int, None] = None,
-    max_shard_size: Union[str, int, None] = None,
+    memory_budget: str | int | None = None,
+    max_shard_size: str | int | None = None,
     strict: bool = False,
     overwrite: bool = False,
     allow_nonfinite: bool = False,

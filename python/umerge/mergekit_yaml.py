@@ -25,8 +25,8 @@ true`` on a magnitude-trimming method) is an `InputError` naming it: never silen
 mergekit's defaults are written into the spec explicitly where they differ from umerge's:
 ``density: 1.0`` for the task-vector methods, ``rescale: l1`` (mergekit's ``rescale: true``) for
 DARE and DELLA, ``normalize: true`` for della. The random methods draw umerge's counter-based
-masks (``--seed``), not torch's generator: same distribution as mergekit, different draws. ``int8_mask`` only changes mergekit's mask storage type, not the result; it is accepted and
-dropped.
+masks (``--seed``), not torch's generator: same distribution as mergekit, different draws.
+``int8_mask`` only changes mergekit's mask storage type, not the result; it is accepted and dropped.
 
 Where parameters vary per tensor (gradients, slices) they are resolved here exactly as mergekit
 resolves them — layer i of L sits at t = i / (L - 1) within its slice, tensors outside the layers at

@@ -69,10 +69,10 @@ def load_adapter(path: PathLike) -> LoraAdapter:
             raise InputError(f"tensor {k} has dtype {info['dtype']}, not a float ({wfile})")
         if len(info["shape"]) != 2:
             raise InputError(f"tensor {k} has shape {info['shape']}: only 2-D (linear-layer) LoRA is supported ({wfile})")
-        b, e = info["data_offsets"]
-        if start + e > data.size:
+        begin, end = info["data_offsets"]
+        if start + end > data.size:
             raise InputError(f"tensor {k} runs past the end of the file (truncated?) ({wfile})")
-        arr = decode(data[start + b:start + e], info["dtype"], info["shape"]).astype(np.float32, copy=False)
+        arr = decode(data[start + begin:start + end], info["dtype"], info["shape"]).astype(np.float32, copy=False)
         factors.setdefault(mod, {})[which] = arr
         dtypes.add(info["dtype"])
     if not factors:

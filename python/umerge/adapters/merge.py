@@ -24,10 +24,25 @@ from typing import Any
 import numpy as np
 
 from umerge.adapters.combine import (
-    COMBINATIONS, FACTORWISE, MAJORITY, NEEDS_DENSITY, SVD, base_kind, combine, split_weights, svd_factors,
+    COMBINATIONS,
+    FACTORWISE,
+    MAJORITY,
+    NEEDS_DENSITY,
+    SVD,
+    base_kind,
+    combine,
+    split_weights,
+    svd_factors,
 )
 from umerge.adapters.config import PathLike
-from umerge.adapters.lora import LoraAdapter, check_output, check_same_modules, factor_names, load_adapter, write_adapter
+from umerge.adapters.lora import (
+    LoraAdapter,
+    check_output,
+    check_same_modules,
+    factor_names,
+    load_adapter,
+    write_adapter,
+)
 from umerge.errors import InputError
 
 DELTAS = ("factors", "full")
@@ -63,7 +78,8 @@ def peft_combination(method: str, delta: str = "factors") -> str:
         return method
     if delta == "full" and method in FACTORWISE:
         return "svd" if method == "linear" else method + "_svd"
-    raise InputError(f"unknown adapter merge method {method!r} (use one of {', '.join(FACTORWISE + ('cat',))}, or a PEFT combination type: {', '.join(COMBINATIONS)})")
+    raise InputError(f"unknown adapter merge method {method!r} (use one of {', '.join(FACTORWISE + ('cat',))}, "
+                     f"or a PEFT combination type: {', '.join(COMBINATIONS)})")
 
 
 def _union_targets(adapters: Sequence[LoraAdapter]) -> Any:
@@ -174,7 +190,8 @@ def merge_adapters(
         wa, wb = split_weights(w, scalings)
         for mod in loaded[0].modules:
             na, nb = factor_names(mod)
-            common = dict(density=density, majority_sign=majority_sign, seed=seed, module=mod, threads=threads)
+            common: dict[str, Any] = dict(density=density, majority_sign=majority_sign, seed=seed, module=mod,
+                                          threads=threads)
             tensors[na] = combine(combination, [a.modules[mod].a for a in loaded], wa, part="A", **common)
             tensors[nb] = combine(combination, [a.modules[mod].b for a in loaded], wb, part="B", **common)
     elif combination == "cat":

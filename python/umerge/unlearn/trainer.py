@@ -360,8 +360,8 @@ def train(
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                for k, v in terms.items():
-                    acc[k] = acc.get(k, 0.0) + float(v.detach())
+                for term, v in terms.items():
+                    acc[term] = acc.get(term, 0.0) + float(v.detach())
                 n_micro += 1
                 tokens += int(batch["forget"]["attention_mask"].sum() + batch["retain"]["attention_mask"].sum())
                 if accelerator.sync_gradients:
