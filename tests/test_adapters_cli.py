@@ -25,6 +25,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+@pytest.mark.peft
 def test_umerge_ties_on_adapters_is_peft_add_weighted_adapter(fam: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "ab"
     assert main(["ties", str(fam["a"]), str(fam["b"]), "--density", "0.8", "--weight", "1", "--weight", "0.5",
@@ -46,6 +47,7 @@ def test_python_ties_on_adapters_returns_an_adapter(fam: dict[str, Path], tmp_pa
     assert (tmp_path / "o" / "adapter_config.json").is_file()
 
 
+@pytest.mark.peft
 def test_umerge_ties_on_adapters_with_base_writes_a_folded_model(fam: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "model"
     assert main(["ties", str(fam["a"]), str(fam["b"]), "--density", "0.8", "--base", str(fam["base"]), "-q", "-o", str(out)]) is None
@@ -109,6 +111,7 @@ def test_umerge_linear_on_adapters_normalizes_weights(fam: dict[str, Path], tmp_
     assert ours.keys() == ref.keys() and all(np.array_equal(ours[k], ref[k]) for k in ref)
 
 
+@pytest.mark.peft
 def test_umerge_magnitude_prune_on_adapters_is_peft_add_weighted_adapter(fam: dict[str, Path], tmp_path: Path) -> None:
     """The method commands route adapter inputs too (no --base needed), with PEFT's semantics."""
     out = tmp_path / "mp"

@@ -18,6 +18,8 @@ from adapters_support import make_adapter, peft_adapter_state, peft_model, save_
 from umerge.adapters import merge_adapters
 from umerge.testing.safetensors_io import load_checkpoint
 
+pytestmark = pytest.mark.peft
+
 RTOL = 1e-5
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LUME, needs_lume
 from umerge.errors import InputError
 from umerge.unlearn.data import load_rows, load_task_data, parse_kind, write_jsonl
 
-LUME = Path(__file__).resolve().parents[2] / "shared/data/lume"
-needs_lume = pytest.mark.skipif(not (LUME / "forget.jsonl").is_file(), reason=f"LUME data not found at {LUME}")
 REPO = Path(__file__).resolve().parents[1]
 
 
