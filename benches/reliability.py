@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO / "python"))
 from conftest import run_umerge, umerge_command  # noqa: E402
 from test_reliability_crash import CHANGE_WHILE_MAPPED, KILL_SHAPE, _try_mount_tmpfs  # noqa: E402
 from test_reliability_inputs import CASES, run_case  # noqa: E402
-from umerge.testing import CheckpointSpec, LlamaShape, make_family  # noqa: E402
+from umerge.synthetic import CheckpointSpec, LlamaShape, make_family  # noqa: E402
 
 FUZZ_DIR = REPO / "rust" / "umerge-core" / "fuzz"
 FUZZ_TARGETS = ["safetensors_header", "shard_index", "planner"]

@@ -1,7 +1,7 @@
 """Shared pytest fixtures: synthetic checkpoints, the `umerge` command, the peer (mergekit) venv and
 the LUME data.
 
-Checkpoints come from `umerge.testing` (seeded, written in the Hugging Face layout); the merge
+Checkpoints come from `umerge.synthetic` (seeded, written in the Hugging Face layout); the merge
 engine is reached through its public surfaces only: the `umerge` command and `umerge.ties`.
 
 Inputs that live outside the repository (the peer venv, the LUME data) are optional locally: a test
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
-from umerge.testing import TINY_ODD, CheckpointSpec, make_family
+from umerge.synthetic import TINY_ODD, CheckpointSpec, make_family
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter

@@ -10,7 +10,7 @@ import pytest
 
 from adapters_support import make_adapter, peft_adapter_state, peft_model, save_base
 from umerge.cli import main
-from umerge.testing.safetensors_io import load_checkpoint
+from umerge.safetensors_io import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_delta_options_are_refused_for_full_models(fam: dict[str, Path], tmp_pat
 
 
 def test_umerge_fold_cli(fam: dict[str, Path], tmp_path: Path) -> None:
-    from umerge.testing.safetensors_io import checkpoint_dtypes
+    from umerge.safetensors_io import checkpoint_dtypes
 
     out = tmp_path / "folded"
     assert main(["fold", str(fam["a"]), "--base", str(fam["base"]), "--out-dtype", "bf16", "--memory-budget", "64MiB",

@@ -88,6 +88,19 @@ def test_report_has_every_table_and_figure(demo_run: tuple[Path, str]) -> None:
     assert "Seeds:" in md
 
 
+def test_every_model_and_every_table2_row_is_there(demo_run: tuple[Path, str]) -> None:
+    """Nothing is left out: Table 1 has all five models, Table 2 every method on both paths, once."""
+    out, _ = demo_run
+    md = (out / "report.md").read_text(encoding="utf-8")
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert rep["table1"] == ["vanilla", "model1", "model2", "merge-ties-factorwise", "merge-ties-full"]
+    paths = ("factor-wise (PEFT semantics)", "full update")
+    want = sorted((m, p) for m in rep["config"]["methods"] for p in paths)
+    assert sorted((row["method"], row["path"]) for row in rep["table2"]) == want
+    assert set(rep["config"]["methods"]) == {"linear", "dare_linear", "dare_ties", "magnitude_prune", "ties"}
+    assert "missing" not in rep and "Not available" not in md and "skipped" not in md
+
+
 def test_table_numbers_equal_report_json(demo_run: tuple[Path, str]) -> None:
     out, _ = demo_run
     md = (out / "report.md").read_text(encoding="utf-8")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from adapters_support import ALL_LINEAR, make_adapter, peft_model, save_base, torch, transformers
-from umerge.testing.safetensors_io import checkpoint_dtypes, load_checkpoint
+from umerge.safetensors_io import checkpoint_dtypes, load_checkpoint
 
 RTOL = 1e-5
 

@@ -26,8 +26,8 @@ import pytest
 
 import umerge
 from conftest import tree_digest
-from umerge.testing import TINY_ODD, llama_tensors, write_model
-from umerge.testing.safetensors_io import load_checkpoint
+from umerge.safetensors_io import load_checkpoint
+from umerge.synthetic import TINY_ODD, llama_tensors, write_model
 
 M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 GAMMA = np.uint64(0x9E3779B97F4A7C15)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import run_umerge
-from umerge.testing import TINY_ODD, CheckpointSpec, make_family, write_model
+from umerge.synthetic import TINY_ODD, CheckpointSpec, make_family, write_model
 
 INDEX = "model.safetensors.index.json"
 

@@ -26,7 +26,7 @@ import pytest
 import reference_merge as ref
 from conftest import Family, run_umerge, tree_digest
 from ties_support import api_ties, compare, dtypes_of, load, task_vectors, tolerance
-from umerge.testing import TINY_ODD, CheckpointSpec, llama_tensors, write_model
+from umerge.synthetic import TINY_ODD, CheckpointSpec, llama_tensors, write_model
 
 NAMES = [n for n, _ in llama_tensors(TINY_ODD)]
 

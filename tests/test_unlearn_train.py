@@ -62,7 +62,7 @@ def one_thread():
 def world(one_thread: None, lume_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from umerge.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
+    from umerge.unlearn.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("unlearn")
     data = load_task_data(lume_dir).head(N_ROWS, N_ROWS)
@@ -262,7 +262,7 @@ def test_two_processes_through_torchrun_share_the_data(world: dict) -> None:
 def test_tiny_builders_round_trip(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from umerge.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
+    from umerge.unlearn.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
 
     texts = ["Sherry painted the city of Madera.", "Margaretha solved equations; Lindsey led.", "Odilia cared for animals."] * 5
     tok = train_byte_bpe_tokenizer(texts, 300, save_dir=tmp_path / "tok")

@@ -47,8 +47,6 @@ def _adapter_entry(path: PathLike, weight: float = 1.0) -> dict[str, Any]:
 def _run(spec: dict[str, Any], progress: ProgressArg) -> MergeReport:
     from umerge import _core
 
-    if not hasattr(_core, "fold"):
-        raise InputError("this build of umerge has no fold engine (umerge._core.fold); rebuild the extension")
     return run_engine(_core.fold, spec, progress)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from umerge.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, PathLike, read_config, weights_path
 from umerge.errors import InputError
-from umerge.testing.safetensors_io import decode, read_header, write_tensors
+from umerge.safetensors_io import decode, read_header, write_tensors
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 

@@ -290,7 +290,7 @@ def methods_cmd(as_json: bool) -> None:
     """List the merge methods the engine knows, and their parameters."""
     from umerge import _core
 
-    info = _method_info(_core)
+    info = json.loads(_core.method_info())
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -299,13 +299,6 @@ def methods_cmd(as_json: bool) -> None:
         for p in m.get("params", []):
             scope = "per model" if p["per_model"] else "global"
             click.echo(f"    {p['name']:<14} {scope:<9} default {p['default']:<9} {p['doc']}")
-
-
-def _method_info(core: Any) -> list[dict[str, Any]]:
-    """[{name, params: [{name, per_model, default, doc}]}] from the engine's registry."""
-    if hasattr(core, "method_info"):
-        return list(json.loads(core.method_info()))
-    return [{"name": n} for n in core.methods()]
 
 
 @click.command(name="run", context_settings=_CTX)
