@@ -168,6 +168,7 @@ def peers() -> Path:
 #: Marker -> the peer its tests compare umerge with. `mergekit` is added to every test that uses the
 #: `peers` fixture; `peft` is set by the tests that compare with PEFT itself.
 PARITY_PEERS = {"mergekit": "mergekit", "peft": "PEFT"}
+_parity_tests: dict[str, set[str]] = {m: set() for m in PARITY_PEERS}  # marker -> node ids
 _parity_outcomes: dict[str, collections.Counter[str]] = {m: collections.Counter() for m in PARITY_PEERS}
 
 
@@ -175,13 +176,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "peers" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.mergekit)
+        for marker, ids in _parity_tests.items():
+            if item.get_closest_marker(marker) is not None:  # the marker, not a parameter id that says "peft"
+                ids.add(item.nodeid)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     # One outcome per test: its call, or its setup when that did not pass (a skip or a failure).
     if report.when == "call" or (report.when == "setup" and not report.passed):
         for marker, counts in _parity_outcomes.items():
-            if marker in report.keywords:
+            if report.nodeid in _parity_tests[marker]:
                 counts[report.outcome] += 1
 
 
