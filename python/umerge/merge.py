@@ -47,6 +47,23 @@ ProgressArg = bool | Callable[[int, int, int, int], None] | None
 
 PRESETS = ("mergekit", "peft", "paper")
 OUT_DTYPES = ("bf16", "f16", "f32")
+#: Every accepted spelling of an output dtype (ours, torch's, mergekit's) -> its name in OUT_DTYPES.
+DTYPE_NAMES = {
+    "float32": "f32", "fp32": "f32", "float": "f32", "f32": "f32",
+    "bfloat16": "bf16", "bf16": "bf16",
+    "float16": "f16", "fp16": "f16", "half": "f16", "f16": "f16",
+}
+
+
+def out_dtype_name(out_dtype: str | None) -> str | None:
+    """`"bfloat16"` -> `"bf16"` (any spelling in DTYPE_NAMES -> its OUT_DTYPES name); None stays None."""
+    if out_dtype is None:
+        return None
+    try:
+        return DTYPE_NAMES[out_dtype]
+    except KeyError:
+        raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(OUT_DTYPES)}, "
+                         "or bfloat16, float16, float32)") from None
 
 
 @dataclass(frozen=True)
@@ -148,8 +165,7 @@ def output_options(
     """The optional output/resource fields of an engine spec, checked: `out_dtype` (one of
     OUT_DTYPES), `threads` (>= 1), `memory_budget` and `max_shard_size` (bytes, see `parse_size`).
     Fields left as None are omitted, so the engine applies its defaults."""
-    if out_dtype is not None and out_dtype not in OUT_DTYPES:
-        raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(OUT_DTYPES)})")
+    out_dtype = out_dtype_name(out_dtype)
     if threads is not None and threads < 1:
         raise InputError(f"threads must be at least 1, got {threads}")
     opts: dict[str, Any] = {}

@@ -44,9 +44,10 @@ from umerge.adapters.lora import (
     write_adapter,
 )
 from umerge.errors import InputError
+from umerge.merge import out_dtype_name
+from umerge.safetensors_io import canonical_dtype
 
 DELTAS = ("factors", "full")
-_OUT_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,7 @@ def merge_adapters(
         raise InputError("no adapters given")
     if delta not in DELTAS:
         raise InputError(f"delta {delta!r} is not one of {', '.join(DELTAS)}")
-    if out_dtype is not None and out_dtype not in _OUT_DTYPES:
-        raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(_OUT_DTYPES)})")
+    out_dtype = out_dtype_name(out_dtype)
     combination = peft_combination(method, delta)
     if base is not None and delta == "full":
         from umerge.adapters.folding import fold_merged
@@ -222,7 +222,7 @@ def merge_adapters(
             f"the first adapter uses rsLoRA, so the merged adapter (r = lora_alpha = {rank}, as PEFT sets them) "
             f"is scaled by sqrt({rank}) when loaded, exactly as PEFT's own merged adapter is"
         )
-    dtype = _OUT_DTYPES[out_dtype] if out_dtype else loaded[0].dtype
+    dtype = canonical_dtype(out_dtype) if out_dtype else loaded[0].dtype
     recipe = {
         "umerge_adapter_merge": {
             "combination": combination, "adapters": [str(Path(a).absolute()) for a in adapters], "weights": w,
