@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PEERS  ?= .venv-peers
 
-.PHONY: install install-base test test-rust test-python peers demo example bench clean
+.PHONY: install install-base check check-rust check-python test test-rust test-python peers demo example bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +22,29 @@ install-base: $(BIN)/python
 peers:
 	bash benches/make_peer_venv.sh $(PEERS)
 
+# The gates every change passes before its tests run: formatting, lints, docs, types, and the
+# native module's stub (python/umerge/_core.pyi) against the compiled module.
+check: check-rust check-python
+
+check-rust:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --release -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+
+check-python: install
+	$(BIN)/python -m ruff check python tests benches
+	$(BIN)/python -m mypy python/umerge
+	$(BIN)/python -m mypy.stubtest umerge._core
+
 test-rust:
 	cargo test --release -p umerge-core
 
 test-python: install
 	$(BIN)/python -m pytest -q
 
-# Every test: Rust, then Python. Peer parity tests run when the peer venv could be built.
-test: install
+# The gates, then every test: Rust, then Python. Peer parity tests run when the peer venv could be
+# built; under CI (CI=true) a missing peer venv or missing LUME data fails the run.
+test: install check
 	-$(MAKE) peers
 	$(MAKE) test-rust
 	$(MAKE) test-python

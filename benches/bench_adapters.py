@@ -38,7 +38,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def write_adapter(base: Path, out: Path, r: int, alpha: int, seed: int) -> Path:
     """A random PEFT LoRA adapter on every linear layer of `base` (float32 factors)."""
-    from umerge.testing.safetensors_io import read_header, tensor_files, write_tensors
+    from umerge.safetensors_io import read_header, tensor_files, write_tensors
 
     if (out / "adapter_model.safetensors").exists():
         return out
@@ -89,7 +89,7 @@ def run_peft(base: Path, out: Path, mode: str, adapters: list[Path]) -> Measurem
 
 def agreement(a: Path, b: Path) -> float:
     """Fraction of elements within one bf16 ulp over the targeted tensors of layer 0 and the last layer."""
-    from umerge.testing.safetensors_io import read_tensor, tensor_files
+    from umerge.safetensors_io import read_tensor, tensor_files
 
     fa, fb = tensor_files(a), tensor_files(b)
     names = [n for n in fa if any(t in n for t in TARGETS) and (".layers.0." in n or ".layers.21." in n)]
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\nmachine: {machine()}")
     print(f"base: TinyLlama-1.1B shapes, bf16, 3 shards; adapters: r={args.rank}, alpha={2 * args.rank}, all linear layers, f32\n")
-    print("| job | umerge wall s (CPU s) | umerge peak RSS MiB | PEFT wall s (CPU s) | PEFT peak RSS MiB | speed-up wall (CPU) | outputs within 1 bf16 ulp |")
+    print("| job | umerge wall s (CPU s) | umerge peak RSS MiB | PEFT wall s (CPU s) | PEFT peak RSS MiB "
+          "| speed-up wall (CPU) | outputs within 1 bf16 ulp |")
     print("|---|---|---|---|---|---|---|")
     for name, ums, mp, agree in rows:
         uw = sum(m.seconds for m in ums)

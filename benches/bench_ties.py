@@ -59,7 +59,7 @@ def family_dir(root: Path, layers: int) -> Path:
 
 def ensure_family(root: Path, layers: int, shards: int, seed: int) -> tuple[Path, list[Path]]:
     """Generate the base and 2 fine-tuned checkpoints once; reuse them when the marker matches."""
-    from umerge.testing import TINYLLAMA, CheckpointSpec, make_family
+    from umerge.synthetic import TINYLLAMA, CheckpointSpec, make_family
 
     spec = CheckpointSpec(TINYLLAMA.with_layers(layers), dtype="BF16", shards=shards, seed=seed)
     fam = family_dir(root, layers)
@@ -118,7 +118,7 @@ def run_mergekit(peers: Path, base: Path, fts: list[Path], out: Path, density: f
 
 def agreement(a: Path, b: Path, names: list[str]) -> tuple[int, int]:
     """(elements within 1 bf16 ulp, elements) over a few tensors of two outputs."""
-    from umerge.testing.safetensors_io import read_tensor, tensor_files
+    from umerge.safetensors_io import read_tensor, tensor_files
 
     fa, fb = tensor_files(a), tensor_files(b)
     ok = total = 0
@@ -134,7 +134,7 @@ def reference_agreement(base: Path, fts: list[Path], outputs: list[Path], name: 
     """Per output: fraction of one tensor within 1 bf16 ulp of the float64 numpy reference (tests/)."""
     sys.path.insert(0, str(REPO / "tests"))
     import reference_merge as ref
-    from umerge.testing.safetensors_io import read_tensor, tensor_files
+    from umerge.safetensors_io import read_tensor, tensor_files
 
     def get(path: Path) -> np.ndarray:
         return read_tensor(tensor_files(path)[name], name)

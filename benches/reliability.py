@@ -49,8 +49,7 @@ sys.path.insert(0, str(REPO / "python"))
 from conftest import run_umerge, umerge_command  # noqa: E402
 from test_reliability_crash import CHANGE_WHILE_MAPPED, KILL_SHAPE, _try_mount_tmpfs  # noqa: E402
 from test_reliability_inputs import CASES, run_case  # noqa: E402
-
-from umerge.testing import CheckpointSpec, LlamaShape, make_family  # noqa: E402
+from umerge.synthetic import CheckpointSpec, LlamaShape, make_family  # noqa: E402
 
 FUZZ_DIR = REPO / "rust" / "umerge-core" / "fuzz"
 FUZZ_TARGETS = ["safetensors_header", "shard_index", "planner"]
@@ -141,7 +140,8 @@ def kill_points(n: int) -> dict[str, Any]:
     for o in outcomes:
         phase = "writing the output" if o["while_writing"] else ("start-up / reading / planning" if o["killed"] else "-")
         print(f"| {o['at_s']:.2f} | {'yes' if o['killed'] else 'finished first'} | {phase} | {o['target']} |")
-    print(f"\nkilled while writing the output: {sum(o['while_writing'] for o in outcomes)}; partial outputs: {partial}; absent: {sum(o['target'] == 'absent' for o in outcomes)}; "
+    print(f"\nkilled while writing the output: {sum(o['while_writing'] for o in outcomes)}; "
+          f"partial outputs: {partial}; absent: {sum(o['target'] == 'absent' for o in outcomes)}; "
           f"complete: {sum(o['target'] == 'complete' for o in outcomes)}")
     print(f"stale temporary directories before the next run: {len(stale_before)}, after it: {len(stale_after)}; "
           f"next run output identical to the reference: {final_ok}")

@@ -10,7 +10,7 @@ import pytest
 
 from adapters_support import make_adapter, peft_adapter_state, peft_model, save_base
 from umerge.cli import main
-from umerge.testing.safetensors_io import load_checkpoint
+from umerge.safetensors_io import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+@pytest.mark.peft
 def test_umerge_ties_on_adapters_is_peft_add_weighted_adapter(fam: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "ab"
     assert main(["ties", str(fam["a"]), str(fam["b"]), "--density", "0.8", "--weight", "1", "--weight", "0.5",
@@ -46,6 +47,7 @@ def test_python_ties_on_adapters_returns_an_adapter(fam: dict[str, Path], tmp_pa
     assert (tmp_path / "o" / "adapter_config.json").is_file()
 
 
+@pytest.mark.peft
 def test_umerge_ties_on_adapters_with_base_writes_a_folded_model(fam: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "model"
     assert main(["ties", str(fam["a"]), str(fam["b"]), "--density", "0.8", "--base", str(fam["base"]), "-q", "-o", str(out)]) is None
@@ -89,7 +91,7 @@ def test_delta_options_are_refused_for_full_models(fam: dict[str, Path], tmp_pat
 
 
 def test_umerge_fold_cli(fam: dict[str, Path], tmp_path: Path) -> None:
-    from umerge.testing.safetensors_io import checkpoint_dtypes
+    from umerge.safetensors_io import checkpoint_dtypes
 
     out = tmp_path / "folded"
     assert main(["fold", str(fam["a"]), "--base", str(fam["base"]), "--out-dtype", "bf16", "--memory-budget", "64MiB",
@@ -109,6 +111,7 @@ def test_umerge_linear_on_adapters_normalizes_weights(fam: dict[str, Path], tmp_
     assert ours.keys() == ref.keys() and all(np.array_equal(ours[k], ref[k]) for k in ref)
 
 
+@pytest.mark.peft
 def test_umerge_magnitude_prune_on_adapters_is_peft_add_weighted_adapter(fam: dict[str, Path], tmp_path: Path) -> None:
     """The method commands route adapter inputs too (no --base needed), with PEFT's semantics."""
     out = tmp_path / "mp"

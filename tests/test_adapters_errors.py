@@ -71,12 +71,10 @@ def test_missing_density_for_ties(fam: dict[str, Path], tmp_path: Path, capsys: 
     _fails(capsys, ["merge-adapters", str(fam["r4"]), str(fam["r4"])], tmp_path / "o", "density")
 
 
-@pytest.mark.skipif(not hasattr(__import__("umerge._core", fromlist=["_core"]), "fold"), reason="extension built without fold")
 def test_fold_shapes_do_not_fit_base(fam: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails(capsys, ["fold", str(fam["r4"]), "--base", str(fam["other_base"]), "-q"], tmp_path / "o",
            "does not fit this base")
 
 
-@pytest.mark.skipif(not hasattr(__import__("umerge._core", fromlist=["_core"]), "fold"), reason="extension built without fold")
 def test_fold_missing_config(fam: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails(capsys, ["fold", str(fam["no_cfg"]), "--base", str(fam["base"]), "-q"], tmp_path / "o", "adapter_config.json")

@@ -17,7 +17,9 @@ import pytest
 
 from adapters_support import make_adapter, peft_adapter_state, peft_model, save_base, torch
 from umerge.adapters import merge_adapters
-from umerge.testing.safetensors_io import load_checkpoint
+from umerge.safetensors_io import load_checkpoint
+
+pytestmark = pytest.mark.peft
 
 RTOL = 1e-5
 

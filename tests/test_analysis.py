@@ -178,6 +178,7 @@ def test_angle_errors(tmp_path: Path) -> None:
         run_angles(tmp_path / "one")
 
 
+@pytest.mark.peft
 @pytest.mark.train
 def test_lora_delta_matches_peft(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")

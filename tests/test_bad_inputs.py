@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import Family, run_umerge, tree_digest
-from umerge.testing import TINY_ODD, CheckpointSpec, make_family, write_model
-from umerge.testing.safetensors_io import read_header, write_tensors
+from umerge.safetensors_io import read_header, write_tensors
+from umerge.synthetic import TINY_ODD, CheckpointSpec, make_family, write_model
 
 SHARD1 = "model-00001-of-00003.safetensors"
 SHARD2 = "model-00002-of-00003.safetensors"

@@ -16,7 +16,7 @@ import pytest
 import umerge
 from conftest import Family
 from reference_merge import breadcrumbs, keep_count, threshold_ties
-from umerge.testing.safetensors_io import load_checkpoint
+from umerge.safetensors_io import load_checkpoint
 
 
 @pytest.mark.parametrize(("method", "density", "gamma"), [

@@ -13,8 +13,8 @@ import yaml
 
 from conftest import Family, run_umerge
 from ties_support import dtypes_of, load
-from umerge.testing import TINY_ODD, llama_tensors
-from umerge.testing.safetensors_io import read_header
+from umerge.safetensors_io import read_header
+from umerge.synthetic import TINY_ODD, llama_tensors
 
 TIES_OPTIONS = ["--base", "--density", "--weight", "--lambda", "--preset", "-o", "--out-dtype", "--threads",
                 "--memory-budget", "--max-shard-size", "--strict", "--overwrite", "--quiet"]

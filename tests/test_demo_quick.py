@@ -36,7 +36,7 @@ def _table_rows(section: str) -> list[list[str]]:
     for line in section.splitlines():
         if line.startswith("|") and not re.match(r"^\|[-| ]+\|$", line):
             rows.append([c.strip() for c in line.strip().strip("|").split("|")])
-    return [r for r in rows if not r[0] in ("Model", "Method", "Density", "Round", "Stage")]
+    return [r for r in rows if r[0] not in ("Model", "Method", "Density", "Round", "Stage")]
 
 
 def _num(cell: str) -> float | None:
@@ -115,6 +115,19 @@ def test_the_paper_figures_have_their_numbers_in_report_json(demo_run: tuple[Pat
             assert r["null_angle_0s_sF_lo"] < 90 < r["null_angle_0s_sF_hi"] and r["dim"] > 1000
     # Figure 5: the sweep's rows hold the AUC as well as the score
     assert all("mia_auc" in r and "mia_score" in r for r in rep["sweep"])
+
+
+def test_every_model_and_every_table2_row_is_there(demo_run: tuple[Path, str]) -> None:
+    """Nothing is left out: Table 1 has all five models, Table 2 every method on both paths, once."""
+    out, _ = demo_run
+    md = (out / "report.md").read_text(encoding="utf-8")
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert rep["table1"] == ["vanilla", "model1", "model2", "merge-ties-factorwise", "merge-ties-full"]
+    paths = ("factor-wise (PEFT semantics)", "full update")
+    want = sorted((m, p) for m in rep["config"]["methods"] for p in paths)
+    assert sorted((row["method"], row["path"]) for row in rep["table2"]) == want
+    assert set(rep["config"]["methods"]) == {"linear", "dare_linear", "dare_ties", "magnitude_prune", "ties"}
+    assert "missing" not in rep and "Not available" not in md and "skipped" not in md
 
 
 def test_table_numbers_equal_report_json(demo_run: tuple[Path, str]) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import Family, run_umerge
 from ties_support import weight_files
-from umerge.testing import CheckpointSpec, LlamaShape
+from umerge.synthetic import CheckpointSpec, LlamaShape
 
 # One layer, 11M parameters; embeddings of 4.1M elements (8 MiB in bf16): several chunks each.
 MEDIUM = LlamaShape(hidden=512, intermediate=1376, layers=1, heads=8, kv_heads=2, vocab=8003)
@@ -18,7 +18,7 @@ MEDIUM = LlamaShape(hidden=512, intermediate=1376, layers=1, heads=8, kv_heads=2
 
 @pytest.fixture(scope="module")
 def medium_bf16(tmp_path_factory: pytest.TempPathFactory) -> Family:
-    from umerge.testing import make_family
+    from umerge.synthetic import make_family
 
     spec = CheckpointSpec(MEDIUM, "BF16", shards=2, seed=31)
     base, fts = make_family(tmp_path_factory.mktemp("medium"), spec, 2)

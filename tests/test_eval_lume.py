@@ -11,21 +11,20 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
+from conftest import LUME, needs_lume
 from umerge.evaluate import build_report
 
 pytest.importorskip("rouge_score")
 from nltk.stem import porter  # noqa: E402
 
-LUME = Path(__file__).resolve().parents[2] / "shared/data/lume"
 TOL = 1e-9
 TASKS = ("Task1", "Task2", "Task3")
 _STEM = porter.PorterStemmer()
 
-pytestmark = pytest.mark.skipif(not (LUME / "forget.jsonl").is_file(), reason=f"LUME data not found at {LUME}")
+pytestmark = needs_lume
 
 
 def tokens(text: str) -> list[str]:

@@ -47,7 +47,7 @@ def synthetic_rows() -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from umerge.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
+    from umerge.unlearn.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("tiny")
     rows = synthetic_rows()

@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 
 from umerge.errors import InputError
-from umerge.evaluate import EvalReport, build_report, compare, score_only
-from umerge.evaluate import metrics
+from umerge.evaluate import EvalReport, build_report, compare, metrics, score_only
 
 pytest.importorskip("rouge_score")
 pytest.importorskip("sklearn")

@@ -16,12 +16,7 @@ import numpy as np
 import pytest
 
 from adapters_support import ALL_LINEAR, make_adapter, peft_model, save_base, torch, transformers
-from umerge.testing.safetensors_io import checkpoint_dtypes, load_checkpoint
-
-pytestmark = pytest.mark.skipif(
-    not hasattr(__import__("umerge._core", fromlist=["_core"]), "fold"),
-    reason="the native extension was built before umerge_core::fold was bound (rebuild with maturin develop)",
-)
+from umerge.safetensors_io import checkpoint_dtypes, load_checkpoint
 
 RTOL = 1e-5
 
@@ -45,6 +40,7 @@ def _peft_merged(family: dict[str, Path], name: str) -> "torch.nn.Module":
     return peft_model(family["base"], {name: family[name]}).merge_and_unload().eval()
 
 
+@pytest.mark.peft
 def test_fold_matches_merge_and_unload(family: dict[str, Path], tmp_path: Path) -> None:
     import umerge
 
@@ -64,6 +60,7 @@ def test_fold_matches_merge_and_unload(family: dict[str, Path], tmp_path: Path) 
     assert (out / "config.json").is_file() and (out / "umerge.yml").is_file()
 
 
+@pytest.mark.peft
 def test_folded_model_loads_and_gives_peft_logits(family: dict[str, Path], tmp_path: Path) -> None:
     import umerge
 
@@ -94,6 +91,7 @@ def test_fold_to_bf16_rounds_once(family: dict[str, Path], tmp_path: Path) -> No
         assert np.all(np.abs(ours[name] - exact) <= ulp), name
 
 
+@pytest.mark.peft
 @pytest.mark.parametrize("density, majority", [(0.8, "total"), (0.4, "frequency")])
 def test_delta_full_ties_with_base_equals_peft_ties_on_updates(family: dict[str, Path], tmp_path: Path, density: float, majority: str) -> None:
     """out = W + peft.utils.merge_utils.ties([s_a B_a A_a, s_b B_b A_b], w, density) per module."""
@@ -131,6 +129,7 @@ def test_delta_full_linear_with_base_is_the_weighted_sum(family: dict[str, Path]
         assert _rel(ours[name], ref) <= RTOL
 
 
+@pytest.mark.peft
 def test_fold_fan_in_fan_out_gpt2(tmp_path: Path) -> None:
     """GPT-2 stores Conv1D weights [in, out]; PEFT folds (B @ A)^T there (fan_in_fan_out)."""
     import peft
@@ -153,6 +152,7 @@ def test_fold_fan_in_fan_out_gpt2(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "gpt2"
 
 
+@pytest.mark.peft
 def test_factorwise_ties_with_base_is_peft_add_weighted_adapter_then_merge_and_unload(family: dict[str, Path], tmp_path: Path) -> None:
     """The ZJUKLAB pipeline: add_weighted_adapter(ties, density 0.8, weights [1, 1]) + merge_and_unload."""
     from umerge.adapters import merge_adapters

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, Family, umerge_command
-from umerge.testing import CheckpointSpec, LlamaShape, make_family
+from umerge.synthetic import CheckpointSpec, LlamaShape, make_family
 
 # 55M parameters, 110 MB per bf16 checkpoint; embeddings of 16.4M elements (many chunks each).
 LARGE = LlamaShape(hidden=1024, intermediate=2816, layers=2, heads=8, kv_heads=2, vocab=16000)

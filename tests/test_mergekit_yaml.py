@@ -17,7 +17,7 @@ import pytest
 from conftest import Family, run_umerge
 from umerge import mergekit_yaml as mk
 from umerge.errors import InputError
-from umerge.testing.safetensors_io import load_checkpoint
+from umerge.safetensors_io import load_checkpoint
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -113,7 +113,7 @@ def test_run_linear_with_base_model_merges_the_base_as_an_input(odd_f32_family: 
 
 
 def test_tokenizer_source_model_copies_its_tokenizer(make_family_at, tmp_path: Path) -> None:
-    from umerge.testing import TINY, CheckpointSpec
+    from umerge.synthetic import TINY, CheckpointSpec
 
     fam = make_family_at(CheckpointSpec(TINY, dtype="F32", shards=1, seed=2), 1)
     (fam.finetuned[0] / "tokenizer.json").write_text('{"from": "ft"}')

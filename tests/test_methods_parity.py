@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import Family, run_umerge
-from umerge.testing.safetensors_io import load_checkpoint
+from umerge.safetensors_io import load_checkpoint
 
 RUNNER = textwrap.dedent("""
     import json, sys, yaml

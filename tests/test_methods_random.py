@@ -26,8 +26,8 @@ import pytest
 
 import umerge
 from conftest import tree_digest
-from umerge.testing import TINY_ODD, llama_tensors, write_model
-from umerge.testing.safetensors_io import load_checkpoint
+from umerge.safetensors_io import load_checkpoint
+from umerge.synthetic import TINY_ODD, llama_tensors, write_model
 
 M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -53,7 +53,7 @@ def _draws(seed: int, tensor: str, model: int, n: int) -> np.ndarray:
     the block's first 512 entries and its low half to the last 512."""
     with np.errstate(over="ignore"):
         one = lambda x: _mix(np.array([x], dtype=np.uint64))[0]  # noqa: E731
-        key = one(int(one(np.uint64(seed) ^ one(np.uint64(_fnv1a(tensor))))) ^ int(one(np.uint64((model + 1)) * GAMMA)))
+        key = one(int(one(np.uint64(seed) ^ one(np.uint64(_fnv1a(tensor))))) ^ int(one(np.uint64(model + 1) * GAMMA)))
         j = np.arange(n, dtype=np.uint64)
         q = (j // np.uint64(1024)) * np.uint64(512) + j % np.uint64(512)
         r = _mix(key + (q + np.uint64(1)) * GAMMA)

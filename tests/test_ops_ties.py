@@ -9,14 +9,12 @@ only sign elections that float32 arithmetic cannot resolve (see reference_merge.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference_merge as ref
+import umerge.ops as umerge_ops
 from ties_support import tolerance
-
-umerge_ops = pytest.importorskip("umerge.ops")
 
 
 @st.composite

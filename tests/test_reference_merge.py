@@ -129,6 +129,7 @@ def test_paper_threshold_ties_are_global() -> None:
     assert ties[0]["A"].tolist() == [True, False] and ties[0]["B"].tolist() == [True]
 
 
+@pytest.mark.peft
 @pytest.mark.train
 def test_peft_reference_equals_peft_itself() -> None:
     torch = pytest.importorskip("torch")

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from conftest import Family, run_umerge, tree_digest
-from umerge.testing import TINY_ODD, CheckpointSpec, make_family, write_model
-from umerge.testing.safetensors_io import load_checkpoint, read_header, write_tensors
+from umerge.safetensors_io import load_checkpoint, read_header, write_tensors
+from umerge.synthetic import TINY_ODD, CheckpointSpec, make_family, write_model
 
 SHARD1 = "model-00001-of-00003.safetensors"
 SHARD2 = "model-00002-of-00003.safetensors"
@@ -496,11 +496,6 @@ def run_case(case: Case, tmp: Path) -> tuple[int, str, list[str]]:
         if Path(p).read_bytes() != data:
             problems.append(f"input file {p} changed")
     return result.returncode, (lines[0] if lines else ""), problems
-
-
-def test_catalogue_has_at_least_25_kinds() -> None:
-    assert len(CASES) >= 25
-    assert len({c.name for c in CASES}) == len(CASES)
 
 
 def test_the_uncorrupted_family_merges(tmp_path: Path) -> None:

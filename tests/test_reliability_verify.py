@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import Family, run_umerge
-from umerge.testing import TINY_ODD, CheckpointSpec, make_family, write_model
+from conftest import run_umerge
+from umerge.synthetic import TINY_ODD, CheckpointSpec, make_family, write_model
 
 INDEX = "model.safetensors.index.json"
 

@@ -17,7 +17,7 @@ import reference_merge as ref
 from conftest import run_umerge
 from ties_support import api_ties, compare, dtypes_of, load, task_vectors, tolerance
 from umerge.errors import InputError
-from umerge.testing import load_checkpoint, write_model
+from umerge.synthetic import load_checkpoint, write_model
 
 PRESETS = ["mergekit", "peft", "paper"]
 

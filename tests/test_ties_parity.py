@@ -26,7 +26,7 @@ import pytest
 import reference_merge as ref
 from conftest import Family, run_umerge, tree_digest
 from ties_support import api_ties, compare, dtypes_of, load, task_vectors, tolerance
-from umerge.testing import TINY_ODD, CheckpointSpec, llama_tensors, write_model
+from umerge.synthetic import TINY_ODD, CheckpointSpec, llama_tensors, write_model
 
 NAMES = [n for n, _ in llama_tensors(TINY_ODD)]
 
@@ -145,6 +145,7 @@ def test_mergekit_preset_matches_mergekit_itself(peers: Path, odd_f32_family: Fa
     assert within >= 0.999 * total, "\n".join(worst)
 
 
+@pytest.mark.peft
 @pytest.mark.train
 @pytest.mark.parametrize(("weights", "lambda_"), [([1.0, 1.0], 1.0), ([1.0, 0.6], 0.8)])
 def test_peft_preset_matches_peft(odd_f32_family: Family, tmp_path: Path, weights: list[float], lambda_: float) -> None:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import LUME, needs_lume
 from umerge.errors import InputError
 from umerge.unlearn.data import load_rows, load_task_data, parse_kind, write_jsonl
 
-LUME = Path(__file__).resolve().parents[2] / "shared/data/lume"
-needs_lume = pytest.mark.skipif(not (LUME / "forget.jsonl").is_file(), reason=f"LUME data not found at {LUME}")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -168,7 +167,8 @@ def test_cli_reports_bad_data_in_one_line(tmp_path: Path) -> None:
     _write(tmp_path, "forget.jsonl", [GOOD, json.dumps({"id": "x", "input": "a", "output": "b", "task": "T"})])
     _write(tmp_path, "retain.jsonl", [GOOD])
     proc = subprocess.run(
-        [sys.executable, "-c", "from umerge.cli import main; main()", "train", "--model", str(tmp_path), "--data", str(tmp_path), "-o", str(tmp_path / "out")],
+        [sys.executable, "-c", "from umerge.cli import main; main()", "train", "--model", str(tmp_path),
+         "--data", str(tmp_path), "-o", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         env={"PYTHONPATH": str(REPO / "python"), "PATH": "/usr/bin:/bin"},

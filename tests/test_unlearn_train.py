@@ -41,17 +41,12 @@ from umerge.unlearn.data import write_jsonl  # noqa: E402
 
 pytestmark = pytest.mark.train
 
-LUME = Path(__file__).resolve().parents[2] / "shared/data/lume"
 REPO = Path(__file__).resolve().parents[1]
 ML = 64
 N_ROWS = 8
 EPOCHS = 5
 OVERRIDES = [f"epochs={EPOCHS}", "lr=1.5e-2", "grad_accum=1", "warmup_epochs=0", f"max_length={ML}"]
 LINEAR_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-
-if not (LUME / "forget.jsonl").is_file():
-    pytest.skip(f"LUME data not found at {LUME}", allow_module_level=True)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -64,13 +59,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def world(one_thread: None, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def world(one_thread: None, lume_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from umerge.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
+    from umerge.unlearn.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("unlearn")
-    data = load_task_data(LUME).head(N_ROWS, N_ROWS)
+    data = load_task_data(lume_dir).head(N_ROWS, N_ROWS)
     write_jsonl(data.forget, root / "data" / "forget.jsonl")
     write_jsonl(data.retain, root / "data" / "retain.jsonl")
     tok = train_byte_bpe_tokenizer([r.input + " " + r.output for r in data.forget + data.retain], 512)
@@ -316,7 +311,7 @@ def test_two_processes_through_torchrun_share_the_data(world: dict) -> None:
 def test_tiny_builders_round_trip(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from umerge.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
+    from umerge.unlearn.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
 
     texts = ["Sherry painted the city of Madera.", "Margaretha solved equations; Lindsey led.", "Odilia cared for animals."] * 5
     tok = train_byte_bpe_tokenizer(texts, 300, save_dir=tmp_path / "tok")

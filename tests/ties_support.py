@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from umerge.testing import load_checkpoint
-from umerge.testing.safetensors_io import checkpoint_dtypes
+from umerge.safetensors_io import checkpoint_dtypes
+from umerge.synthetic import load_checkpoint
 
 #: Relative float32 error allowed: 8 float32 epsilons.
 F32_REL = 2.0 ** -20

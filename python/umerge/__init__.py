@@ -7,6 +7,7 @@ the CLI (`umerge --help`), and, with the `train` extra, the unlearning workbench
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:
     __version__ = version("umerge")
@@ -35,7 +36,7 @@ __all__ += ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare
 __all__ += ["adapters", "fold"]
 
 
-def __getattr__(name: str) -> object:
+def __getattr__(name: str) -> Any:
     # `umerge.ops` imports numpy; load it on first use so the CLI starts fast.
     if name == "ops":
         import importlib

@@ -1,6 +1,19 @@
 """Type stub of the native engine module `umerge._core` (Rust, PyO3)."""
 
-from typing import Callable, Optional
+from collections.abc import Callable
+
+__all__ = [
+    "UmergeError",
+    "InputError",
+    "merge",
+    "fold",
+    "inspect",
+    "verify",
+    "merge_arrays",
+    "version",
+    "methods",
+    "method_info",
+]
 
 class UmergeError(Exception):
     """Base class of every error umerge raises on purpose."""
@@ -8,11 +21,11 @@ class UmergeError(Exception):
 class InputError(UmergeError, ValueError):
     """Bad input or options: a message saying what is wrong and where."""
 
-def merge(spec_json: str, progress: Optional[Callable[[int, int, int, int], None]] = None) -> str:
+def merge(spec_json: str, progress: Callable[[int, int, int, int], None] | None = None) -> str:
     """Runs the merge described by the JSON spec (see umerge.merge); returns the report as JSON.
     `progress(tensors_done, tensors_total, bytes_done, bytes_total)` is called after each tensor."""
 
-def fold(spec_json: str, progress: Optional[Callable[[int, int, int, int], None]] = None) -> str:
+def fold(spec_json: str, progress: Callable[[int, int, int, int], None] | None = None) -> str:
     """Folds LoRA adapters into their base (W + scaling * B @ A per targeted module) as described by
     the JSON fold spec (see umerge.adapters.folding); returns the report as JSON. Progress as in merge."""
 
@@ -26,9 +39,9 @@ def inspect(path: str) -> str:
 def merge_arrays(
     method: str,
     params_json: str,
-    base: Optional[bytes],
+    base: bytes | None,
     models: list[bytes],
-    threads: Optional[int] = None,
+    threads: int | None = None,
 ) -> bytes:
     """Merges little-endian float32 buffers as one tensor; returns float32 bytes."""
 

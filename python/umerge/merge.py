@@ -34,19 +34,36 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 from umerge.errors import InputError
 
-PathLike = Union[str, "os.PathLike[str]"]
-ParamValue = Union[float, int, str, bool, Sequence[float], Sequence[Mapping[str, Any]]]
-ProgressArg = Union[bool, Callable[[int, int, int, int], None], None]
+PathLike = str | os.PathLike[str]
+ParamValue = float | int | str | bool | Sequence[float] | Sequence[Mapping[str, Any]]
+ProgressArg = bool | Callable[[int, int, int, int], None] | None
 
 PRESETS = ("mergekit", "peft", "paper")
 OUT_DTYPES = ("bf16", "f16", "f32")
+#: Every accepted spelling of an output dtype (ours, torch's, mergekit's) -> its name in OUT_DTYPES.
+DTYPE_NAMES = {
+    "float32": "f32", "fp32": "f32", "float": "f32", "f32": "f32",
+    "bfloat16": "bf16", "bf16": "bf16",
+    "float16": "f16", "fp16": "f16", "half": "f16", "f16": "f16",
+}
+
+
+def out_dtype_name(out_dtype: str | None) -> str | None:
+    """`"bfloat16"` -> `"bf16"` (any spelling in DTYPE_NAMES -> its OUT_DTYPES name); None stays None."""
+    if out_dtype is None:
+        return None
+    try:
+        return DTYPE_NAMES[out_dtype]
+    except KeyError:
+        raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(OUT_DTYPES)}, "
+                         "or bfloat16, float16, float32)") from None
 
 
 @dataclass(frozen=True)
@@ -99,7 +116,7 @@ _UNITS = {
 }
 
 
-def parse_size(value: Union[str, int, None], what: str = "size") -> int | None:
+def parse_size(value: str | int | None, what: str = "size") -> int | None:
     """Parses a byte size: `1000000`, `512MiB` (binary), `5GB` (decimal, as Hugging Face), `2G` (binary)."""
     if value is None:
         return None
@@ -142,14 +159,13 @@ def run_engine(entry: Callable[[str, Any], str], spec: Mapping[str, Any], progre
 def output_options(
     out_dtype: str | None,
     threads: int | None,
-    memory_budget: Union[str, int, None],
-    max_shard_size: Union[str, int, None],
+    memory_budget: str | int | None,
+    max_shard_size: str | int | None,
 ) -> dict[str, Any]:
     """The optional output/resource fields of an engine spec, checked: `out_dtype` (one of
     OUT_DTYPES), `threads` (>= 1), `memory_budget` and `max_shard_size` (bytes, see `parse_size`).
     Fields left as None are omitted, so the engine applies its defaults."""
-    if out_dtype is not None and out_dtype not in OUT_DTYPES:
-        raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(OUT_DTYPES)})")
+    out_dtype = out_dtype_name(out_dtype)
     if threads is not None and threads < 1:
         raise InputError(f"threads must be at least 1, got {threads}")
     opts: dict[str, Any] = {}
@@ -176,8 +192,8 @@ def build_spec(
     out: PathLike = "merged",
     out_dtype: str | None = None,
     threads: int | None = None,
-    memory_budget: Union[str, int, None] = None,
-    max_shard_size: Union[str, int, None] = None,
+    memory_budget: str | int | None = None,
+    max_shard_size: str | int | None = None,
     strict: bool = False,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
@@ -225,8 +241,8 @@ def merge(
     out: PathLike = "merged",
     out_dtype: str | None = None,
     threads: int | None = None,
-    memory_budget: Union[str, int, None] = None,
-    max_shard_size: Union[str, int, None] = None,
+    memory_budget: str | int | None = None,
+    max_shard_size: str | int | None = None,
     strict: bool = False,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
@@ -284,8 +300,8 @@ def ties(
     out: PathLike = "merged",
     out_dtype: str | None = None,
     threads: int | None = None,
-    memory_budget: Union[str, int, None] = None,
-    max_shard_size: Union[str, int, None] = None,
+    memory_budget: str | int | None = None,
+    max_shard_size: str | int | None = None,
     strict: bool = False,
     overwrite: bool = False,
     allow_nonfinite: bool = False,

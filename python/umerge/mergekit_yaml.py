@@ -25,8 +25,8 @@ true`` on a magnitude-trimming method) is an `InputError` naming it: never silen
 mergekit's defaults are written into the spec explicitly where they differ from umerge's:
 ``density: 1.0`` for the task-vector methods, ``rescale: l1`` (mergekit's ``rescale: true``) for
 DARE and DELLA, ``normalize: true`` for della. The random methods draw umerge's counter-based
-masks (``--seed``), not torch's generator: same distribution as mergekit, different draws. ``int8_mask`` only changes mergekit's mask storage type, not the result; it is accepted and
-dropped.
+masks (``--seed``), not torch's generator: same distribution as mergekit, different draws.
+``int8_mask`` only changes mergekit's mask storage type, not the result; it is accepted and dropped.
 
 Where parameters vary per tensor (gradients, slices) they are resolved here exactly as mergekit
 resolves them — layer i of L sits at t = i / (L - 1) within its slice, tensors outside the layers at
@@ -46,14 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from umerge.errors import InputError
+from umerge.merge import DTYPE_NAMES
 
 TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 UNSUPPORTED_TOP = {"modules", "tokenizer", "chat_template"}
-DTYPES = {
-    "float32": "f32", "fp32": "f32", "float": "f32", "f32": "f32",
-    "bfloat16": "bf16", "bf16": "bf16",
-    "float16": "f16", "fp16": "f16", "half": "f16", "f16": "f16",
-}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json")
 RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
@@ -286,10 +282,10 @@ def translate(config: Mapping[str, Any], where: str = "config") -> Translation:
     out = config.get("out_dtype") or config.get("dtype")
     out_dtype = None
     if out is not None:
-        if str(out) not in DTYPES:
+        if str(out) not in DTYPE_NAMES:
             raise InputError(f"unsupported dtype {out!r} (use float32, bfloat16 or float16)")
-        out_dtype = DTYPES[str(out)]
-    if config.get("dtype") is not None and str(config["dtype"]) not in DTYPES:
+        out_dtype = DTYPE_NAMES[str(out)]
+    if config.get("dtype") is not None and str(config["dtype"]) not in DTYPE_NAMES:
         raise InputError(f"unsupported dtype {config['dtype']!r} (use float32, bfloat16 or float16)")
     tok = config.get("tokenizer_source")
     if tok is not None:

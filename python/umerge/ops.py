@@ -49,6 +49,7 @@ def merge_arrays(
         elif s != shape:
             raise InputError(f"array {i + 1} has shape {list(s)} but array 1 has {list(shape)}")
         blobs.append(b)
+    assert shape is not None  # models is not empty
     base_b = None
     if base is not None:
         base_b, bs = _f32_bytes(base, "base")

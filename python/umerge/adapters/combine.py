@@ -106,16 +106,18 @@ def combine(
     w = np.asarray(weights, dtype=np.float32)
     if kind == "linear":
         return np.tensordot(w, np.stack(xs), axes=1).astype(np.float32)
+    if density is None:
+        raise InputError(f"{kind} needs a density")
     if kind == "magnitude_prune":
-        return np.tensordot(w, np.stack([magnitude_prune_mask(x, float(density)) for x in xs]), axes=1).astype(np.float32)
+        return np.tensordot(w, np.stack([magnitude_prune_mask(x, density) for x in xs]), axes=1).astype(np.float32)
     if kind == "ties":
         from umerge import ops
 
-        return ops.ties(None, list(xs), density=float(density), weights=list(map(float, w)), preset="peft",
+        return ops.ties(None, list(xs), density=density, weights=list(map(float, w)), preset="peft",
                         majority_sign=majority_sign, threads=threads)
     if kind in ("dare_linear", "dare_ties"):
         rng = _rng(seed, module, part)
-        pruned = [dare_prune(x, float(density), rng) for x in xs]
+        pruned = [dare_prune(x, density, rng) for x in xs]
         if kind == "dare_linear":
             return np.tensordot(w, np.stack(pruned), axes=1).astype(np.float32)
         from umerge import ops

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from umerge.errors import InputError
+from umerge.merge import PathLike
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def is_adapter_dir(path: PathLike) -> bool:
@@ -48,7 +46,7 @@ class AdapterConfig:
     r: int
     lora_alpha: float
     use_rslora: bool
-    target_modules: Union[list[str], str, None]
+    target_modules: list[str] | str | None
     fan_in_fan_out: bool
     raw: dict[str, Any] = field(repr=False, compare=False)
 
@@ -57,7 +55,7 @@ class AdapterConfig:
         """PEFT's scaling of B @ A: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
-    def target_set(self) -> Union[frozenset[str], str, None]:
+    def target_set(self) -> frozenset[str] | str | None:
         """target_modules as PEFT compares them: a set for lists, the regex string otherwise."""
         if isinstance(self.target_modules, list):
             return frozenset(self.target_modules)

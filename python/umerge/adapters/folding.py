@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 from umerge.adapters.combine import MAJORITY, NEEDS_DENSITY
 from umerge.adapters.config import PathLike, read_config, weights_path
@@ -47,27 +47,25 @@ def _adapter_entry(path: PathLike, weight: float = 1.0) -> dict[str, Any]:
 def _run(spec: dict[str, Any], progress: ProgressArg) -> MergeReport:
     from umerge import _core
 
-    if not hasattr(_core, "fold"):
-        raise InputError("this build of umerge has no fold engine (umerge._core.fold); rebuild the extension")
     return run_engine(_core.fold, spec, progress)
 
 
-def _common(out: PathLike, out_dtype: str | None, threads: int | None, memory_budget: Union[str, int, None],
-            max_shard_size: Union[str, int, None], overwrite: bool, allow_nonfinite: bool) -> dict[str, Any]:
+def _common(out: PathLike, out_dtype: str | None, threads: int | None, memory_budget: str | int | None,
+            max_shard_size: str | int | None, overwrite: bool, allow_nonfinite: bool) -> dict[str, Any]:
     spec: dict[str, Any] = {"out": os.fspath(out), "overwrite": bool(overwrite), "allow_nonfinite": bool(allow_nonfinite)}
     spec.update(output_options(out_dtype, threads, memory_budget, max_shard_size))
     return spec
 
 
 def fold(
-    adapter: Union[PathLike, Sequence[PathLike]],
+    adapter: PathLike | Sequence[PathLike],
     base: PathLike,
     out: PathLike = "folded",
     *,
     out_dtype: str | None = None,
     threads: int | None = None,
-    memory_budget: Union[str, int, None] = None,
-    max_shard_size: Union[str, int, None] = None,
+    memory_budget: str | int | None = None,
+    max_shard_size: str | int | None = None,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: ProgressArg = True,
@@ -96,8 +94,8 @@ def fold_merged(
     preset: str = "peft",
     out_dtype: str | None = None,
     threads: int | None = None,
-    memory_budget: Union[str, int, None] = None,
-    max_shard_size: Union[str, int, None] = None,
+    memory_budget: str | int | None = None,
+    max_shard_size: str | int | None = None,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: ProgressArg = True,

@@ -20,7 +20,7 @@ import numpy as np
 
 from umerge.adapters.config import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig, PathLike, read_config, weights_path
 from umerge.errors import InputError
-from umerge.testing.safetensors_io import decode, read_header, write_tensors
+from umerge.safetensors_io import decode, read_header, write_tensors
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
@@ -69,10 +69,10 @@ def load_adapter(path: PathLike) -> LoraAdapter:
             raise InputError(f"tensor {k} has dtype {info['dtype']}, not a float ({wfile})")
         if len(info["shape"]) != 2:
             raise InputError(f"tensor {k} has shape {info['shape']}: only 2-D (linear-layer) LoRA is supported ({wfile})")
-        b, e = info["data_offsets"]
-        if start + e > data.size:
+        begin, end = info["data_offsets"]
+        if start + end > data.size:
             raise InputError(f"tensor {k} runs past the end of the file (truncated?) ({wfile})")
-        arr = decode(data[start + b:start + e], info["dtype"], info["shape"]).astype(np.float32, copy=False)
+        arr = decode(data[start + begin:start + end], info["dtype"], info["shape"]).astype(np.float32, copy=False)
         factors.setdefault(mod, {})[which] = arr
         dtypes.add(info["dtype"])
     if not factors:

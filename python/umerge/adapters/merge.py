@@ -24,14 +24,30 @@ from typing import Any
 import numpy as np
 
 from umerge.adapters.combine import (
-    COMBINATIONS, FACTORWISE, MAJORITY, NEEDS_DENSITY, SVD, base_kind, combine, split_weights, svd_factors,
+    COMBINATIONS,
+    FACTORWISE,
+    MAJORITY,
+    NEEDS_DENSITY,
+    SVD,
+    base_kind,
+    combine,
+    split_weights,
+    svd_factors,
 )
 from umerge.adapters.config import PathLike
-from umerge.adapters.lora import LoraAdapter, check_output, check_same_modules, factor_names, load_adapter, write_adapter
+from umerge.adapters.lora import (
+    LoraAdapter,
+    check_output,
+    check_same_modules,
+    factor_names,
+    load_adapter,
+    write_adapter,
+)
 from umerge.errors import InputError
+from umerge.merge import out_dtype_name
+from umerge.safetensors_io import canonical_dtype
 
 DELTAS = ("factors", "full")
-_OUT_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +79,8 @@ def peft_combination(method: str, delta: str = "factors") -> str:
         return method
     if delta == "full" and method in FACTORWISE:
         return "svd" if method == "linear" else method + "_svd"
-    raise InputError(f"unknown adapter merge method {method!r} (use one of {', '.join(FACTORWISE + ('cat',))}, or a PEFT combination type: {', '.join(COMBINATIONS)})")
+    raise InputError(f"unknown adapter merge method {method!r} (use one of {', '.join(FACTORWISE + ('cat',))}, "
+                     f"or a PEFT combination type: {', '.join(COMBINATIONS)})")
 
 
 def _union_targets(adapters: Sequence[LoraAdapter]) -> Any:
@@ -134,8 +151,7 @@ def merge_adapters(
         raise InputError("no adapters given")
     if delta not in DELTAS:
         raise InputError(f"delta {delta!r} is not one of {', '.join(DELTAS)}")
-    if out_dtype is not None and out_dtype not in _OUT_DTYPES:
-        raise InputError(f"unknown output dtype {out_dtype!r} (use one of {', '.join(_OUT_DTYPES)})")
+    out_dtype = out_dtype_name(out_dtype)
     combination = peft_combination(method, delta)
     if base is not None and delta == "full":
         from umerge.adapters.folding import fold_merged
@@ -174,7 +190,8 @@ def merge_adapters(
         wa, wb = split_weights(w, scalings)
         for mod in loaded[0].modules:
             na, nb = factor_names(mod)
-            common = dict(density=density, majority_sign=majority_sign, seed=seed, module=mod, threads=threads)
+            common: dict[str, Any] = dict(density=density, majority_sign=majority_sign, seed=seed, module=mod,
+                                          threads=threads)
             tensors[na] = combine(combination, [a.modules[mod].a for a in loaded], wa, part="A", **common)
             tensors[nb] = combine(combination, [a.modules[mod].b for a in loaded], wb, part="B", **common)
     elif combination == "cat":
@@ -205,7 +222,7 @@ def merge_adapters(
             f"the first adapter uses rsLoRA, so the merged adapter (r = lora_alpha = {rank}, as PEFT sets them) "
             f"is scaled by sqrt({rank}) when loaded, exactly as PEFT's own merged adapter is"
         )
-    dtype = _OUT_DTYPES[out_dtype] if out_dtype else loaded[0].dtype
+    dtype = canonical_dtype(out_dtype) if out_dtype else loaded[0].dtype
     recipe = {
         "umerge_adapter_merge": {
             "combination": combination, "adapters": [str(Path(a).absolute()) for a in adapters], "weights": w,

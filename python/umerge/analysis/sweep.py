@@ -187,7 +187,7 @@ def methods_table(entries: Mapping[str, Any], out: str | Path | None = None) -> 
     """
     if not entries:
         raise InputError("the method table needs at least one entry")
-    rows = [{"method": name, **score_row(r)} for name, r in entries.items()]
+    rows: list[dict[str, Any]] = [{"method": name, **score_row(r)} for name, r in entries.items()]
 
     def f(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.4f}"

@@ -3,7 +3,8 @@
 Subcommands live in their own modules and are imported only when invoked, so `umerge --help`
 and the merge commands never import torch. Every command reports failures the same way: one line
 `umerge: error: <what> (<where>)` on stderr, exit 2 for bad input or usage, 1 for an internal
-failure, and the traceback only with `--debug`.
+failure, and the traceback only with `--debug`. Command names are shown with hyphens and answer to
+underscores too (`task-arithmetic`, `task_arithmetic`; see `umerge.cli._convention`).
 """
 
 from __future__ import annotations
@@ -14,23 +15,24 @@ from typing import Any
 
 import click
 
+from umerge.cli._convention import ConventionGroup, canonical_name
 from umerge.errors import InputError, UmergeError
 
-# command name -> (module, attribute). Order here is the order in `umerge --help`.
+# command name (as --help shows it) -> (module, attribute). Order here is the order in `umerge --help`.
 _COMMANDS: dict[str, tuple[str, str]] = {
     # Merging
     "ties": ("umerge.cli.merge", "ties"),
     "linear": ("umerge.cli.methods", "linear"),
-    "task_arithmetic": ("umerge.cli.methods", "task_arithmetic"),
-    "magnitude_prune": ("umerge.cli.methods", "magnitude_prune"),
-    "dare_linear": ("umerge.cli.methods", "dare_linear"),
-    "dare_ties": ("umerge.cli.methods", "dare_ties"),
+    "task-arithmetic": ("umerge.cli.methods", "task_arithmetic"),
+    "magnitude-prune": ("umerge.cli.methods", "magnitude_prune"),
+    "dare-linear": ("umerge.cli.methods", "dare_linear"),
+    "dare-ties": ("umerge.cli.methods", "dare_ties"),
     "breadcrumbs": ("umerge.cli.methods", "breadcrumbs"),
-    "breadcrumbs_ties": ("umerge.cli.methods", "breadcrumbs_ties"),
+    "breadcrumbs-ties": ("umerge.cli.methods", "breadcrumbs_ties"),
     "della": ("umerge.cli.methods", "della"),
-    "della_linear": ("umerge.cli.methods", "della_linear"),
+    "della-linear": ("umerge.cli.methods", "della_linear"),
     "slerp": ("umerge.cli.methods", "slerp"),
-    "model_stock": ("umerge.cli.methods", "model_stock"),
+    "model-stock": ("umerge.cli.methods", "model_stock"),
     "methods": ("umerge.cli.methods", "methods_cmd"),
     "run": ("umerge.cli.methods", "run_cmd"),
     "example": ("umerge.cli.example", "example"),
@@ -50,17 +52,19 @@ _COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class _LazyGroup(click.Group):
+class _LazyGroup(ConventionGroup):
     """A click group that imports each subcommand's module on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(_COMMANDS) + sorted(super().list_commands(ctx))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in _COMMANDS:
-            module, attr = _COMMANDS[cmd_name]
-            return getattr(importlib.import_module(module), attr)
-        return super().get_command(ctx, cmd_name)
+        name = canonical_name(cmd_name)
+        if name in _COMMANDS:
+            module, attr = _COMMANDS[name]
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
+        return super().get_command(ctx, name)
 
 
 def _version() -> str:

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import click
 
+from umerge.cli import options as opt
+from umerge.cli._convention import ConventionGroup
 from umerge.errors import InputError
 
-_OUT = click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
-                    help="Output directory (created).")
+_OUT = opt.out_option(None, "Output directory (created).", hidden_aliases=("--output",), required=True,
+                      type=click.Path(file_okay=False, path_type=Path))
 
 
 def _pairs(items: tuple[str, ...], what: str) -> list[tuple[str, str]]:
@@ -45,7 +47,7 @@ def _done(paths: dict) -> None:
             click.echo(f"{key}: {p}")
 
 
-@click.group("analyze")
+@click.group("analyze", cls=ConventionGroup)
 def analyze() -> None:
     """The paper's analyses: loss and score curves, parameter-change angles, density sweeps,
     merge-method tables. Each writes a PNG and its numbers (CSV/JSON) into -o DIR."""

@@ -18,7 +18,8 @@ import click
                    "optional mia/member.jsonl, mia/nonmember.jsonl and mmlu/).")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
               help="Start from this model instead of building and fine-tuning a tiny OLMo (used as the vanilla model).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the world, the model initialisation, the fine-tuning and DARE (the unlearning presets keep their own seed, 42).")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the world, the model initialisation, the fine-tuning and DARE (the unlearning presets keep their own seed, 42).")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def demo(out: str, quick: bool, data_dir: str | None, model_dir: str | None, seed: int, overwrite: bool,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from umerge.cli import options as opt
 from umerge.errors import InputError
 
 _EPILOG = """\b
@@ -35,8 +36,8 @@ Examples:
 @click.option("--mmlu", "mmlu_result", help="With --score-only: an MMLU accuracy, or a JSON file (mmlu.json).")
 @click.option("--compare", "compare_flag", is_flag=True, help="Print the Table 1 layout for the REPORTS given.")
 @click.option("--names", help="With --compare: comma-separated display names, one per report.")
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="report.json path, or a directory for report.json, report.md, generations.jsonl, mia_losses.jsonl.")
+@opt.out_option(None, "report.json path, or a directory for report.json, report.md, generations.jsonl, "
+                "mia_losses.jsonl.", hidden_aliases=("--output",), type=click.Path(path_type=Path))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-rows", type=click.IntRange(min=1), help="Keep the first N rows of each task and kind per split.")
@@ -59,7 +60,7 @@ def eval_cmd(
     mmlu_result: str | None,
     compare_flag: bool,
     names: str | None,
-    output: Path | None,
+    out: Path | None,
     batch_size: int,
     max_new_tokens: int,
     max_rows: int | None,
@@ -84,12 +85,12 @@ def eval_cmd(
         name_list = [n.strip() for n in names.split(",")] if names else None
         table = compare(reports, names=name_list)
         click.echo(table, nl=False)
-        if output is not None:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(table, encoding="utf-8")
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(table, encoding="utf-8")
         return
-    if output is None:
-        raise InputError("-o/--output is required (a report.json path or a directory)")
+    if out is None:
+        raise InputError("-o/--out is required (a report.json path or a directory)")
     if score_only_path is not None:
         from umerge.evaluate import score_only
 
@@ -99,7 +100,7 @@ def eval_cmd(
                 mmlu = float(mmlu_result)
             except ValueError:
                 mmlu = mmlu_result
-        report = score_only(score_only_path, mia_losses, output, mmlu=mmlu, min_k=min_k, name=name)
+        report = score_only(score_only_path, mia_losses, out, mmlu=mmlu, min_k=min_k, name=name)
     else:
         if data is None:
             raise InputError("--model needs --data (a directory with forget.jsonl and retain.jsonl)")
@@ -109,11 +110,11 @@ def eval_cmd(
 
         report = evaluate(
             model, data, adapter=adapter, mia_members=mia_members, mia_nonmembers=mia_nonmembers,
-            mmlu_dir=mmlu_dir, out=output, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            mmlu_dir=mmlu_dir, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens,
             progress=not quiet, max_rows=max_rows, mmlu_k_shot=mmlu_k_shot, min_k=min_k, name=name,
             device=device,
         )
     click.echo(report.to_markdown(), nl=False)  # warnings (MMLU < 0.371, left-out groups) are in it
     from umerge.evaluate.run import output_paths
 
-    click.echo(f"report: {output_paths(output)['report']}")
+    click.echo(f"report: {output_paths(out)['report']}")

@@ -1,7 +1,7 @@
 """`umerge example`: the built-in demonstration of the merge engine, with nothing to download.
 
 It writes three small Llama-shaped bfloat16 checkpoints (a base and two "fine-tuned" variants, each
-the base plus a seeded random delta; see `umerge.testing`), merges them with TIES at density 0.8
+the base plus a seeded random delta; see `umerge.synthetic`), merges them with TIES at density 0.8
 through the public API `umerge.ties`, and prints what went in, what came out, and a few statistics
 that show what TIES did: how often the two fine-tunes pulled an entry in opposite directions (the
 interference that sign election resolves), and how much of the base the merge moved.
@@ -12,13 +12,12 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 import numpy as np
 
 from umerge.errors import InputError
-from umerge.testing import CheckpointSpec, LlamaShape, llama_tensors, load_checkpoint, make_family
+from umerge.synthetic import CheckpointSpec, LlamaShape, llama_tensors, load_checkpoint, make_family
 
 DENSITY = 0.8
 SUBDIRS = ("models", "merged")
@@ -39,12 +38,6 @@ def _human(n: float) -> str:
 
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
-
-
-def _field(report: Any, name: str, default: Any = None) -> Any:
-    if isinstance(report, dict):
-        return report.get(name, default)
-    return getattr(report, name, default)
 
 
 def _prepare(out: Path, overwrite: bool) -> None:
@@ -108,10 +101,9 @@ def example(out: Path, overwrite: bool) -> None:
     echo(f"2. merging with TIES (preset mergekit, density {DENSITY}, weights 1, lambda 1), the same as:")
     echo(f"   {cmd}")
     report = umerge.ties([str(p) for p in fts], base=str(base), density=DENSITY, out=str(merged), progress=False)
-    echo(f"   wrote {merged}: {_field(report, 'tensors', '?')} tensors, "
-         f"{_human(_field(report, 'bytes_written', 0) or _dir_bytes(merged))}"
-         f" in {_field(report, 'seconds', 0.0):.2f} s, peak memory {_human(_field(report, 'peak_rss_bytes', 0))}")
-    for warning in _field(report, "warnings", None) or []:
+    echo(f"   wrote {merged}: {report.tensors} tensors, {_human(report.bytes_written)}"
+         f" in {report.seconds:.2f} s, peak memory {_human(report.peak_rss_bytes)}")
+    for warning in report.warnings:
         echo(f"   warning: {warning}")
     stats = _statistics(base, fts, merged)
     echo("3. what TIES did, over all entries of the model:")

@@ -61,7 +61,8 @@ def fold(adapters: tuple[str, ...], base: str, out: str, out_dtype: str | None, 
 @click.option("--delta", type=click.Choice(["factors", "full"]), default="factors", show_default=True,
               help="factors: PEFT's factor-wise merge. full: merge each module's update scaling * B @ A.")
 @click.option("--svd-rank", type=click.IntRange(min=1), default=None, help="Rank of the SVD-truncated result (default: the largest input rank).")
-@click.option("--base", type=click.Path(exists=True), default=None, help="With --delta full: add the merged update to this base and write a full model.")
+@click.option("--base", type=click.Path(exists=True), default=None,
+              help="With --delta full: add the merged update to this base and write a full model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random masks.")
 @opt.out_option("merged", "Output directory.")
 @opt.out_dtype_option("Output dtype (default: the first adapter's, or the base's).")

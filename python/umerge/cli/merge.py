@@ -30,13 +30,17 @@ def _print_summary(report: object, quiet: bool) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--base", type=click.Path(exists=True), help="The model the fine-tunes started from. Required: TIES merges task vectors (model - base).")
+@click.option("--base", type=click.Path(exists=True),
+              help="The model the fine-tunes started from. Required: TIES merges task vectors (model - base).")
 @click.option("--density", type=float, required=True, callback=_density,
-              help="Fraction of each task vector's entries kept, by magnitude: exactly floor(density * n) per tensor (0 < D <= 1; 1 keeps all). TIES paper and mergekit commonly use 0.2-0.8.")
-@click.option("--weight", "weights", type=float, multiple=True, help="Weight of each model's task vector, given once per model in order (default 1.0 each).")
+              help="Fraction of each task vector's entries kept, by magnitude: exactly floor(density * n) per tensor "
+                   "(0 < D <= 1; 1 keeps all). TIES paper and mergekit commonly use 0.2-0.8.")
+@click.option("--weight", "weights", type=float, multiple=True,
+              help="Weight of each model's task vector, given once per model in order (default 1.0 each).")
 @click.option("--lambda", "lambda_", type=float, default=1.0, show_default=True, help="Scale of the merged task vector added to the base.")
 @click.option("--preset", type=click.Choice(["mergekit", "peft", "paper"]), default=None,
-              help="Default: mergekit for full models, peft for LoRA adapters. mergekit: sign elected on weighted deltas, mean divided by the sum of agreeing weights. "
+              help="Default: mergekit for full models, peft for LoRA adapters. "
+                   "mergekit: sign elected on weighted deltas, mean divided by the sum of agreeing weights. "
                    "peft: sign on unweighted deltas, mean over the count of agreeing entries (PEFT merge_utils.ties). "
                    "paper: trim over the whole model at once, zero signs take the model's majority, mean over the count.")
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,

@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from umerge.cli import options as opt
+from umerge.cli._convention import canonical_name
 from umerge.cli.merge import _density, _force_bar, _print_summary
 
 _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -131,7 +132,7 @@ def task_arithmetic(models: tuple[str, ...], base: str | None, weights: tuple[fl
 
     \b
     Example:
-        umerge task_arithmetic ft1/ ft2/ --base base/ --lambda 0.5 -o merged/
+        umerge task-arithmetic ft1/ ft2/ --base base/ --lambda 0.5 -o merged/
     """
     from umerge.methods import task_arithmetic as api
 
@@ -149,7 +150,7 @@ def magnitude_prune(models: tuple[str, ...], base: str | None, density: float, w
 
     \b
     Example:
-        umerge magnitude_prune ft1/ ft2/ --base base/ --density 0.5 -o merged/
+        umerge magnitude-prune ft1/ ft2/ --base base/ --density 0.5 -o merged/
     """
     from umerge.methods import magnitude_prune as api
 
@@ -159,7 +160,7 @@ def magnitude_prune(models: tuple[str, ...], base: str | None, density: float, w
 
 
 def _dare_command(name: str, doc: str) -> click.Command:
-    @click.command(name=name, context_settings=_CTX, help=doc)
+    @click.command(name=canonical_name(name), context_settings=_CTX, help=doc)
     @_sparse_task_vector_opts
     @_random_opts
     @output_options
@@ -178,17 +179,17 @@ def _dare_command(name: str, doc: str) -> click.Command:
 dare_linear = _dare_command(
     "dare_linear",
     "DARE: keep each task-vector entry with probability density, rescale, weighted sum.\n\n"
-    "\b\nExample:\n    umerge dare_linear ft1/ ft2/ --base base/ --density 0.5 --seed 1 -o merged/",
+    "\b\nExample:\n    umerge dare-linear ft1/ ft2/ --base base/ --density 0.5 --seed 1 -o merged/",
 )
 dare_ties = _dare_command(
     "dare_ties",
     "DARE masks, then TIES sign election: only entries agreeing with the sign of the weighted sum are summed.\n\n"
-    "\b\nExample:\n    umerge dare_ties ft1/ ft2/ --base base/ --density 0.5 -o merged/",
+    "\b\nExample:\n    umerge dare-ties ft1/ ft2/ --base base/ --density 0.5 -o merged/",
 )
 
 
 def _breadcrumbs_command(name: str, doc: str) -> click.Command:
-    @click.command(name=name, context_settings=_CTX, help=doc)
+    @click.command(name=canonical_name(name), context_settings=_CTX, help=doc)
     @_sparse_task_vector_opts
     @click.option("--gamma", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.01, show_default=True,
                   help="Fraction of the largest |task vector| entries dropped as outliers (0 = magnitude_prune).")
@@ -213,12 +214,12 @@ breadcrumbs = _breadcrumbs_command(
 breadcrumbs_ties = _breadcrumbs_command(
     "breadcrumbs_ties",
     "Model Breadcrumbs masks, then TIES sign election.\n\n"
-    "\b\nExample:\n    umerge breadcrumbs_ties ft1/ ft2/ --base base/ --density 0.9 --gamma 0.01 -o merged/",
+    "\b\nExample:\n    umerge breadcrumbs-ties ft1/ ft2/ --base base/ --density 0.9 --gamma 0.01 -o merged/",
 )
 
 
 def _della_command(name: str, normalize: bool, doc: str) -> click.Command:
-    @click.command(name=name, context_settings=_CTX, help=doc)
+    @click.command(name=canonical_name(name), context_settings=_CTX, help=doc)
     @lambda f: opt.apply(f, _models_arg, _base_opt, _density_opt, _weights_opt, _lambda_opt, _normalize_opt(normalize))
     @click.option("--epsilon", type=click.FloatRange(min=0.0), default=0.15, show_default=True,
                   help="Keep probabilities span density +- epsilon by magnitude rank within each row.")
@@ -245,7 +246,7 @@ della = _della_command(
 della_linear = _della_command(
     "della_linear", False,
     "DELLA's magnitude-ranked random masks, rescale, weighted sum.\n\n"
-    "\b\nExample:\n    umerge della_linear ft1/ ft2/ --base base/ --density 0.5 --epsilon 0.1 -o merged/",
+    "\b\nExample:\n    umerge della-linear ft1/ ft2/ --base base/ --density 0.5 --epsilon 0.1 -o merged/",
 )
 
 
@@ -276,7 +277,7 @@ def model_stock(models: tuple[str, ...], base: str | None, **kw: Any) -> None:
 
     \b
     Example:
-        umerge model_stock ft1/ ft2/ ft3/ --base base/ -o merged/
+        umerge model-stock ft1/ ft2/ ft3/ --base base/ -o merged/
     """
     from umerge.methods import model_stock as api
 
@@ -290,7 +291,7 @@ def methods_cmd(as_json: bool) -> None:
     """List the merge methods the engine knows, and their parameters."""
     from umerge import _core
 
-    info = _method_info(_core)
+    info = json.loads(_core.method_info())
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -299,13 +300,6 @@ def methods_cmd(as_json: bool) -> None:
         for p in m.get("params", []):
             scope = "per model" if p["per_model"] else "global"
             click.echo(f"    {p['name']:<14} {scope:<9} default {p['default']:<9} {p['doc']}")
-
-
-def _method_info(core: Any) -> list[dict[str, Any]]:
-    """[{name, params: [{name, per_model, default, doc}]}] from the engine's registry."""
-    if hasattr(core, "method_info"):
-        return list(json.loads(core.method_info()))
-    return [{"name": n} for n in core.methods()]
 
 
 @click.command(name="run", context_settings=_CTX)

@@ -1,8 +1,10 @@
 """Click options that several commands share (`ties`, the other method commands, `fold`,
-`merge-adapters`, `run`): one definition of each option's name, type and default.
+`merge-adapters`, `run`, `eval`, `analyze`): one definition of each option's name, type and default.
 
 Each factory returns a decorator; `help` defaults to the wording of the merge commands and may be
-given where a command says something more specific (e.g. `fold`'s output dtype).
+given where a command says something more specific (e.g. `fold`'s output dtype). Every command that
+writes takes its destination as `-o/--out`; `--out-dtype` takes the short names (bf16, f16, f32) and
+the long ones (bfloat16, float16, float32; see `umerge.merge.DTYPE_NAMES`).
 """
 
 from __future__ import annotations
@@ -12,19 +14,44 @@ from typing import Any
 
 import click
 
+from umerge.merge import DTYPE_NAMES, OUT_DTYPES, out_dtype_name
+
 F = Callable[..., Any]
 Decorator = Callable[[F], F]
 
-OUT_DTYPE_CHOICES = ["bf16", "f16", "f32"]
+
+class HiddenAliasOption(click.Option):
+    """An option whose `hidden_aliases` (old spellings) parse as usual but are left out of --help."""
+
+    def __init__(self, *args: Any, hidden_aliases: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hidden_aliases = hidden_aliases
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        shown, self.opts = self.opts, [o for o in self.opts if o not in self.hidden_aliases]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = shown
 
 
-def out_option(default: str = "merged",
-               help: str = "Output directory (built beside it and renamed in when complete).") -> Decorator:
-    return click.option("-o", "--out", default=default, show_default=True, type=click.Path(), help=help)
+def out_option(default: str | None = "merged",
+               help: str = "Output directory (built beside it and renamed in when complete).",
+               *, hidden_aliases: tuple[str, ...] = (), **kwargs: Any) -> Decorator:
+    """`-o/--out`, the destination of every command that writes (`hidden_aliases`: old spellings)."""
+    kwargs.setdefault("type", click.Path())
+    return click.option("-o", "--out", *hidden_aliases, "out", default=default, show_default=default is not None,
+                        cls=HiddenAliasOption, hidden_aliases=hidden_aliases, help=help, **kwargs)
+
+
+def _out_dtype(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    return out_dtype_name(value)
 
 
 def out_dtype_option(help: str = "Output dtype (default: the base's). Rounded to nearest even.") -> Decorator:
-    return click.option("--out-dtype", type=click.Choice(OUT_DTYPE_CHOICES), default=None, help=help)
+    return click.option("--out-dtype", type=click.Choice(list(DTYPE_NAMES), case_sensitive=False), default=None,
+                        callback=_out_dtype, metavar="[" + "|".join(OUT_DTYPES) + "]",
+                        help=help + " bfloat16, float16 and float32 are accepted too.")
 
 
 def threads_option(help: str = "Worker threads (default: all cores). Output bytes do not depend on it.") -> Decorator:

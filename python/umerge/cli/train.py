@@ -30,16 +30,19 @@ def _require_train_extra() -> None:
 
 @click.command("train")
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Starting model directory (also the frozen reference).")
-@click.option("--data", "data", type=click.Path(path_type=Path), help="Directory with forget.* and retain.* (jsonl, parquet, json), or one file with a split column.")
+@click.option("--data", "data", type=click.Path(path_type=Path),
+              help="Directory with forget.* and retain.* (jsonl, parquet, json), or one file with a split column.")
 @click.option("--forget", "forget", type=click.Path(path_type=Path), help="Forget file (overrides --data's).")
 @click.option("--retain", "retain", type=click.Path(path_type=Path), help="Retain file (overrides --data's).")
 @click.option("--preset", default=None, help="zjuklab-model1, zjuklab-model2 or npo-only (see `umerge presets`). Default: zjuklab-model1.")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="A JSON/YAML config file instead of a preset.")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output directory (adapters, log, config).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config field, e.g. --set epochs=3 --set ga_ratio=0.5 (repeatable).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config field, e.g. --set epochs=3 --set ga_ratio=0.5 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its last saved epoch.")
 @click.option("--gradient-checkpointing", is_flag=True, default=None, help="Trade compute for memory (recompute activations).")
-@click.option("--eval-nll-rows", type=int, default=0, show_default=True, metavar="N", help="After each epoch, log the answer NLL of the first N forget and retain rows (0: off).")
+@click.option("--eval-nll-rows", type=int, default=0, show_default=True, metavar="N",
+              help="After each epoch, log the answer NLL of the first N forget and retain rows (0: off).")
 @click.option("--eval-score-rows", type=int, default=0, show_default=True, metavar="N",
               help="Before training (epoch 0) and after each epoch, score the model with the task's metrics on up to N "
                    "rows per task and kind of each split, logging per-task regurgitation and knowledge for "

@@ -31,10 +31,7 @@ def verify_checkpoint(path: str | Path, scan_nonfinite: bool = False, hash: bool
     """
     from umerge import _core
 
-    native = getattr(_core, "verify", None)
-    if native is None:  # an extension built before `verify` existed
-        raise InputError("this build of umerge has no verifier: rebuild the native extension")
-    return json.loads(native(str(path), scan_nonfinite, hash))
+    return json.loads(_core.verify(str(path), scan_nonfinite, hash))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -34,7 +34,7 @@ class DemoConfig:
     # world
     docs_per_task: int = 6
     nonmember_docs_per_task: int = 6
-    # tokenizer and model (umerge.tiny)
+    # tokenizer and model (umerge.unlearn.tiny)
     vocab_size: int = 512
     hidden_size: int = 64
     num_layers: int = 2

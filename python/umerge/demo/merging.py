@@ -97,40 +97,29 @@ def merge_full(
 ) -> Path:
     """Merge full fine-tuned models against ``base_dir`` with the umerge engine; returns ``out_dir``.
 
-    Each method with the engine's defaults (mergekit semantics): ``ties`` through ``umerge.ties``
-    (mergekit preset; with equal weights its sign election and disjoint mean are PEFT's), ``linear``
-    the weighted average of the models, ``magnitude_prune``/``dare_linear``/``dare_ties`` the
-    weighted sum of the pruned task vectors added to the base (``umerge.methods``). A method the
-    engine does not offer (yet) raises `NotImplementedError` with the engine's reason, which the
-    pipeline reports.
+    ``method`` is one of `ADAPTER_METHODS`, each with the engine's defaults (mergekit semantics):
+    ``ties`` through ``umerge.ties`` (mergekit preset; with equal weights its sign election and
+    disjoint mean are PEFT's), ``linear`` the weighted average of the models,
+    ``magnitude_prune``/``dare_linear``/``dare_ties`` the weighted sum of the pruned task vectors
+    added to the base (``umerge.methods``).
     """
     import umerge
 
+    if method not in ADAPTER_METHODS:
+        raise InputError(f"unknown full-update merge method {method!r} (expected one of {', '.join(ADAPTER_METHODS)})")
     out = Path(out_dir)
     ms = [str(m) for m in models]
     w = list(weights) if weights is not None else [1.0] * len(ms)
     common: dict[str, Any] = {"out": str(out), "overwrite": True, "progress": False}
-    try:
-        if method == "ties":
-            umerge.ties(ms, base=str(base_dir), density=density, weights=w, **common)
-            return out
-        try:
-            from umerge import methods
-        except ImportError as exc:
-            raise NotImplementedError(f"the umerge engine has no {method!r} merge yet (no umerge.methods)") from exc
-        fn = getattr(methods, method, None)
-        if fn is None:
-            raise NotImplementedError(f"the umerge engine has no {method!r} merge yet")
-        if method == "linear":
-            fn(ms, weights=w, **common)
-        elif method.startswith("dare"):
-            fn(ms, str(base_dir), density=density, weights=w, seed=seed, **common)
-        else:
-            fn(ms, str(base_dir), density=density, weights=w, **common)
-    except InputError as exc:
-        if "unknown merge method" in str(exc).lower():
-            raise NotImplementedError(f"the umerge engine does not offer {method!r} yet ({exc})") from exc
-        raise
+    if method == "ties":
+        umerge.ties(ms, base=str(base_dir), density=density, weights=w, **common)
+    elif method == "linear":
+        umerge.linear(ms, weights=w, **common)
+    elif method == "magnitude_prune":
+        umerge.magnitude_prune(ms, str(base_dir), density=density, weights=w, **common)
+    else:
+        dare = umerge.dare_linear if method == "dare_linear" else umerge.dare_ties
+        dare(ms, str(base_dir), density=density, weights=w, seed=seed, **common)
     return out
 
 

@@ -3,8 +3,8 @@
 Stages (each one call into the package's own pieces; this module only orchestrates and records):
 
 1. data: the synthetic world (`umerge.demo.world`), or ``--data DIR``;
-2. vanilla: a byte-level BPE tokenizer and a tiny OLMo (`umerge.tiny`) fine-tuned on the forget and
-   retain rows (and on the utility questions, see below) until it memorises them: the calibration
+2. vanilla: a byte-level BPE tokenizer and a tiny OLMo (`umerge.unlearn.tiny`) fine-tuned on the forget
+   and retain rows (and on the utility questions, see below) until it memorises them: the calibration
    target is regurgitation >= 0.8 on both splits, measured with the task's scorer and recorded;
    or ``--model DIR`` used as is;
 3. unlearn: LoRA adapters with the zjuklab-model1 and zjuklab-model2 presets (`umerge.unlearn.train`,
@@ -227,8 +227,8 @@ def _build_vanilla(opts: DemoOptions, cfg: DemoConfig, data: _Data, out: Path, e
         calibration["source"] = "given model (--model), not fine-tuned by the demo"
         return vanilla, calibration
 
-    from umerge.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
     from umerge.unlearn import finetune, load_task_data
+    from umerge.unlearn.tiny import build_tiny_olmo, save_model, train_byte_bpe_tokenizer
 
     task = load_task_data(data.dir)
     utility = _utility_rows(data, cfg.mmlu_k_shot)
@@ -295,34 +295,28 @@ def _unlearn(opts: DemoOptions, cfg: DemoConfig, data: _Data, vanilla: Path, out
     return runs
 
 
-def _merge_main(cfg: DemoConfig, vanilla: Path, runs: dict[str, Any], out: Path, log: _Log) -> tuple[dict[str, Path], list[str]]:
+def _merge_main(cfg: DemoConfig, vanilla: Path, runs: dict[str, Any], out: Path) -> dict[str, Path]:
     from umerge.demo.merging import fold_adapter, merge_adapters, merge_full
 
     models: dict[str, Path] = {}
-    missing: list[str] = []
     for name in ("model1", "model2"):
         models[name] = fold_adapter(vanilla, runs[name]["dir"], out / "models" / name)
     adapters = [runs["model1"]["dir"], runs["model2"]["dir"]]
     models["merge-ties-factorwise"] = merge_adapters(
         vanilla, adapters, out / "models" / "merge-ties-factorwise", method="ties", density=cfg.density,
         weights=cfg.weights, seed=cfg.seed, adapter_out=out / "models" / "merge-ties-factorwise-adapter")
-    try:
-        models["merge-ties-full"] = merge_full([models["model1"], models["model2"]], vanilla,
-                                               out / "models" / "merge-ties-full", method="ties",
-                                               density=cfg.density, weights=cfg.weights, seed=cfg.seed)
-    except (NotImplementedError, ImportError, AttributeError) as exc:
-        missing.append(f"full-update TIES (umerge engine): {exc}")
-        log.say(f"full-update TIES skipped: {exc}")
-    return models, missing
+    models["merge-ties-full"] = merge_full([models["model1"], models["model2"]], vanilla,
+                                           out / "models" / "merge-ties-full", method="ties",
+                                           density=cfg.density, weights=cfg.weights, seed=cfg.seed)
+    return models
 
 
 def _methods(cfg: DemoConfig, vanilla: Path, runs: dict[str, Any], models: dict[str, Path], ev: _Evaluator,
-             out: Path, main_scores: dict[str, dict[str, Any]], log: _Log) -> tuple[list[dict[str, Any]], list[str]]:
+             out: Path, main_scores: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Table 2: every method, factor-wise on the adapters (PEFT semantics) and on the full updates."""
     from umerge.demo.merging import merge_adapters, merge_full
 
     rows: list[dict[str, Any]] = []
-    missing: list[str] = []
     adapters = [runs["model1"]["dir"], runs["model2"]["dir"]]
     tmp = out / "methods" / "merged"
     for method in cfg.methods:
@@ -338,23 +332,18 @@ def _methods(cfg: DemoConfig, vanilla: Path, runs: dict[str, Any], models: dict[
                 rows.append(entry)
                 continue
             target = tmp / f"{method}-{'factorwise' if path.startswith('factor') else 'full'}"
-            try:
-                if path.startswith("factor"):
-                    merge_adapters(vanilla, adapters, target, method=method, density=cfg.density,
-                                   weights=cfg.weights, seed=cfg.seed)
-                else:
-                    merge_full([models["model1"], models["model2"]], vanilla, target, method=method,
-                               density=cfg.density, weights=cfg.weights, seed=cfg.seed)
-            except (NotImplementedError, ImportError, AttributeError) as exc:
-                missing.append(f"{method}, {path}: {exc}")
-                log.say(f"method {method} ({path}) not available: {exc}")
-                continue
+            if path.startswith("factor"):
+                merge_adapters(vanilla, adapters, target, method=method, density=cfg.density,
+                               weights=cfg.weights, seed=cfg.seed)
+            else:
+                merge_full([models["model1"], models["model2"]], vanilla, target, method=method,
+                           density=cfg.density, weights=cfg.weights, seed=cfg.seed)
             rep = ev(target, f"{method} {path}", out / "methods" / "reports" / target.name)
             entry.update(_scores(rep))
             rows.append(entry)
             shutil.rmtree(target, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
-    return rows, missing
+    return rows
 
 
 def _csv_rows(path: Path) -> list[dict[str, Any]]:
@@ -461,8 +450,7 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
     vanilla, calibration = log.stage("vanilla model (fine-tune until it memorises)",
                                      lambda: _build_vanilla(opts, cfg, data, out, ev, log))
     runs = log.stage("unlearning (zjuklab-model1, zjuklab-model2)", lambda: _unlearn(opts, cfg, data, vanilla, out))
-    models, missing = log.stage("merging (TIES factor-wise and full-update)",
-                                lambda: _merge_main(cfg, vanilla, runs, out, log))
+    models = log.stage("merging (TIES factor-wise and full-update)", lambda: _merge_main(cfg, vanilla, runs, out))
     models = {"vanilla": vanilla, **models}
     from umerge.demo.merging import update_geometry
 
@@ -518,9 +506,7 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
         return res["rows"]
 
     sweep_rows = log.stage("density sweep (TIES factor-wise)", sweep)
-    method_rows, missing_methods = log.stage(
-        "merge-method comparison", lambda: _methods(cfg, vanilla, runs, models, ev, out, scores, log))
-    missing += missing_methods
+    method_rows = log.stage("merge-method comparison", lambda: _methods(cfg, vanilla, runs, models, ev, out, scores))
     if method_rows:
         from umerge.analysis import methods_table
 
@@ -547,7 +533,6 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
         "figure_data": figure_data,
         "findings": _findings(scores),
         "factorwise_update": geometry,
-        "missing": missing,
         "timings_s": {**log.timings, "total": round(time.perf_counter() - t_start, 1)},
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,
                         "threads": torch.get_num_threads()},

@@ -132,8 +132,6 @@ def render_report(r: dict[str, Any]) -> str:
                  f"{fmt(row['mmlu'])} | {fmt(row['aggregate'])} |")
     if "methods" in r["figures"]:
         L += ["", f"Bar chart: [{r['figures']['methods']}]({r['figures']['methods']})."]
-    if r["missing"]:
-        L += ["", "Not available in this run:", ""] + [f"- {m}" for m in r["missing"]]
     L.append("")
 
     # -- density sweep numbers (Figure 5's data)

@@ -8,9 +8,9 @@ sit at positions 0..n-1.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 from umerge.evaluate._torch import require_torch
 

@@ -1,8 +1,8 @@
 """Plain supervised fine-tuning, to make a vanilla model memorise a data set before unlearning it.
 
 The SemEval-2025 Task 4 target models had been fine-tuned on the forget and retain documents, so
-there was something to unlearn. With a tiny model built locally (`umerge.tiny`) we recreate that
-situation: full-parameter training, on exactly the tokenisation the unlearning trainer uses
+there was something to unlearn. With a tiny model built locally (`umerge.unlearn.tiny`) we recreate
+that situation: full-parameter training, on exactly the tokenisation the unlearning trainer uses
 (`tokenize.encode_example`: prompt left-truncated to 0.8 * max_length, answer + eos), loss = mean
 token NLL over the answer tokens of the batch (or over prompt and answer with `prompt_loss=True`,
 closer to how the task's models saw whole documents). AdamW, linear warmup then linear decay to 0,
@@ -82,7 +82,7 @@ def finetune(
     """
     from transformers import AutoTokenizer, PreTrainedModel, get_linear_schedule_with_warmup
 
-    from umerge.tiny import save_model
+    from umerge.unlearn.tiny import save_model
     from umerge.unlearn.trainer import load_causal_lm
 
     if epochs < 1 or batch_size < 1 or lr <= 0:

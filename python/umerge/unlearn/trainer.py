@@ -371,8 +371,8 @@ def train(
                     if accelerator.sync_gradients:
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                for k, v in terms.items():
-                    acc[k] = acc.get(k, 0.0) + float(v.detach())
+                for term, v in terms.items():
+                    acc[term] = acc.get(term, 0.0) + float(v.detach())
                 n_micro += 1
                 if accelerator.sync_gradients:
                     global_step += 1

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from umerge.errors import InputError
 
-if TYPE_CHECKING:  # imported lazily at call time so `import umerge.tiny` stays cheap
+if TYPE_CHECKING:  # imported lazily at call time so `import umerge.unlearn.tiny` stays cheap
     import transformers
 
 #: The single special token: end of text, also used as beginning of text and as padding

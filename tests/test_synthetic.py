@@ -1,4 +1,4 @@
-"""The synthetic checkpoint generator (`umerge.testing`): layout, values, determinism, dtypes.
+"""The synthetic checkpoint generator (`umerge.synthetic`): layout, values, determinism, dtypes.
 
 These run without the native engine, so they also check the ground the merge tests stand on.
 """
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from umerge.testing import TINY, TINY_ODD, TINYLLAMA, CheckpointSpec, llama_tensors, load_checkpoint, write_checkpoint
-from umerge.testing.generate import plan_shards, tensor_chunks
-from umerge.testing.safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits, read_header
+from umerge.safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits, read_header
+from umerge.synthetic import TINY, TINY_ODD, TINYLLAMA, CheckpointSpec, llama_tensors, load_checkpoint, write_checkpoint
+from umerge.synthetic.generate import plan_shards, tensor_chunks
 
 
 def test_tinyllama_has_the_published_parameter_count() -> None:

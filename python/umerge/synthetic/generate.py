@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from umerge.testing.safetensors_io import ALL_DTYPES, INDEX_NAME, SINGLE_NAME, SafetensorsWriter, canonical_dtype
-from umerge.testing.shapes import LlamaShape, llama_config, llama_tensors
+from umerge.safetensors_io import ALL_DTYPES, INDEX_NAME, SINGLE_NAME, SafetensorsWriter, canonical_dtype
+from umerge.synthetic.shapes import LlamaShape, llama_config, llama_tensors
 
 #: Elements generated at once (16 MiB of float32): bounds the generator's memory use.
 CHUNK = 1 << 22
