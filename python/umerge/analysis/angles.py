@@ -338,7 +338,9 @@ def angle_analysis(
     if not runs:
         raise InputError("the angle analysis needs at least one run directory")
     d = out_dir(out)
-    table, by_module, series = [], [], {}
+    table: list[dict[str, Any]] = []
+    by_module: list[dict[str, Any]] = []
+    series: dict[str, dict[str, Any]] = {}
     for label, run in runs.items():
         rows, modules = run_angles(run, base=base)
         for r in rows:
@@ -362,14 +364,14 @@ def angle_analysis(
     styles = {"angle_0s_sF": ("ΔP(0→s) vs ΔP(s→F)", "-"), "angle_0s_0F": ("ΔP(0→s) vs ΔP(0→F)", "--"),
               "angle_sF_0F": ("ΔP(s→F) vs ΔP(0→F)", ":")}
     for i, (label, entry) in enumerate(series.items()):
-        color, rows = f"C{i}", entry["rows"]
+        color, run_rows = f"C{i}", entry["rows"]
         for key, (name, ls) in styles.items():
-            pts = [(r["epoch"], r[key]) for r in rows if r[key] is not None]
+            pts = [(r["epoch"], r[key]) for r in run_rows if r[key] is not None]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], ls, marker="o", color=color,
                         label=f"{label}: {name}" if len(series) > 1 else name)
-        xs = [r["epoch"] for r in rows]
-        ax.fill_between(xs, [r["null_angle_0s_sF_lo"] for r in rows], [r["null_angle_0s_sF_hi"] for r in rows],
+        xs = [r["epoch"] for r in run_rows]
+        ax.fill_between(xs, [r["null_angle_0s_sF_lo"] for r in run_rows], [r["null_angle_0s_sF_hi"] for r in run_rows],
                         color=color, alpha=0.15, linewidth=0,
                         label=f"{label}: random directions, 95%" if len(series) > 1 else "random directions, 95%")
         ax.axvline(entry["s"], color=color, linewidth=0.8, linestyle="-.")
