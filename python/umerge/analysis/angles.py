@@ -351,7 +351,7 @@ def angle_analysis(
             chosen, rule = s, "given"
         else:
             found = plateau_epoch(log) if log.is_file() else None
-            chosen, rule = (found, "forget loss plateau (next epoch moves it by <= 10% of its total change)") \
+            chosen, rule = (found, "forget loss plateau (every later epoch moves it by <= 10% of its total change)") \
                 if found is not None else (rows[0]["epoch"], "first epoch (no training log to find the plateau)")
         at_s = next((r for r in rows if r["epoch"] == chosen), None)
         if at_s is None:
