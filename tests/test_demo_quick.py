@@ -184,6 +184,8 @@ def test_calibration_holds_and_findings_are_stated(demo_run: tuple[Path, str]) -
     assert last["forget_regurgitation"] >= 0.8 and last["retain_regurgitation"] >= 0.8
     f = rep["findings"]
     assert f["available"] is True
-    assert f["model1_over_forgets"] == (rep["scores"]["model1"]["mia_auc"] < f["thresholds"]["over_forgets_if_auc_below"])
+    hi1 = f["judgement"]["intervals"]["model1"][1]
+    assert f["judgement"]["model1_over_forgets"] == (hi1 < 0.5)
     md = (out / "report.md").read_text(encoding="utf-8")
-    assert "model1 over-forgets" in md and "model2 under-forgets" in md and "lands between them" in md
+    assert f["sentence"] in md  # the finding is the criteria module's sentence, printed as is
+    assert all(text in md for text in f["criteria"].values())

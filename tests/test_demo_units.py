@@ -15,21 +15,28 @@ from umerge.demo.render import fmt
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 
-def _scores(auc1: float, auc2: float, aucm: float) -> dict[str, dict[str, float]]:
-    base = {"task_aggregate": 0.5, "mia_score": 0.5, "mmlu": 0.5, "aggregate": 0.5, "retain_knowledge": 0.9}
-    return {"vanilla": {**base, "mia_auc": 1.0}, "model1": {**base, "mia_auc": auc1},
-            "model2": {**base, "mia_auc": auc2}, "merge-ties-factorwise": {**base, "mia_auc": aucm}}
+def _scores(tmp: Path, auc1: float, auc2: float, aucm: float, n: int = 100) -> dict[str, dict[str, object]]:
+    """Demo scores whose evaluation reports (the MIA row counts) are written under tmp."""
+    out = {}
+    for name, auc, agg, reg in (("vanilla", 0.99, 0.3, 1.0), ("model1", auc1, 0.5, 0.0), ("model2", auc2, 0.6, 0.5),
+                                ("merge-ties-factorwise", aucm, 0.7, 0.2)):
+        rel = f"eval/{name}/report.json"
+        (tmp / rel).parent.mkdir(parents=True)
+        (tmp / rel).write_text(json.dumps({"mia": {"n_member": n, "n_nonmember": n}}))
+        out[name] = {"mia_auc": auc, "aggregate": agg, "forget_regurgitation": reg, "report": rel}
+    return out
 
 
-def test_findings_follow_the_thresholds() -> None:
-    f = _findings(_scores(0.30, 0.90, 0.60))
-    assert f["model1_over_forgets"] and f["model2_under_forgets"] and f["merge_between"]
-    assert f["merge_closer_to_half_than_both"]  # |0.6-0.5| < min(0.2, 0.4)
-    assert "appears" in f["explanation"]
-    f = _findings(_scores(0.47, 0.52, 0.60))
-    assert not f["model1_over_forgets"] and not f["model2_under_forgets"] and not f["merge_between"]
-    assert "does not fully appear" in f["explanation"] and "model1 does not over-forget" in f["explanation"]
-    assert _findings({"model1": {"mia_auc": None}})["available"] is False
+def test_findings_come_from_the_criteria(tmp_path: Path) -> None:
+    table2 = [{"method": "ties", "path": "factor-wise (PEFT semantics)", "aggregate": 0.7}]
+    f = _findings(_scores(tmp_path / "a", 0.05, 0.90, 0.52), tmp_path / "a", table2)
+    assert f["available"] and f["n_members"] == 100
+    assert f["sentence"].startswith("The paper's pattern holds on every criterion (1 seed).")
+    f = _findings(_scores(tmp_path / "b", 0.47, 0.52, 0.60, n=20), tmp_path / "b", table2)
+    j = f["judgement"]
+    assert not j["model1_over_forgets"] and not j["model2_under_forgets"]  # intervals straddle 0.5
+    assert f["sentence"].startswith("The paper's pattern does not hold")
+    assert _findings({"model1": {"mia_auc": None}}, tmp_path, [])["available"] is False
 
 
 def test_fmt_and_config_round_trip() -> None:

@@ -48,9 +48,6 @@ MARKER = ".umerge-demo"  # marks a directory written by the demo, so --overwrite
 PRESETS = ("zjuklab-model1", "zjuklab-model2")
 MODEL_NAMES = {"zjuklab-model1": "model1", "zjuklab-model2": "model2"}
 NPO_ONLY = "npo-only"  # the run trained for Figure 3 only
-#: AUC thresholds used to call a model over- or under-forgetting (0.5 is a perfect MIA score).
-OVER_FORGET_AUC = 0.45
-UNDER_FORGET_AUC = 0.55
 
 
 @dataclass
@@ -360,52 +357,33 @@ def _csv_rows(path: Path) -> list[dict[str, Any]]:
         return [{k: num(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def _findings(scores: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Plain statements about over/under-forgetting from the MIA AUCs (see the thresholds above)."""
-    def auc(name: str) -> float | None:
-        return scores.get(name, {}).get("mia_auc")
+def _findings(scores: dict[str, dict[str, Any]], out: Path, table2: list[dict[str, Any]]) -> dict[str, Any]:
+    """The criteria of `umerge.demo.criteria`, judged on this run, and the sentence they allow."""
+    from umerge.demo.criteria import CRITERIA, Outcome, finding_sentence, judge
 
-    a1, a2, am = auc("model1"), auc("model2"), auc("merge-ties-factorwise")
-    f: dict[str, Any] = {"thresholds": {"over_forgets_if_auc_below": OVER_FORGET_AUC,
-                                        "under_forgets_if_auc_above": UNDER_FORGET_AUC},
-                         "auc": {"model1": a1, "model2": a2, "merge-ties-factorwise": am,
-                                 "merge-ties-full": auc("merge-ties-full"), "vanilla": auc("vanilla")}}
-    if a1 is None or a2 is None or am is None:
+    def outcome(name: str) -> Outcome | None:
+        s = scores.get(name)
+        if not s or s.get("mia_auc") is None or s.get("aggregate") is None:
+            return None
+        mia = json.loads((out / s["report"]).read_text(encoding="utf-8"))["mia"]
+        return Outcome(auc=s["mia_auc"], n_members=int(mia["n_member"]), n_nonmembers=int(mia["n_nonmember"]),
+                       aggregate=s["aggregate"], forget_regurgitation=s["forget_regurgitation"])
+
+    names = ("vanilla", "model1", "model2", "merge-ties-factorwise", "merge-ties-full")
+    got = {n: outcome(n) for n in names}
+    f: dict[str, Any] = {"criteria": CRITERIA, "auc": {n: scores.get(n, {}).get("mia_auc") for n in names}}
+    v, m1, m2, merge = (got[n] for n in names[:4])
+    if v is None or m1 is None or m2 is None or merge is None:
         f["available"] = False
         return f
     f["available"] = True
-    f["model1_over_forgets"] = a1 < OVER_FORGET_AUC
-    f["model2_under_forgets"] = a2 > UNDER_FORGET_AUC
-    lo, hi = min(a1, a2), max(a1, a2)
-    f["merge_between"] = lo < am < hi
-    f["merge_closer_to_half_than_both"] = abs(am - 0.5) < min(abs(a1 - 0.5), abs(a2 - 0.5))
-    full = auc("merge-ties-full")
-    if full is not None:
-        f["full_merge_between"] = lo < full < hi
-    f["explanation"] = _explain(scores, f)
+    f["n_members"], f["n_nonmembers"] = merge.n_members, merge.n_nonmembers
+    f["judgement"] = judge(v, m1, m2, merge, table2)
+    f["sentence"] = finding_sentence([f["judgement"]])
+    full = got["merge-ties-full"]
+    if full is not None:  # the same judgement with the full-update merge in the merge's place
+        f["judgement_full_update"] = judge(v, m1, m2, full)
     return f
-
-
-def _explain(scores: dict[str, dict[str, Any]], f: dict[str, Any]) -> str:
-    """A few plain sentences built from the numbers (no claim that the numbers do not support)."""
-    parts = []
-    if f["model1_over_forgets"] and f["model2_under_forgets"] and f["merge_between"]:
-        parts.append("The paper's pattern appears at this scale: the model1 preset over-forgets, the model2 preset "
-                     "under-forgets, and their factor-wise TIES merge lands between them.")
-    else:
-        missing = [s for s, ok in (("model1 does not over-forget", f["model1_over_forgets"]),
-                                   ("model2 does not under-forget", f["model2_under_forgets"]),
-                                   ("the merge does not land between them", f["merge_between"])) if not ok]
-        parts.append("The paper's pattern does not fully appear at this scale: " + "; ".join(missing) + ".")
-    ranked = sorted(((s.get("aggregate") or 0.0, n) for n, s in scores.items()), reverse=True)
-    if ranked:
-        parts.append(f"Best final aggregate: {ranked[0][1]}.")
-    v, m = scores.get("vanilla", {}), scores.get("merge-ties-factorwise", {})
-    if v.get("retain_knowledge") is not None and m.get("retain_knowledge") is not None and \
-            m["retain_knowledge"] < v["retain_knowledge"] - 0.1:
-        parts.append("Unlearning is not free here: the merge keeps less retain-set knowledge than the vanilla model "
-                     "(Table 1, second part).")
-    return " ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,7 +509,7 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
         "sweep": sweep_rows,
         "figures": figures,
         "figure_data": figure_data,
-        "findings": _findings(scores),
+        "findings": _findings(scores, out, method_rows),
         "factorwise_update": geometry,
         "timings_s": {**log.timings, "total": round(time.perf_counter() - t_start, 1)},
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,

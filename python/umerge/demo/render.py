@@ -59,34 +59,39 @@ def render_report(r: dict[str, Any]) -> str:
     L += [f"Reproduce with `{r['command']}` ({cfg['mode']} mode, seed {cfg['seed']}). "
           f"Total wall time {r['timings_s']['total']:.0f} s (torch threads: {r['environment']['threads']}).", ""]
 
-    # -- findings first: what a reader wants to know
+    # -- findings first: what a reader wants to know, decided by the criteria fixed in advance
     f = r["findings"]
     L += ["## Finding", ""]
     if not f.get("available"):
-        L += ["The MIA AUCs needed to judge over/under-forgetting are not available (no MIA data or a missing model).", ""]
+        L += ["The MIA AUCs needed to judge the criteria are not available (no MIA data or a missing model).", ""]
     else:
-        a = f["auc"]
-        th = f["thresholds"]
-        L += [
-            f"- model1 over-forgets (MIA AUC {fmt(a['model1'])} < {th['over_forgets_if_auc_below']}): "
-            f"**{_yes(f['model1_over_forgets'])}**.",
-            f"- model2 under-forgets (MIA AUC {fmt(a['model2'])} > {th['under_forgets_if_auc_above']}): "
-            f"**{_yes(f['model2_under_forgets'])}**.",
-            f"- the factor-wise TIES merge (AUC {fmt(a['merge-ties-factorwise'])}) lands between them: "
-            f"**{_yes(f['merge_between'])}**; closer to 0.5 than both: **{_yes(f['merge_closer_to_half_than_both'])}**.",
-        ]
-        if "full_merge_between" in f:
-            L.append(f"- the full-update TIES merge (AUC {fmt(a['merge-ties-full'])}) lands between them: "
-                     f"**{_yes(f['full_merge_between'])}**.")
-        if f.get("explanation"):
-            L += ["", f["explanation"]]
+        j, iv = f["judgement"], f["judgement"]["intervals"]
+        L += [f["sentence"], "",
+              "Criteria (fixed before any run, `umerge.demo.criteria`); AUC with its 95% interval (Hanley-McNeil):", ""]
+        details = {
+            "model1_over_forgets": f"model1 AUC {fmt(f['auc']['model1'])} [{fmt(iv['model1'][0])}, {fmt(iv['model1'][1])}]",
+            "model2_under_forgets": f"model2 AUC {fmt(f['auc']['model2'])} [{fmt(iv['model2'][0])}, {fmt(iv['model2'][1])}]"
+                                    + ("; did not unlearn" if j.get("model2_did_not_unlearn") else ""),
+            "merge_balanced": f"merge AUC {fmt(f['auc']['merge-ties-factorwise'])} "
+                              f"[{fmt(iv['merge'][0])}, {fmt(iv['merge'][1])}]",
+            "merge_beats_parents": "final aggregates in Table 1",
+            "ties_best_method": f"best of Table 2: {j.get('best_method', 'n/a')}",
+        }
+        for key, text in f["criteria"].items():
+            verdict = "not decided" if j.get(key) is None else _yes(j[key])
+            L.append(f"- {text}: **{verdict}** ({details[key]}).")
+        full = f.get("judgement_full_update")
+        if full:
+            L.append(f"- with the full-update TIES merge in its place (AUC {fmt(f['auc']['merge-ties-full'])}): balanced "
+                     f"**{_yes(full['merge_balanced'])}**, above both parents **{_yes(full['merge_beats_parents'])}**.")
         L.append("")
     size = (f"a model of {r['calibration']['parameters']} parameters" if r["calibration"].get("parameters")
             else "the given model")
     world = f", {cfg['docs_per_task']} documents per task per split" if r["data"]["synthetic"] else ""
-    L += [f"How far to trust this: one seed{world} and {size}; the MIA AUC is computed over one document per "
-          "forget-set row against the nonmember rows, so differences of a few hundredths are noise. Run with "
-          "other `--seed` values to see the spread.", ""]
+    members = (f" The MIA compares {f['n_members']} member and {f['n_nonmembers']} nonmember rows; rows of one "
+               "document are correlated, so the intervals are narrower than the evidence." if f.get("available") else "")
+    L += [f"How far to trust this: one seed{world} and {size}.{members} Run other `--seed` values to see the spread "
+          "between runs, which the intervals above do not include.", ""]
 
     g = r.get("factorwise_update")
     if g:
