@@ -49,7 +49,7 @@ def test_expected_files_exist(world_dir: Path) -> None:
             "mmlu/dev/world_stories_dev.csv", "mmlu/test/world_stories_test.csv"} <= names
 
 
-@pytest.mark.parametrize("split", ["forget.jsonl", "retain.jsonl", "mia/nonmember.jsonl"])
+@pytest.mark.parametrize("split", ["forget.jsonl", "retain.jsonl"])
 def test_row_format_and_id_suffixes(world_dir: Path, split: str) -> None:
     rows = _jsonl(world_dir / split)
     per_task: dict[str, int] = {}
@@ -69,10 +69,14 @@ def test_row_format_and_id_suffixes(world_dir: Path, split: str) -> None:
     assert len({r["id"] for r in rows}) == len(rows)
 
 
-def test_splits_disjoint_and_members_are_the_forget_rows(world_dir: Path) -> None:
+def test_splits_disjoint_and_mia_has_one_row_per_document(world_dir: Path) -> None:
     forget, retain = _jsonl(world_dir / "forget.jsonl"), _jsonl(world_dir / "retain.jsonl")
     nonmember = _jsonl(world_dir / "mia/nonmember.jsonl")
-    assert _jsonl(world_dir / "mia/member.jsonl") == forget
+    member = _jsonl(world_dir / "mia/member.jsonl")
+    assert member == [r for r in forget if r["id"].endswith("sc1")]  # each forget document once, whole
+    assert len(member) == 3 * CFG.docs_per_task and len(nonmember) == 3 * CFG.nonmember_docs_per_task
+    assert all(r["id"].endswith("sc1") for r in nonmember)
+    assert len({r["id"][:-3] for r in member + nonmember}) == len(member) + len(nonmember)
     doc = lambda rows: {r["id"][:-3] for r in rows}  # noqa: E731
     assert not doc(forget) & doc(retain)
     assert not doc(nonmember) & (doc(forget) | doc(retain))

@@ -110,7 +110,7 @@ def _check_inputs(opts: DemoOptions) -> None:
         raise InputError(f"{opts.model_dir}: not a model directory (no config.json)")
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise InputError(f"output directory {out} exists and is not empty (use --overwrite)")
@@ -418,7 +418,7 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
     transformers.utils.logging.disable_progress_bar()  # per-file load/save bars: noise in the demo's output
     out = Path(opts.out)
     _check_inputs(opts)
-    _prepare_out(out, opts.overwrite)
+    prepare_out(out, opts.overwrite)
     log = _Log(opts.progress)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()

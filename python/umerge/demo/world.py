@@ -12,9 +12,12 @@ names are assembled from syllables, SSNs are in the never-issued 900 series, e-m
 reserved test domains. Unlike LUME, every document (all three tasks) has five QA rows, so each split
 has the same row kinds in every task. Besides the two splits it writes:
 
-- MIA nonmembers: documents of the same three kinds about people and places that appear nowhere in
-  the training data (``mia/nonmember.jsonl``; the members, ``mia/member.jsonl``, are the forget rows,
-  as in the task's official MIA, which attacks the forget set);
+- MIA documents, one row per source document (its sentence-completion row, whose input and output
+  together are the whole document): members are the forget documents (``mia/member.jsonl``; the
+  task's MIA attacks the forget set), nonmembers documents of the same three kinds about people and
+  places that appear nowhere in the training data (``mia/nonmember.jsonl``). One row per document
+  keeps the attack's units independent: a document's QA rows repeat its facts, and counting them as
+  more members would make the AUC's interval narrower than the evidence;
 - a small utility benchmark in the MMLU CSV layout (``mmlu/dev/<subject>_dev.csv``,
   ``mmlu/test/<subject>_test.csv``; columns question, A, B, C, D, answer; no header) whose questions
   are about retain documents only, i.e. facts outside the forget set that unlearning should keep;
@@ -369,10 +372,15 @@ def _csv(questions: list[McQuestion]) -> str:
     return buf.getvalue()
 
 
+def _one_per_document(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sentence-completion row of each document (prompt + answer = the whole document)."""
+    return [r for r in rows if r["id"].endswith("sc1")]
+
+
 def write_world(world: World, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the world's files under ``out_dir`` and return it.
 
-    Layout: forget.jsonl, retain.jsonl, mia/member.jsonl (= the forget rows), mia/nonmember.jsonl,
+    Layout: forget.jsonl, retain.jsonl, mia/member.jsonl and mia/nonmember.jsonl (one row per document),
     mmlu/dev/<subject>_dev.csv (the first five questions of each subject, for k-shot prompts),
     mmlu/test/<subject>_test.csv (the rest), world.json (config and facts).
     """
@@ -382,8 +390,8 @@ def write_world(world: World, out_dir: str | Path, overwrite: bool = False) -> P
     files: dict[str, str] = {
         "forget.jsonl": _jsonl(world.rows("forget")),
         "retain.jsonl": _jsonl(world.rows("retain")),
-        "mia/member.jsonl": _jsonl(world.rows("forget")),
-        "mia/nonmember.jsonl": _jsonl(world.rows("nonmember")),
+        "mia/member.jsonl": _jsonl(_one_per_document(world.rows("forget"))),
+        "mia/nonmember.jsonl": _jsonl(_one_per_document(world.rows("nonmember"))),
     }
     for subject in MMLU_SUBJECTS:
         qs = [q for q in world.mmlu if q.subject == subject]
