@@ -206,6 +206,9 @@ def test_epoch_eval_hook(tiny: dict) -> None:
     model.train()
     out = hook(model, tiny["tok"], 1)
     assert model.training  # the hook restores the training mode
-    assert set(out) == {"task_aggregate", "forget_regurgitation", "forget_knowledge", "retain_regurgitation",
-                        "retain_knowledge", "mia_auc", "mia_score"}
+    overall = {"task_aggregate", "forget_regurgitation", "forget_knowledge", "retain_regurgitation",
+               "retain_knowledge", "mia_auc", "mia_score"}
+    per_task = {f"{split}/{task}/{metric}" for split in ("forget", "retain") for task in {r["task"] for r in tiny["rows"]["forget"]}
+                for metric in ("regurgitation", "knowledge")}
+    assert set(out) == overall | per_task
     assert 0.0 <= out["task_aggregate"] <= 1.0

@@ -148,8 +148,9 @@ def test_umerge_train_each_preset(world: dict, runs: dict, preset: str) -> None:
     assert steps[0]["npo"] == pytest.approx(20 * math.log(2), rel=1e-4)
 
     evals = [r for r in rows if r["type"] == "eval"]
-    if preset == "zjuklab-model1":  # per-epoch NLL curve from --eval-nll-rows
-        assert [(e["epoch"], e["step"]) for e in evals] == [(k, k * steps_per_epoch) for k in range(1, EPOCHS + 1)]
+    if preset == "zjuklab-model1":  # per-epoch NLL curve from --eval-nll-rows, from epoch 0 (the start)
+        assert [(e["epoch"], e["step"]) for e in evals] == [(k, k * steps_per_epoch) for k in range(0, EPOCHS + 1)]
+        assert evals[0]["forget_nll"] == pytest.approx(world["before"]["forget"], rel=1e-4)  # the vanilla model
     else:
         assert evals == []
 
