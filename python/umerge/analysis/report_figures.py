@@ -44,6 +44,7 @@ def report_figures(
         auc = report.mia_auc
         ax.set_title("MIA: per-document loss" + (f" (AUC {auc:.3f})" if auc is not None else ""))
         ax.set_xlabel("mean token NLL")
+        ax.set_ylabel("documents")
         ax.legend(fontsize=8)
         paths["mia_figure"] = save_figure(fig, d / "mia_losses.png")
     return paths
