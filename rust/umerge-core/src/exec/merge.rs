@@ -28,7 +28,7 @@ fn check_spec(spec: &MergeSpec, method: &dyn Method) -> Result<()> {
     }
     if method.base_use() == BaseUse::Required && spec.base.is_none() {
         return Err(Error::Spec(format!(
-            "{} needs a base model (--base DIR): it merges task vectors, model - base, so it must know the weights the models were fine-tuned from. LoRA adapter directories carry their task vectors themselves and are merged without --base.",
+            "{} needs a base model (base=... / --base DIR): it works from the weights the models were fine-tuned from (task vectors are model - base). LoRA adapter directories carry their task vectors themselves and are merged without a base.",
             method.name()
         )));
     }
