@@ -157,18 +157,22 @@ def run_engine(entry: Callable[[str, Any], str], spec: Mapping[str, Any], progre
 
 
 def output_options(
-    out_dtype: str | None,
-    threads: int | None,
-    memory_budget: str | int | None,
-    max_shard_size: str | int | None,
+    out: PathLike,
+    out_dtype: str | None = None,
+    threads: int | None = None,
+    memory_budget: str | int | None = None,
+    max_shard_size: str | int | None = None,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
-    """The optional output/resource fields of an engine spec, checked: `out_dtype` (one of
-    OUT_DTYPES), `threads` (>= 1), `memory_budget` and `max_shard_size` (bytes, see `parse_size`).
-    Fields left as None are omitted, so the engine applies its defaults."""
+    """The output options of an engine spec, shared by merges and folds (the engine's
+    `OutputOptions`, flat beside the spec's own fields): `out`, `overwrite` and `allow_nonfinite`
+    always; `out_dtype` (any spelling in DTYPE_NAMES), `threads` (>= 1), `memory_budget` and
+    `max_shard_size` (bytes, see `parse_size`) only when given, so the engine applies its defaults."""
     out_dtype = out_dtype_name(out_dtype)
     if threads is not None and threads < 1:
         raise InputError(f"threads must be at least 1, got {threads}")
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = {"out": os.fspath(out), "overwrite": bool(overwrite), "allow_nonfinite": bool(allow_nonfinite)}
     if out_dtype is not None:
         opts["out_dtype"] = out_dtype
     if threads is not None:
@@ -238,7 +242,7 @@ def build_spec(
     _check_finite(params or {})
     for i, mp in enumerate(model_params or ()):
         _check_finite(mp, f" (model {i + 1})")
-    opts = output_options(out_dtype, threads, memory_budget, max_shard_size)
+    opts = output_options(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite)
     spec: dict[str, Any] = {
         "method": method,
         "models": [
@@ -246,10 +250,7 @@ def build_spec(
             for i, m in enumerate(models)
         ],
         "params": dict(params or {}),
-        "out": os.fspath(out),
         "strict": bool(strict),
-        "overwrite": bool(overwrite),
-        "allow_nonfinite": bool(allow_nonfinite),
     }
     if base is not None:
         spec["base"] = os.fspath(base)
