@@ -78,3 +78,20 @@ def test_fold_shapes_do_not_fit_base(fam: dict[str, Path], tmp_path: Path, capsy
 
 def test_fold_missing_config(fam: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails(capsys, ["fold", str(fam["no_cfg"]), "--base", str(fam["base"]), "-q"], tmp_path / "o", "adapter_config.json")
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"density": 0.5, "seed": -1}, "invalid parameter seed: -1 is not a non-negative integer"),
+    ({"density": 1.5}, "density 1.5 is outside (0, 1]"),
+])
+def test_adapter_parameters_are_checked_where_adapters_are_merged(fam: dict[str, Path], tmp_path: Path,
+                                                                  kwargs: dict[str, float], needle: str) -> None:
+    # the engine checks these for full models; adapter merges run in umerge.adapters, which checks them itself
+    import umerge
+    from umerge.errors import InputError
+
+    out = tmp_path / "o"
+    with pytest.raises(InputError) as exc:
+        umerge.dare_ties([fam["r4"], fam["r4"]], out=out, progress=False, **kwargs)
+    assert needle in str(exc.value), exc.value
+    assert not out.exists()

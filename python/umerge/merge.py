@@ -32,6 +32,7 @@ substring of the tensor name wins; a rule without filter matches everything (put
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -45,7 +46,6 @@ PathLike = str | os.PathLike[str]
 ParamValue = float | int | str | bool | Sequence[float] | Sequence[Mapping[str, Any]]
 ProgressArg = bool | Callable[[int, int, int, int], None] | None
 
-PRESETS = ("mergekit", "peft", "paper")
 OUT_DTYPES = ("bf16", "f16", "f32")
 #: Every accepted spelling of an output dtype (ours, torch's, mergekit's) -> its name in OUT_DTYPES.
 DTYPE_NAMES = {
@@ -157,18 +157,22 @@ def run_engine(entry: Callable[[str, Any], str], spec: Mapping[str, Any], progre
 
 
 def output_options(
-    out_dtype: str | None,
-    threads: int | None,
-    memory_budget: str | int | None,
-    max_shard_size: str | int | None,
+    out: PathLike,
+    out_dtype: str | None = None,
+    threads: int | None = None,
+    memory_budget: str | int | None = None,
+    max_shard_size: str | int | None = None,
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
-    """The optional output/resource fields of an engine spec, checked: `out_dtype` (one of
-    OUT_DTYPES), `threads` (>= 1), `memory_budget` and `max_shard_size` (bytes, see `parse_size`).
-    Fields left as None are omitted, so the engine applies its defaults."""
+    """The output options of an engine spec, shared by merges and folds (the engine's
+    `OutputOptions`, flat beside the spec's own fields): `out`, `overwrite` and `allow_nonfinite`
+    always; `out_dtype` (any spelling in DTYPE_NAMES), `threads` (>= 1), `memory_budget` and
+    `max_shard_size` (bytes, see `parse_size`) only when given, so the engine applies its defaults."""
     out_dtype = out_dtype_name(out_dtype)
     if threads is not None and threads < 1:
         raise InputError(f"threads must be at least 1, got {threads}")
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = {"out": os.fspath(out), "overwrite": bool(overwrite), "allow_nonfinite": bool(allow_nonfinite)}
     if out_dtype is not None:
         opts["out_dtype"] = out_dtype
     if threads is not None:
@@ -180,6 +184,36 @@ def output_options(
     if ms is not None:
         opts["max_shard_size"] = ms
     return opts
+
+
+def weight_params(weights: Sequence[ParamValue] | None, n: int) -> list[dict[str, ParamValue]] | None:
+    """Per-model ``{"weight": w}`` parameter sets from one weight per model (None stays None).
+
+    The count is checked here, not in the engine: the spec attaches each weight to its model, so a
+    list of the wrong length has no spec to express it."""
+    if weights is None:
+        return None
+    if len(weights) != n:
+        raise InputError(f"{len(weights)} weights given for {n} models (weights=... / --weight: give one per model, in order)")
+    return [{"weight": w} for w in weights]
+
+
+def _check_finite(params: Mapping[str, Any], where: str = "") -> None:
+    """NaN and infinities cannot travel in the JSON spec, so they are refused here, by name; every
+    other check of a parameter's value is the engine's."""
+
+    def finite(v: Any) -> bool:
+        if isinstance(v, float):
+            return math.isfinite(v)
+        if isinstance(v, Mapping):
+            return all(finite(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return all(finite(x) for x in v)
+        return True
+
+    for name, value in params.items():
+        if not finite(value):
+            raise InputError(f"invalid parameter {name}: {value!r} is not a finite number{where}")
 
 
 def build_spec(
@@ -205,7 +239,10 @@ def build_spec(
         raise InputError("no input models given")
     if model_params is not None and len(model_params) != len(models):
         raise InputError(f"{len(model_params)} per-model parameter sets given for {len(models)} models")
-    opts = output_options(out_dtype, threads, memory_budget, max_shard_size)
+    _check_finite(params or {})
+    for i, mp in enumerate(model_params or ()):
+        _check_finite(mp, f" (model {i + 1})")
+    opts = output_options(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite)
     spec: dict[str, Any] = {
         "method": method,
         "models": [
@@ -213,10 +250,7 @@ def build_spec(
             for i, m in enumerate(models)
         ],
         "params": dict(params or {}),
-        "out": os.fspath(out),
         "strict": bool(strict),
-        "overwrite": bool(overwrite),
-        "allow_nonfinite": bool(allow_nonfinite),
     }
     if base is not None:
         spec["base"] = os.fspath(base)
@@ -279,15 +313,6 @@ def merge(
     return run_spec(spec, progress)
 
 
-def _check_density(density: Any) -> None:
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        return  # rules or gradients: the engine checks every resolved value
-    if not (0.0 < float(density) <= 1.0):
-        raise InputError(
-            f"density {density} is outside (0, 1]: it is the fraction of each task vector's entries kept"
-        )
-
-
 def ties(
     models: Sequence[PathLike],
     base: PathLike | None = None,
@@ -330,24 +355,13 @@ def ties(
         models = [models]
     from umerge.adapters.routing import adapter_inputs
 
-    adapters = adapter_inputs(models, base)
     if preset is None:
-        preset = "peft" if adapters else "mergekit"
-    if base is None and not adapters:
-        raise InputError(
-            "ties needs a base model (base=... / --base DIR): it merges task vectors, model - base, "
-            "so it must know the weights the models were fine-tuned from. LoRA adapter directories "
-            "carry their task vectors themselves and are merged without a base."
-        )
-    _check_density(density)
-    if preset not in PRESETS:
-        raise InputError(f"unknown TIES preset {preset!r} (use one of {', '.join(PRESETS)})")
-    if weights is not None and len(weights) != len(models):
-        raise InputError(f"{len(weights)} weights given for {len(models)} models (give one per model)")
+        preset = "peft" if adapter_inputs(models, base) else "mergekit"
+    # The base, density and preset are checked by the engine (or, for adapters, `umerge.adapters`).
     params: dict[str, ParamValue] = {"density": density, "lambda": float(lambda_), "preset": preset}
     if majority_sign is not None:
         params["majority_sign"] = majority_sign
-    model_params = [{"weight": w} for w in weights] if weights is not None else None
+    model_params = weight_params(weights, len(models))
     return merge(
         "ties", models, base=base, params=params, model_params=model_params, out=out, out_dtype=out_dtype,
         threads=threads, memory_budget=memory_budget, max_shard_size=max_shard_size, strict=strict,
@@ -365,4 +379,5 @@ def inspect(path: PathLike) -> dict[str, Any]:
     return json.loads(_core.inspect(os.fspath(path)))
 
 
-__all__ = ["MergeReport", "build_spec", "inspect", "merge", "output_options", "parse_size", "run_engine", "run_spec", "ties"]
+__all__ = ["MergeReport", "build_spec", "inspect", "merge", "output_options", "parse_size", "run_engine", "run_spec", "ties",
+           "weight_params"]

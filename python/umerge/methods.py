@@ -1,7 +1,8 @@
 """The merge methods as Python functions: `umerge.linear(...)`, `umerge.dare_ties(...)`, ...
 
-Each is a thin wrapper over `umerge.merge.merge(method=...)`: it checks its arguments, builds the
-method's parameters, and runs the engine (TIES is `umerge.ties`, in `umerge.merge`). Common
+Each is a thin wrapper over `umerge.merge.merge(method=...)`: it builds the method's parameters
+and runs the engine, which checks them (a missing base, density outside (0, 1], an unknown
+rescale, ...: one place per rule, with the engine's message) (TIES is `umerge.ties`, in `umerge.merge`). Common
 keyword options, passed through unchanged: ``out`` (default ``merged``), ``out_dtype``,
 ``threads``, ``memory_budget``, ``max_shard_size``, ``strict``, ``overwrite``,
 ``allow_nonfinite``, ``progress``. Every function returns a `MergeReport`.
@@ -18,10 +19,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from umerge.errors import InputError
-from umerge.merge import MergeReport, ParamValue, PathLike, merge
+from umerge.merge import MergeReport, ParamValue, PathLike, merge, weight_params
 
-RESCALES = ("density", "probability", "l1", "none")
 DEFAULT_SEED = 0
 
 
@@ -29,31 +28,6 @@ def _models(models: Sequence[PathLike] | PathLike) -> list[PathLike]:
     if isinstance(models, (str, os.PathLike)):
         return [models]
     return list(models)
-
-
-def _need_base(method: str, base: PathLike | None, models: Sequence[PathLike] = ()) -> None:
-    # LoRA adapters need no base: `merge` routes them to the factor-wise PEFT path.
-    from umerge.adapters.routing import adapter_inputs
-
-    if base is None and not adapter_inputs(models):
-        raise InputError(
-            f"{method} needs a base model (base=... / --base DIR): it merges task vectors, model - base, "
-            "so it must know the weights the models were fine-tuned from"
-        )
-
-
-def _weights(weights: Sequence[ParamValue] | None, n: int) -> list[dict[str, ParamValue]] | None:
-    if weights is None:
-        return None
-    if len(weights) != n:
-        raise InputError(f"{len(weights)} weights given for {n} models (give one per model)")
-    return [{"weight": w} for w in weights]
-
-
-def _density(density: ParamValue) -> ParamValue:
-    if isinstance(density, (int, float)) and not isinstance(density, bool) and not 0.0 < float(density) <= 1.0:
-        raise InputError(f"density {density} is outside (0, 1]: it is the fraction of each task vector's entries kept")
-    return density
 
 
 def linear(models: Sequence[PathLike], *, weights: Sequence[ParamValue] | None = None, normalize: bool = True,
@@ -64,7 +38,7 @@ def linear(models: Sequence[PathLike], *, weights: Sequence[ParamValue] | None =
     to 1.0; weights summing to 0 with `normalize` are an error. No base is involved.
     """
     ms = _models(models)
-    return merge("linear", ms, params={"normalize": bool(normalize)}, model_params=_weights(weights, len(ms)),
+    return merge("linear", ms, params={"normalize": bool(normalize)}, model_params=weight_params(weights, len(ms)),
                  **options)
 
 
@@ -76,9 +50,8 @@ def task_arithmetic(models: Sequence[PathLike], base: PathLike | None = None, *,
     out = base + lambda * sum_i w_i d_i (with `normalize`: divided by sum_i w_i).
     """
     ms = _models(models)
-    _need_base("task_arithmetic", base, ms)
     return merge("task_arithmetic", ms, base=base, params={"lambda": float(lambda_), "normalize": bool(normalize)},
-                 model_params=_weights(weights, len(ms)), **options)
+                 model_params=weight_params(weights, len(ms)), **options)
 
 
 def magnitude_prune(models: Sequence[PathLike], base: PathLike | None = None, *, density: ParamValue,
@@ -91,25 +64,19 @@ def magnitude_prune(models: Sequence[PathLike], base: PathLike | None = None, *,
     election (with `normalize`: divided by sum_i w_i).
     """
     ms = _models(models)
-    _need_base("magnitude_prune", base, ms)
     return merge("magnitude_prune", ms, base=base,
-                 params={"density": _density(density), "lambda": float(lambda_), "normalize": bool(normalize)},
-                 model_params=_weights(weights, len(ms)), **options)
+                 params={"density": density, "lambda": float(lambda_), "normalize": bool(normalize)},
+                 model_params=weight_params(weights, len(ms)), **options)
 
 
 def _random(method: str, models: Sequence[PathLike], base: PathLike | None, density: ParamValue,
             weights: Sequence[ParamValue] | None, lambda_: float, normalize: bool, rescale: str, seed: int,
             options: dict[str, Any], **extra: ParamValue) -> MergeReport:
-    """The random task-vector methods (DARE, DELLA): checks, then the engine."""
+    """The random task-vector methods (DARE, DELLA): their parameters, then the engine (which checks them)."""
     ms = _models(models)
-    _need_base(method, base, ms)
-    if rescale not in RESCALES:
-        raise InputError(f"unknown rescale {rescale!r} (use one of {', '.join(RESCALES)})")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    params = {"density": _density(density), "lambda": float(lambda_), "normalize": bool(normalize),
+    params = {"density": density, "lambda": float(lambda_), "normalize": bool(normalize),
               "rescale": rescale, "seed": seed, **extra}
-    return merge(method, ms, base=base, params=params, model_params=_weights(weights, len(ms)), **options)
+    return merge(method, ms, base=base, params=params, model_params=weight_params(weights, len(ms)), **options)
 
 
 def dare_linear(models: Sequence[PathLike], base: PathLike | None = None, *, density: ParamValue,
@@ -143,11 +110,8 @@ def _breadcrumbs(method: str, models: Sequence[PathLike], base: PathLike | None,
                  gamma: ParamValue, weights: Sequence[ParamValue] | None, lambda_: float, normalize: bool,
                  options: dict[str, Any]) -> MergeReport:
     ms = _models(models)
-    _need_base(method, base, ms)
-    if isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and not 0.0 <= float(gamma) < 1.0:
-        raise InputError(f"gamma {gamma} is outside [0, 1): it is the fraction of the largest entries dropped")
-    params = {"density": _density(density), "gamma": gamma, "lambda": float(lambda_), "normalize": bool(normalize)}
-    return merge(method, ms, base=base, params=params, model_params=_weights(weights, len(ms)), **options)
+    params = {"density": density, "gamma": gamma, "lambda": float(lambda_), "normalize": bool(normalize)}
+    return merge(method, ms, base=base, params=params, model_params=weight_params(weights, len(ms)), **options)
 
 
 def breadcrumbs(models: Sequence[PathLike], base: PathLike | None = None, *, density: ParamValue,
@@ -211,10 +175,6 @@ def slerp(model: PathLike | Sequence[PathLike], base: PathLike | None = None, *,
     sin(t theta)/sin(theta) b, theta = acos(dot); linear interpolation when |dot| > 0.9995.
     """
     ms = _models(model)
-    if base is None:
-        raise InputError("slerp needs a base model (base=... / --base DIR): t = 0 gives the base")
-    if len(ms) != 1:
-        raise InputError(f"slerp interpolates between the base and exactly one other model, got {len(ms)}")
     return merge("slerp", ms, base=base, params={"t": t}, **options)
 
 
@@ -225,9 +185,6 @@ def model_stock(models: Sequence[PathLike], base: PathLike | None = None, **opti
     out = t * mean_i(w_i) + (1 - t) * base.
     """
     ms = _models(models)
-    _need_base("model_stock", base)
-    if len(ms) < 2:
-        raise InputError(f"model_stock needs at least 2 models besides the base, got {len(ms)}")
     return merge("model_stock", ms, base=base, **options)
 
 

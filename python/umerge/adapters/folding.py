@@ -50,13 +50,6 @@ def _run(spec: dict[str, Any], progress: ProgressArg) -> MergeReport:
     return run_engine(_core.fold, spec, progress)
 
 
-def _common(out: PathLike, out_dtype: str | None, threads: int | None, memory_budget: str | int | None,
-            max_shard_size: str | int | None, overwrite: bool, allow_nonfinite: bool) -> dict[str, Any]:
-    spec: dict[str, Any] = {"out": os.fspath(out), "overwrite": bool(overwrite), "allow_nonfinite": bool(allow_nonfinite)}
-    spec.update(output_options(out_dtype, threads, memory_budget, max_shard_size))
-    return spec
-
-
 def fold(
     adapter: PathLike | Sequence[PathLike],
     base: PathLike,
@@ -76,7 +69,7 @@ def fold(
     adapters = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
     if not adapters:
         raise InputError("no adapter given")
-    spec = _common(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite)
+    spec = output_options(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite)
     spec.update(base=os.fspath(base), adapters=[_adapter_entry(a) for a in adapters])
     return _run(spec, progress)
 
@@ -116,7 +109,7 @@ def fold_merged(
     check_same_modules([load_adapter(a) for a in adapters])
     w = [float(x) for x in (weights if weights is not None else [1.0] * len(adapters))]
     engine_method, fixed = _ENGINE_METHODS[method]
-    spec = _common(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite)
+    spec = output_options(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite)
     spec["base"] = os.fspath(base)
     if engine_method is None:
         spec["adapters"] = [_adapter_entry(a, wi) for a, wi in zip(adapters, w)]

@@ -74,7 +74,12 @@ def merge_adapter_inputs(
         raise InputError(f"normalize is not supported for {method} on adapters (PEFT's combinations do not normalise)")
     density = p.pop("density", None)
     majority = p.pop("majority_sign", "total")
-    seed = int(p.pop("seed", 0))
+    seed = p.pop("seed", 0)
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        # the engine checks the seed of full-model merges; adapter merges draw their masks here
+        raise InputError(f"invalid parameter seed: {seed!r} is not a non-negative integer")
     rescale = p.pop("rescale", "density")
     if rescale != "density":
         raise InputError("DARE on adapters rescales kept entries by 1/density, as PEFT does (rescale: density)")

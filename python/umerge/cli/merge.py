@@ -7,15 +7,6 @@ import sys
 import click
 
 from umerge.cli import options as opt
-from umerge.errors import InputError
-
-
-def _density(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    if value is not None and not (0.0 < value <= 1.0):
-        raise click.BadParameter(
-            f"{value} is outside (0, 1]: density is the fraction of each task vector's entries kept"
-        )
-    return value
 
 
 def _print_summary(report: object, quiet: bool) -> None:
@@ -32,7 +23,7 @@ def _print_summary(report: object, quiet: bool) -> None:
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--base", type=click.Path(exists=True),
               help="The model the fine-tunes started from. Required: TIES merges task vectors (model - base).")
-@click.option("--density", type=float, required=True, callback=_density,
+@click.option("--density", type=float, required=True,
               help="Fraction of each task vector's entries kept, by magnitude: exactly floor(density * n) per tensor "
                    "(0 < D <= 1; 1 keeps all). TIES paper and mergekit commonly use 0.2-0.8.")
 @click.option("--weight", "weights", type=float, multiple=True,
@@ -98,17 +89,10 @@ def ties(
     Example:
         umerge ties ft1/ ft2/ --base base/ --density 0.8 -o merged/
     """
-    from umerge.adapters.routing import adapter_inputs
     from umerge.merge import ties as ties_api
 
-    if base is None and not adapter_inputs(models):
-        raise InputError(
-            "ties needs --base DIR: TIES merges task vectors (model - base), so it must know the weights "
-            "the models were fine-tuned from. LoRA adapter directories carry their task vectors "
-            "themselves and are merged without --base."
-        )
-    if weights and len(weights) != len(models):
-        raise click.UsageError(f"{len(weights)} --weight given for {len(models)} models: give one per model, in order")
+    # The base, the density's range and the weight count are checked below the CLI (the engine,
+    # `umerge.merge.weight_params`), and their errors exit 2 like click's.
     report = ties_api(
         list(models),
         base,

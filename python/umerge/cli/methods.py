@@ -16,7 +16,7 @@ import click
 
 from umerge.cli import options as opt
 from umerge.cli._convention import canonical_name
-from umerge.cli.merge import _density, _force_bar, _print_summary
+from umerge.cli.merge import _force_bar, _print_summary
 
 _CTX = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 F = Callable[..., Any]
@@ -58,7 +58,7 @@ def _lambda_opt(f: F) -> F:
 
 
 def _density_opt(f: F) -> F:
-    return click.option("--density", type=float, required=True, callback=_density,
+    return click.option("--density", type=float, required=True,
                         help="Fraction of each task vector's entries kept (0 < D <= 1).")(f)
 
 
@@ -92,8 +92,7 @@ def _opts(kw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _weights(weights: tuple[float, ...], models: tuple[str, ...]) -> list[float] | None:
-    if weights and len(weights) != len(models):
-        raise click.UsageError(f"{len(weights)} --weight given for {len(models)} models: give one per model, in order")
+    # the count is checked by `umerge.merge.weight_params` (an InputError: exit 2)
     return list(weights) if weights else None
 
 
@@ -191,8 +190,8 @@ dare_ties = _dare_command(
 def _breadcrumbs_command(name: str, doc: str) -> click.Command:
     @click.command(name=canonical_name(name), context_settings=_CTX, help=doc)
     @_sparse_task_vector_opts
-    @click.option("--gamma", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.01, show_default=True,
-                  help="Fraction of the largest |task vector| entries dropped as outliers (0 = magnitude_prune).")
+    @click.option("--gamma", type=float, default=0.01, show_default=True,
+                  help="Fraction of the largest |task vector| entries dropped as outliers (0 <= G < 1; 0 = magnitude_prune).")
     @output_options
     def cmd(models: tuple[str, ...], base: str | None, density: float, gamma: float, weights: tuple[float, ...],
             lambda_: float, normalize: bool, **kw: Any) -> None:

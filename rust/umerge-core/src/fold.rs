@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::{decode, elem_bytes, encode, is_float, Dtype};
@@ -35,6 +35,7 @@ use crate::exec::{self, Engine, Job, MappedSource, Sink, Source, ZeroSource};
 use crate::methods::{self, BaseUse, TensorCtx};
 use crate::params::{layer_index, layer_position, ParamMap, Params, TensorPos};
 use crate::report::{peak_rss_bytes, Report};
+use crate::spec::{self, OutputOptions};
 use crate::write::{OutTensor, Output};
 use crate::Progress;
 
@@ -67,7 +68,7 @@ pub struct FoldAdapter {
 
 /// A whole fold.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct FoldSpec {
     /// The base model the adapters were trained on.
     pub base: PathBuf,
@@ -82,26 +83,23 @@ pub struct FoldSpec {
     /// Per-adapter method parameters (weights, densities).
     #[serde(default)]
     pub model_params: Vec<ParamMap>,
-    /// Output directory.
-    pub out: PathBuf,
-    /// Output dtype (`bf16`, `f16`, `f32`); default the base's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub out_dtype: Option<String>,
-    /// Worker threads; default all cores.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub threads: Option<usize>,
-    /// Working-memory budget in bytes; default 512 MiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub memory_budget: Option<u64>,
-    /// Largest shard file in bytes; default 5 GB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_shard_size: Option<u64>,
-    /// Replace an existing non-empty output directory.
-    #[serde(default)]
-    pub overwrite: bool,
-    /// Accept NaN or Inf in the inputs.
-    #[serde(default)]
-    pub allow_nonfinite: bool,
+    /// Output directory, dtype and resources, as a merge's (flat in JSON). Unlike a merge, a fold
+    /// takes `max_shard_size` 0: one tensor per shard.
+    #[serde(skip)]
+    pub output: OutputOptions,
+}
+
+impl<'de> Deserialize<'de> for FoldSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<FoldSpec, D::Error> {
+        let (spec, output) = spec::deserialize_flat(d, FoldSpec::deserialize)?;
+        Ok(FoldSpec { output, ..spec })
+    }
+}
+
+impl Serialize for FoldSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        spec::serialize_flat(s, FoldSpec::serialize(self, serde_json::value::Serializer), &self.output)
+    }
 }
 
 impl FoldSpec {
@@ -385,8 +383,8 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
     if spec.adapters.is_empty() {
         return Err(Error::Spec("no adapters given".into()));
     }
-    prepare::check_workers(spec.threads, spec.memory_budget)?;
-    let out_dtype = prepare::out_dtype(spec.out_dtype.as_deref())?;
+    prepare::check_workers(spec.output.threads, spec.output.memory_budget)?;
+    let out_dtype = prepare::out_dtype(spec.output.out_dtype.as_deref())?;
     let params = Params { global: spec.params.clone(), models: spec.model_params.clone() };
     let method = match &spec.method {
         Some(m) => Some(methods::build(m, &params)?),
@@ -397,7 +395,7 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
     }
 
     let adapter_paths: Vec<&Path> = spec.adapters.iter().map(|a| a.path.as_path()).collect();
-    let opened = prepare::open_inputs(Some(&spec.base), &adapter_paths, open_adapter, &spec.out, spec.overwrite)?;
+    let opened = prepare::open_inputs(Some(&spec.base), &adapter_paths, open_adapter, &spec.output.out, spec.output.overwrite)?;
     let (Some(base), adapters, target) = (opened.base, opened.models, opened.target) else {
         return Err(Error::Internal("inputs missing after opening".into()));
     };
@@ -422,9 +420,9 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
             OutTensor { name: n.clone(), dtype, shape: t.shape.clone() }
         })
         .collect();
-    let out = prepare::create_output(&target, &out_tensors, spec.max_shard_size)?;
+    let out = prepare::create_output(&target, &out_tensors, spec.output.max_shard_size)?;
 
-    let workers = Workers::new(spec.threads, spec.memory_budget, spec.adapters.len() + 1, spec.allow_nonfinite)?;
+    let workers = Workers::new(spec.output.threads, spec.output.memory_budget, spec.adapters.len() + 1, spec.output.allow_nonfinite)?;
     let (pool, chunk, check_finite) = (&workers.pool, workers.chunk, workers.check_finite);
     let num_layers = order.iter().filter_map(|n| layer_index(n)).max().map_or(0, |m| m + 1);
     let total_bytes: u64 = base.total_bytes();
@@ -500,6 +498,24 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spec_keeps_the_flat_layout_and_takes_a_zero_shard_size() {
+        let text = r#"{"base": "b", "adapters": [{"path": "a", "scaling": 0.5}], "method": "ties", "params": {"density": 0.5},
+            "model_params": [{"weight": 2.0}], "out": "o", "out_dtype": "f16", "threads": 3, "memory_budget": 1048576,
+            "max_shard_size": 0, "overwrite": true, "allow_nonfinite": false}"#;
+        let spec = FoldSpec::from_json(text).unwrap();
+        assert_eq!(spec.output.out, PathBuf::from("o"));
+        assert_eq!((spec.output.threads, spec.output.max_shard_size), (Some(3), Some(0)));
+        assert_eq!(spec.output.out_dtype.as_deref(), Some("f16"));
+        assert!(spec.output.overwrite && !spec.output.allow_nonfinite);
+        let want: serde_json::Value = serde_json::from_str(text).unwrap();
+        let mut back = serde_json::to_value(&spec).unwrap();
+        back["adapters"][0].as_object_mut().unwrap().retain(|k, _| k == "path" || k == "scaling");
+        assert_eq!(back, want);
+        let e = FoldSpec::from_json(r#"{"base": "b", "adapters": [], "out": "o", "strict": true}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `strict`") && e.to_string().contains("`overwrite`"), "{e}");
+    }
 
     fn naive(f: &Factors, rows: usize, cols: usize) -> Vec<f64> {
         let mut out = vec![0f64; rows * cols];

@@ -19,7 +19,7 @@ pub mod write;
 
 pub use error::{Error, Result};
 pub use report::Report;
-pub use spec::MergeSpec;
+pub use spec::{MergeSpec, OutputOptions};
 
 /// The engine's version, written into every recipe.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -19,7 +19,10 @@
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::ser::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
 
 use crate::params::ParamMap;
 
@@ -39,20 +42,12 @@ pub struct ModelSpec {
     pub params: ParamMap,
 }
 
-/// A whole merge.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The output and resource options every spec shares (a merge's and a fold's): where the result
+/// goes and with which dtype, threads and memory. In JSON they sit flat beside the spec's own
+/// fields (`{"method": ..., "out": ..., "threads": 2}`); see [`deserialize_flat`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MergeSpec {
-    /// Method name (`ties`, ...).
-    pub method: String,
-    /// Input models, in order.
-    pub models: Vec<ModelSpec>,
-    /// The base model the fine-tunes started from (task vectors are model - base).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base: Option<PathBuf>,
-    /// Global method parameters.
-    #[serde(default)]
-    pub params: ParamMap,
+pub struct OutputOptions {
     /// Output directory.
     pub out: PathBuf,
     /// Output dtype (`bf16`, `f16`, `f32`); default: the base's dtype per tensor.
@@ -64,12 +59,10 @@ pub struct MergeSpec {
     /// Working-memory budget in bytes; default 512 MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_budget: Option<u64>,
-    /// Largest shard file in bytes (whole file, header included); default 5 GB.
+    /// Largest shard file in bytes (whole file, header included); default 5 GB. A merge refuses 0;
+    /// a fold takes it as "one tensor per shard" (every file over the limit holds a single tensor).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_shard_size: Option<u64>,
-    /// Refuse tensors missing from some models instead of merging over those that have them.
-    #[serde(default)]
-    pub strict: bool,
     /// Replace an existing non-empty output directory.
     #[serde(default)]
     pub overwrite: bool,
@@ -78,9 +71,129 @@ pub struct MergeSpec {
     pub allow_nonfinite: bool,
 }
 
+impl OutputOptions {
+    /// The JSON keys of these options (the struct's fields).
+    pub const FIELDS: &'static [&'static str] =
+        &["out", "out_dtype", "threads", "memory_budget", "max_shard_size", "overwrite", "allow_nonfinite"];
+}
+
+/// Deserializes a spec whose [`OutputOptions`] sit flat beside its own fields: the option keys
+/// are taken out of the object and read by `OutputOptions`' derive, the rest by `own` (the spec's
+/// derive, with its `deny_unknown_fields`). serde's `flatten` would do this but cannot be
+/// combined with `deny_unknown_fields`.
+pub(crate) fn deserialize_flat<'de, D, T>(d: D, own: impl FnOnce(Value) -> serde_json::Result<T>) -> Result<(T, OutputOptions), D::Error>
+where
+    D: Deserializer<'de>,
+{
+    let mut rest = Map::<String, Value>::deserialize(d)?;
+    let mut opts = Map::new();
+    for &k in OutputOptions::FIELDS {
+        if let Some(v) = rest.remove(k) {
+            opts.insert(k.to_string(), v);
+        }
+    }
+    let own = own(Value::Object(rest)).map_err(|e| {
+        let msg = e.to_string();
+        if msg.starts_with("unknown field") {
+            let fields: Vec<String> = OutputOptions::FIELDS.iter().map(|f| format!("`{f}`")).collect();
+            D::Error::custom(format!("{msg}, or an output option: {}", fields.join(", ")))
+        } else {
+            D::Error::custom(msg)
+        }
+    })?;
+    let output = OutputOptions::deserialize(Value::Object(opts)).map_err(D::Error::custom)?;
+    Ok((own, output))
+}
+
+/// Serializes a spec flat: its own fields (`own`, the spec's derive) and its [`OutputOptions`]
+/// in one object, the layout [`deserialize_flat`] reads.
+pub(crate) fn serialize_flat<S: Serializer>(s: S, own: serde_json::Result<Value>, output: &OutputOptions) -> Result<S::Ok, S::Error> {
+    let mut map = match own.map_err(S::Error::custom)? {
+        Value::Object(m) => m,
+        _ => return Err(S::Error::custom("a spec serializes to an object")),
+    };
+    if let Value::Object(o) = serde_json::to_value(output).map_err(S::Error::custom)? {
+        map.extend(o);
+    }
+    map.serialize(s)
+}
+
+/// A whole merge.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
+pub struct MergeSpec {
+    /// Method name (`ties`, ...).
+    pub method: String,
+    /// Input models, in order.
+    pub models: Vec<ModelSpec>,
+    /// The base model the fine-tunes started from (task vectors are model - base).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<PathBuf>,
+    /// Global method parameters.
+    #[serde(default)]
+    pub params: ParamMap,
+    /// Refuse tensors missing from some models instead of merging over those that have them.
+    #[serde(default)]
+    pub strict: bool,
+    /// Output directory, dtype and resources (flat in JSON).
+    #[serde(skip)]
+    pub output: OutputOptions,
+}
+
+impl<'de> Deserialize<'de> for MergeSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MergeSpec, D::Error> {
+        let (spec, output) = deserialize_flat(d, MergeSpec::deserialize)?;
+        Ok(MergeSpec { output, ..spec })
+    }
+}
+
+impl Serialize for MergeSpec {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serialize_flat(s, MergeSpec::serialize(self, serde_json::value::Serializer), &self.output)
+    }
+}
+
 impl MergeSpec {
     /// Parses a spec from JSON, with the unknown-field message made readable.
     pub fn from_json(s: &str) -> Result<MergeSpec, crate::Error> {
         serde_json::from_str(s).map_err(|e| crate::Error::Spec(format!("invalid merge spec: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"{"method": "ties", "models": [{"path": "a", "params": {"weight": 0.5}}, {"path": "b"}],
+        "base": "base", "params": {"density": 0.8}, "out": "o", "out_dtype": "bf16", "threads": 2,
+        "memory_budget": 1048576, "max_shard_size": 1000, "strict": true, "overwrite": true, "allow_nonfinite": true}"#;
+
+    #[test]
+    fn reads_and_writes_the_flat_layout() {
+        let spec = MergeSpec::from_json(FULL).unwrap();
+        assert_eq!((spec.method.as_str(), spec.models.len(), spec.strict), ("ties", 2, true));
+        let o = &spec.output;
+        assert_eq!(o.out, PathBuf::from("o"));
+        assert_eq!(o.out_dtype.as_deref(), Some("bf16"));
+        assert_eq!((o.threads, o.memory_budget, o.max_shard_size), (Some(2), Some(1 << 20), Some(1000)));
+        assert!(o.overwrite && o.allow_nonfinite);
+        let back = serde_json::to_value(&spec).unwrap();
+        let want: Value = serde_json::from_str(FULL).unwrap();
+        assert_eq!(back, want);
+        let minimal = MergeSpec::from_json(r#"{"method": "linear", "models": [{"path": "a"}], "out": "o"}"#).unwrap();
+        assert!(minimal.output.out_dtype.is_none() && !minimal.output.overwrite && !minimal.strict);
+    }
+
+    #[test]
+    fn unknown_and_missing_fields_are_refused() {
+        let e = MergeSpec::from_json(r#"{"method": "linear", "models": [], "out": "o", "ovrewrite": true}"#).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("unknown field `ovrewrite`") && msg.contains("`overwrite`") && msg.contains("`strict`"), "{msg}");
+        let e = MergeSpec::from_json(r#"{"method": "linear", "models": []}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `out`"), "{e}");
+        let e = MergeSpec::from_json(r#"{"method": "linear", "models": [], "out": "o", "threads": "two"}"#).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
+        let e = MergeSpec::from_json(r#"{"models": [], "out": "o"}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `method`"), "{e}");
     }
 }

@@ -24,7 +24,7 @@
 use std::path::{Path, PathBuf};
 
 use umerge_core::checkpoint::{self, Checkpoint};
-use umerge_core::spec::{MergeSpec, ModelSpec};
+use umerge_core::spec::{MergeSpec, ModelSpec, OutputOptions};
 use umerge_core::verify::{self, VerifyOptions};
 use umerge_core::Error;
 
@@ -479,18 +479,20 @@ pub fn planner(data: &[u8]) {
         models,
         base: dirs.iter().find(|(is_base, _)| *is_base).map(|(_, d)| d.clone()),
         params: serde_json::from_value(params).expect("params"),
-        out: out.clone(),
-        out_dtype: if bad == 5 {
-            Some("int8".into())
-        } else {
-            [None, Some("bf16"), Some("f16"), Some("f32")][b.below(4)].map(String::from)
-        },
-        threads: Some(1 + b.below(2)),
-        memory_budget: if bad == 6 { Some(1) } else { [None, Some(16u64 << 20), Some(32 << 20), Some(64 << 20)][b.below(4)] },
-        max_shard_size: [None, Some(1u64), Some(200), Some(600)][b.below(4)],
         strict: bad == 7,
-        overwrite: false,
-        allow_nonfinite: b.chance(2),
+        output: OutputOptions {
+            out: out.clone(),
+            out_dtype: if bad == 5 {
+                Some("int8".into())
+            } else {
+                [None, Some("bf16"), Some("f16"), Some("f32")][b.below(4)].map(String::from)
+            },
+            threads: Some(1 + b.below(2)),
+            memory_budget: if bad == 6 { Some(1) } else { [None, Some(16u64 << 20), Some(32 << 20), Some(64 << 20)][b.below(4)] },
+            max_shard_size: [None, Some(1u64), Some(200), Some(600)][b.below(4)],
+            overwrite: false,
+            allow_nonfinite: b.chance(2),
+        },
     };
     let check_determinism = b.chance(4);
     let result = umerge_core::merge(&spec, None);
@@ -511,9 +513,9 @@ pub fn planner(data: &[u8]) {
             assert_eq!(report.tensors, union.len());
             if check_determinism {
                 let out2 = root.join("out2");
-                spec.out = out2.clone();
-                spec.threads = Some(if spec.threads == Some(1) { 2 } else { 1 });
-                spec.memory_budget = Some(if spec.memory_budget == Some(16 << 20) { 64 << 20 } else { 16 << 20 });
+                spec.output.out = out2.clone();
+                spec.output.threads = Some(if spec.output.threads == Some(1) { 2 } else { 1 });
+                spec.output.memory_budget = Some(if spec.output.memory_budget == Some(16 << 20) { 64 << 20 } else { 16 << 20 });
                 umerge_core::merge(&spec, None).expect("the same merge with other threads/budget must succeed");
                 for s in &c.shards {
                     let name = s.path.file_name().expect("name");

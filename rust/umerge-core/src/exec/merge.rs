@@ -28,12 +28,13 @@ fn check_spec(spec: &MergeSpec, method: &dyn Method) -> Result<()> {
     }
     if method.base_use() == BaseUse::Required && spec.base.is_none() {
         return Err(Error::Spec(format!(
-            "{} needs a base model (--base DIR): it merges task vectors, model - base, so it must know the weights the models were fine-tuned from. LoRA adapter directories carry their task vectors themselves and are merged without --base.",
+            "{} needs a base model (base=... / --base DIR): it works from the weights the models were fine-tuned from (task vectors are model - base). LoRA adapter directories carry their task vectors themselves and are merged without a base.",
             method.name()
         )));
     }
-    prepare::check_workers(spec.threads, spec.memory_budget)?;
-    if spec.max_shard_size == Some(0) {
+    prepare::check_workers(spec.output.threads, spec.output.memory_budget)?;
+    // A merge refuses a zero shard size; a fold takes it as one tensor per shard (see OutputOptions).
+    if spec.output.max_shard_size == Some(0) {
         return Err(Error::Spec("max shard size must be positive".into()));
     }
     Ok(())
@@ -45,20 +46,20 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
     let params = Params { global: spec.params.clone(), models: spec.models.iter().map(|m| m.params.clone()).collect() };
     let method = methods::build(&spec.method, &params)?;
     check_spec(spec, method.as_ref())?;
-    let out_dtype = prepare::out_dtype(spec.out_dtype.as_deref())?;
+    let out_dtype = prepare::out_dtype(spec.output.out_dtype.as_deref())?;
 
     let model_paths: Vec<&std::path::Path> = spec.models.iter().map(|m| m.path.as_path()).collect();
-    let opened = prepare::open_inputs(spec.base.as_deref(), &model_paths, Checkpoint::open, &spec.out, spec.overwrite)?;
+    let opened = prepare::open_inputs(spec.base.as_deref(), &model_paths, Checkpoint::open, &spec.output.out, spec.output.overwrite)?;
     let target = opened.target;
     let inputs = Inputs { base: opened.base, models: opened.models, zero_base: false };
     let plan = plan::plan(method.as_ref(), &inputs, &params, &PlanOptions { strict: spec.strict, out_dtype })?;
 
     let out_tensors: Vec<OutTensor> =
         plan.tensors.iter().map(|t| OutTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
-    let out = prepare::create_output(&target, &out_tensors, spec.max_shard_size)?;
+    let out = prepare::create_output(&target, &out_tensors, spec.output.max_shard_size)?;
     let mut plan_warnings = out.notes().to_vec();
 
-    let workers = Workers::new(spec.threads, spec.memory_budget, inputs.models.len() + 1, spec.allow_nonfinite)?;
+    let workers = Workers::new(spec.output.threads, spec.output.memory_budget, inputs.models.len() + 1, spec.output.allow_nonfinite)?;
     let total_bytes: u64 = plan.tensors.iter().map(|t| t.in_bytes).sum();
     let ticker = Ticker::new(progress, plan.tensors.len() as u64, total_bytes);
 

@@ -74,9 +74,9 @@ pub fn recipe_yaml(spec: &MergeSpec, method: &dyn Method) -> String {
         }
     }
     y.field("params", json(&spec.params));
-    y.field("out_dtype", text_or_null(spec.out_dtype.as_deref()));
+    y.field("out_dtype", text_or_null(spec.output.out_dtype.as_deref()));
     y.field("strict", spec.strict);
-    y.field("allow_nonfinite", spec.allow_nonfinite);
+    y.field("allow_nonfinite", spec.output.allow_nonfinite);
     y.0
 }
 
@@ -94,7 +94,7 @@ pub(crate) fn fold_recipe_yaml(spec: &FoldSpec) -> String {
     }
     y.field("params", json(&spec.params));
     y.field("model_params", json(&spec.model_params));
-    y.field("out_dtype", text_or_null(spec.out_dtype.as_deref()));
+    y.field("out_dtype", text_or_null(spec.output.out_dtype.as_deref()));
     y.0
 }
 

@@ -174,7 +174,12 @@ impl TaskVectorMerge {
             None => DEFAULT_SEED,
             Some(ParamValue::Number(x)) if *x >= 0.0 && x.fract() == 0.0 && *x <= 9.007_199_254_740_992e15 => *x as u64,
             Some(other) => {
-                return Err(perr("seed", format!("{} is not a non-negative integer", serde_json::to_string(other).unwrap_or_default())))
+                // numbers as written (-1, not serde's -1.0); anything else as JSON
+                let shown = match other {
+                    ParamValue::Number(x) => x.to_string(),
+                    _ => serde_json::to_string(other).unwrap_or_default(),
+                };
+                return Err(perr("seed", format!("{shown} is not a non-negative integer")));
             }
         };
         Ok(TaskVectorMerge { name, sparsify, consensus, normalize, rescale, seed, params: specs })
