@@ -44,7 +44,7 @@ pub struct ModelSpec {
 
 /// The output and resource options every spec shares (a merge's and a fold's): where the result
 /// goes and with which dtype, threads and memory. In JSON they sit flat beside the spec's own
-/// fields (`{"method": ..., "out": ..., "threads": 2}`); see [`deserialize_flat`].
+/// fields (`{"method": ..., "out": ..., "threads": 2}`); see `deserialize_flat`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputOptions {
