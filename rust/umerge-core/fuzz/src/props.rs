@@ -126,7 +126,8 @@ pub fn st_bytes(entries: &[Entry]) -> Vec<u8> {
 
 fn elem_size(dt: &str) -> usize {
     match dt {
-        "F64" | "I64" | "U64" => 8,
+        // C64 (complex64: two f32) arrived with safetensors 0.8; the reader copies it unchanged.
+        "F64" | "I64" | "U64" | "C64" => 8,
         "F32" | "I32" | "U32" => 4,
         "BF16" | "F16" | "I16" | "U16" => 2,
         _ => 1,
