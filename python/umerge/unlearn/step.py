@@ -123,8 +123,11 @@ def batch_terms(
     gdr = gdr_loss(r_logits, retain["labels"])
     total = total_loss(npo, kl, gdr, cfg.npo_weight, cfg.kl_weight, cfg.retain_weight)
     with torch.no_grad():  # the forget NLL in the reference's reduction, for the log
-        fn = answer_nll(f_logits, forget["labels"], "mean")
-        fr = answer_nll(f_ref, forget["labels"], "mean")
+        if cfg.npo_reduction == "mean":  # already computed above: the same numbers
+            fn, fr = nll_theta.detach(), nll_ref
+        else:
+            fn = answer_nll(f_logits, forget["labels"], "mean")
+            fr = answer_nll(f_ref, forget["labels"], "mean")
     tokens = (forget["attention_mask"].sum() + retain["attention_mask"].sum()).to(torch.float32)
     return {"npo": npo, "kl": kl, "gdr": gdr, "total": total, "forget_nll": fn, "forget_nll_ref": fr,
             "tokens": tokens}
