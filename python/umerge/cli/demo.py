@@ -16,6 +16,14 @@ import click
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False),
               help="Run on real data instead (a directory with forget.jsonl and retain.jsonl; "
                    "optional mia/member.jsonl, mia/nonmember.jsonl and mmlu/).")
+@click.option("--subset", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --data: draw N whole documents per task from each split (seeded by --seed), N further "
+                   "forget documents per task as MIA nonmembers (never trained on), and a four-choice utility probe "
+                   "from the drawn retain QA rows; written to OUT/data/. For LUME on a CPU: --subset 4 takes about "
+                   "N minutes (see README).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override a demo setting (repeatable), e.g. --set hidden_size=128 --set num_layers=4 or "
+                   "--set unlearn_overrides.lr=5e-3; a wrong key lists the valid ones. Recorded in report.json.")
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False),
               help="Start from this model instead of building and fine-tuning a tiny OLMo (used as the vanilla model).")
 @click.option("--seed", default=0, show_default=True, type=int,
@@ -25,8 +33,8 @@ import click
                    "mean, sd and a bootstrap 95% interval over seeds, and the criteria counted over seeds.")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def demo(out: str, quick: bool, data_dir: str | None, model_dir: str | None, seed: int, seeds: str | None,
-         overwrite: bool, quiet: bool) -> None:
+def demo(out: str, quick: bool, data_dir: str | None, subset: int | None, settings: tuple[str, ...],
+         model_dir: str | None, seed: int, seeds: str | None, overwrite: bool, quiet: bool) -> None:
     """Reproduce "unlearning via model merging" end to end, on CPU, with no download.
 
     \b
@@ -39,15 +47,19 @@ def demo(out: str, quick: bool, data_dir: str | None, model_dir: str | None, see
         umerge demo -o demo-out                  # under 15 minutes on 2 CPU cores
         umerge demo --quick -o demo-out          # under 3 minutes (CI)
         umerge demo --seeds 3-7 -o demo-seeds    # five seeds and their summary
+        umerge demo --data ../shared/data/lume --subset 4 -o demo-lume   # real LUME rows
     
     The report's finding is decided by criteria fixed in code before any run (umerge.demo.criteria):
     over-forgetting, under-forgetting, a balanced merge, a merge above both parents, TIES the best
     method; it says which hold, on how many seeds, and nothing else.
     """
-    from umerge.demo.pipeline import DemoOptions, run_demo
+    from umerge.demo.config import parse_settings
+    from umerge.demo.pipeline import DemoOptions, check_inputs, run_demo
 
     opts = DemoOptions(out=out, quick=quick, data_dir=data_dir, model_dir=model_dir, seed=seed,
-                       overwrite=overwrite, progress=not quiet)
+                       overwrite=overwrite, progress=not quiet, subset=subset, settings=parse_settings(settings))
+    opts.resolved_config()  # a wrong --set fails here, before anything is written
+    check_inputs(opts)
     if seeds is not None:
         from umerge.demo.seeds import parse_seeds, run_seeds
 

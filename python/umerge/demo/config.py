@@ -9,8 +9,12 @@ says why in `UNLEARN_SCALING_NOTE`.
 from __future__ import annotations
 
 import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from umerge.errors import InputError
 
 #: Why the presets are overridden in the demo (printed in the report).
 UNLEARN_SCALING_NOTE = (
@@ -62,6 +66,9 @@ class DemoConfig:
     # threads and 1.25 s with 1.
     torch_threads: int = 1  # 0: leave torch's default
     mmlu_k_shot: int = 1  # 1-shot keeps the prompts short enough to train on (see pipeline docstring)
+    # False: Table 1 and the criteria only (the scale study): no NPO-only run, curves, angles,
+    # density sweep or method comparison (so the "TIES best method" criterion is not judged)
+    analyses: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe dict (tuples become lists)."""
@@ -77,17 +84,78 @@ class DemoConfig:
         return cls(**kwargs)
 
 
-def config_for(quick: bool, seed: int = 0, given_model: bool = False) -> DemoConfig:
+def config_for(quick: bool, seed: int = 0, given_model: bool = False, real_data: bool = False) -> DemoConfig:
     """The quick (CI, <= 3 minutes on 2 cores) or full (<= 15 minutes) configuration.
 
     With ``given_model`` (``--model``: a real model, e.g. OLMo on a GPU) the evaluation uses the
     task's settings instead of the tiny model's: 256 new tokens, 5-shot MMLU, torch's own thread count.
+    With ``real_data`` (``--data``) the rows are LUME's, several times longer than the synthetic
+    world's (sentence completions of up to ~1,600 characters): the unlearning keeps the presets'
+    max_length of 256 tokens, the tokenizer gets a larger vocabulary for real text, and generation
+    may run to 96 new tokens (LUME's completions are ~190 characters, ~60 tokens at that vocabulary).
     """
     if quick:
         cfg = DemoConfig(mode="quick", seed=seed, docs_per_task=3, nonmember_docs_per_task=3,
                          vanilla_epochs=40, sweep_densities=(0.2, 0.5, 0.8, 1.0))
     else:
         cfg = DemoConfig(mode="full", seed=seed)
+    if real_data:
+        cfg.vocab_size, cfg.max_new_tokens = 1024, 96
+        cfg.unlearn_overrides = {**cfg.unlearn_overrides, "max_length": 256}
     if given_model:
         cfg.max_new_tokens, cfg.mmlu_k_shot, cfg.torch_threads, cfg.eval_batch_size = 256, 5, 0, 8
     return cfg
+
+
+def _parse_value(key: str, text: str, kind: Any) -> Any:
+    """``text`` as a value of the field type ``kind`` (int, float, bool, str, tuple[...] or dict)."""
+    origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if kind in (int, float, str):
+            return kind(text)
+        if origin is tuple:
+            (item, *_) = typing.get_args(kind)
+            return tuple(item(v) for v in text.split(",") if v.strip())
+        if origin is dict or kind is dict:
+            value = json.loads(text)
+            if not isinstance(value, dict):
+                raise ValueError(text)
+            return value
+    except ValueError:
+        raise InputError(f"--set {key}={text}: not a valid {getattr(kind, '__name__', kind)}") from None
+    raise InputError(f"--set {key}: this field cannot be set from the command line")
+
+
+def apply_overrides(cfg: DemoConfig, settings: dict[str, str]) -> DemoConfig:
+    """``cfg`` with ``--set KEY=VALUE`` settings applied; ``unlearn_overrides.NAME=VALUE`` sets one unlearning
+    override (the value read as JSON: ``5e-3``, ``8``, ``"text"``). Unknown keys fail with the valid ones."""
+    hints = typing.get_type_hints(DemoConfig)
+    values = cfg.to_dict()
+    for key, text in settings.items():
+        if key.startswith("unlearn_overrides."):
+            name = key.split(".", 1)[1]
+            try:
+                values["unlearn_overrides"][name] = json.loads(text)
+            except json.JSONDecodeError:
+                values["unlearn_overrides"][name] = text
+            continue
+        if key not in hints or key in ("mode", "seed"):
+            valid = ", ".join(k for k in hints if k not in ("mode", "seed"))
+            raise InputError(f"--set {key}: no such demo setting (settings: {valid}, unlearn_overrides.NAME)")
+        values[key] = _parse_value(key, text, hints[key])
+    return DemoConfig.from_dict(values)
+
+
+def parse_settings(items: typing.Sequence[str]) -> dict[str, str]:
+    """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; an item without ``=`` fails."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out

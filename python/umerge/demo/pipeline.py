@@ -2,7 +2,9 @@
 
 Stages (each one call into the package's own pieces; this module only orchestrates and records):
 
-1. data: the synthetic world (`umerge.demo.world`), or ``--data DIR``;
+1. data: the synthetic world (`umerge.demo.world`), or ``--data DIR`` (with ``--subset N``: a seeded
+   subset of a LUME-format directory with held-out MIA nonmembers and a utility probe,
+   `umerge.demo.subset`);
 2. vanilla: a byte-level BPE tokenizer and a tiny OLMo (`umerge.unlearn.tiny`) fine-tuned on the forget
    and retain rows (and on the utility questions, see below) until it memorises them: the calibration
    target is regurgitation >= 0.8 on both splits, measured with the task's scorer and recorded;
@@ -36,11 +38,11 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umerge.demo.config import UNLEARN_SCALING_NOTE, DemoConfig, config_for
+from umerge.demo.config import UNLEARN_SCALING_NOTE, DemoConfig, apply_overrides, config_for
 from umerge.errors import InputError
 
 FORMAT = "umerge-demo-report/1"
@@ -61,7 +63,17 @@ class DemoOptions:
     seed: int = 0
     overwrite: bool = False
     progress: bool = True
-    config: DemoConfig | None = None  # None: `config_for(quick, seed)`
+    config: DemoConfig | None = None  # None: `config_for(...)` with `settings` applied
+    subset: int | None = None  # --subset: documents per task and split drawn from data_dir
+    settings: dict[str, str] = field(default_factory=dict)  # --set KEY=VALUE
+
+    def resolved_config(self) -> DemoConfig:
+        """The configuration this run uses."""
+        if self.config is not None:
+            return self.config
+        base = config_for(self.quick, self.seed, given_model=self.model_dir is not None,
+                          real_data=self.data_dir is not None)
+        return apply_overrides(base, self.settings)
 
     def command(self) -> str:
         """The `umerge demo` command line that reproduces this run."""
@@ -70,6 +82,10 @@ class DemoOptions:
             parts.append("--quick")
         if self.data_dir:
             parts += ["--data", str(self.data_dir)]
+        if self.subset is not None:
+            parts += ["--subset", str(self.subset)]
+        for key, value in self.settings.items():
+            parts += ["--set", f"{key}={value}"]
         if self.model_dir:
             parts += ["--model", str(self.model_dir)]
         parts += ["--seed", str(self.seed)]
@@ -99,8 +115,10 @@ class _Log:
         return result
 
 
-def _check_inputs(opts: DemoOptions) -> None:
-    """Fail on bad --data/--model before anything is written."""
+def check_inputs(opts: DemoOptions) -> None:
+    """Fail on bad --data/--model/--subset before anything is written."""
+    if opts.subset is not None and opts.data_dir is None:
+        raise InputError("--subset draws documents from --data DIR: give --data too")
     if opts.data_dir is not None:
         d = Path(opts.data_dir)
         for name in ("forget.jsonl", "retain.jsonl"):
@@ -135,6 +153,12 @@ class _Data:
 
 
 def _data(opts: DemoOptions, cfg: DemoConfig, out: Path) -> _Data:
+    if opts.data_dir is not None and opts.subset is not None:
+        from umerge.demo.subset import write_subset
+
+        d = out / "data"
+        write_subset(opts.data_dir, d, opts.subset, seed=cfg.seed)
+        return _Data(d, d / "mia" / "member.jsonl", d / "mia" / "nonmember.jsonl", d / "mmlu", synthetic=False)
     if opts.data_dir is not None:
         d = Path(opts.data_dir)
         mem, non = d / "mia" / "member.jsonl", d / "mia" / "nonmember.jsonl"
@@ -283,6 +307,8 @@ def _unlearn(opts: DemoOptions, cfg: DemoConfig, data: _Data, vanilla: Path, out
             "config": res.config.to_dict(), "preset_defaults": get_preset(preset).to_dict(),
             "overrides": overrides,
         }
+    if not cfg.analyses:
+        return runs
     # Figure 3's baseline: NPO alone with model1's budget (no evaluation: only its losses are plotted).
     run_dir = out / "runs" / NPO_ONLY
     res = train(vanilla, str(data.dir), "npo-only", run_dir, overrides=overrides, progress=opts.progress)
@@ -343,6 +369,13 @@ def _methods(cfg: DemoConfig, vanilla: Path, runs: dict[str, Any], models: dict[
     return rows
 
 
+def _subset_meta(data_dir: Path) -> dict[str, Any]:
+    """subset.json without its document list (the list stays in the file)."""
+    meta = json.loads((data_dir / "subset.json").read_text(encoding="utf-8"))
+    meta.pop("documents", None)
+    return dict(meta)
+
+
 def _csv_rows(path: Path) -> list[dict[str, Any]]:
     """A figure's CSV as rows of numbers (text kept where a cell is not one)."""
     import csv
@@ -399,7 +432,7 @@ def run_demo(opts: DemoOptions) -> Path:
     except ImportError as exc:
         raise InputError(f'the demo needs the train extra (torch, transformers, peft): pip install "umerge[train]" ({exc})') from None
 
-    cfg = opts.config or config_for(opts.quick, opts.seed, given_model=opts.model_dir is not None)
+    cfg = opts.resolved_config()
     threads = torch.get_num_threads()
     if cfg.torch_threads > 0:
         torch.set_num_threads(cfg.torch_threads)
@@ -417,7 +450,7 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
 
     transformers.utils.logging.disable_progress_bar()  # per-file load/save bars: noise in the demo's output
     out = Path(opts.out)
-    _check_inputs(opts)
+    check_inputs(opts)
     prepare_out(out, opts.overwrite)
     log = _Log(opts.progress)
     torch.manual_seed(cfg.seed)
@@ -467,7 +500,8 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
         figures["angles"] = str(p["figure"].relative_to(out))
         figure_data["angles"] = json.loads(p["json"].read_text(encoding="utf-8"))
 
-    log.stage("analyses: loss curves, task and score curves, angles", curves)
+    if cfg.analyses:
+        log.stage("analyses: loss curves, task and score curves, angles", curves)
 
     from umerge.demo.merging import merge_adapters
 
@@ -483,8 +517,11 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
         figures["density_sweep"] = "figures/density_sweep.png"
         return res["rows"]
 
-    sweep_rows = log.stage("density sweep (TIES factor-wise)", sweep)
-    method_rows = log.stage("merge-method comparison", lambda: _methods(cfg, vanilla, runs, models, ev, out, scores))
+    sweep_rows: list[dict[str, Any]] = []
+    method_rows: list[dict[str, Any]] = []
+    if cfg.analyses:
+        sweep_rows = log.stage("density sweep (TIES factor-wise)", sweep)
+        method_rows = log.stage("merge-method comparison", lambda: _methods(cfg, vanilla, runs, models, ev, out, scores))
     if method_rows:
         from umerge.analysis import methods_table
 
@@ -498,7 +535,8 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
         "seeds": {"world": cfg.seed if data.synthetic else None, "model_init": cfg.seed, "vanilla_finetune": cfg.seed,
                   "unlearning": {n: r["config"]["seed"] for n, r in runs.items()}, "dare": cfg.seed},
         "data": {"dir": str(data.dir), "synthetic": data.synthetic,
-                 "mia": bool(data.members), "mmlu": str(data.mmlu) if data.mmlu else None},
+                 "mia": bool(data.members), "mmlu": str(data.mmlu) if data.mmlu else None,
+                 "subset": _subset_meta(data.dir) if opts.subset is not None else None},
         "calibration": calibration,
         "unlearning": {n: {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for n, r in runs.items()},
         "unlearning_note": UNLEARN_SCALING_NOTE if opts.model_dir is None else None,

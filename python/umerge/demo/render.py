@@ -49,6 +49,17 @@ def _angle_sentence(angles: dict[str, Any] | None) -> str:
     return ("At the chosen s: " + "; ".join(parts) + ".") if parts else ""
 
 
+def _real_data_line(data: dict[str, Any]) -> str:
+    sub = data.get("subset")
+    if not sub:
+        return f"- Data: {data['dir']} (given with --data)"
+    utility = sum(sub["utility_questions"].values())
+    return (f"- Data: {sub['docs_per_task']} documents per task and split drawn (seed {sub['seed']}) from {sub['source']} "
+            f"(`--subset`): {sub['rows']['forget']} forget and {sub['rows']['retain']} retain rows; MIA members the "
+            f"{sub['mia']['members']} drawn forget documents, nonmembers {sub['mia']['nonmembers']} further forget "
+            f"documents never trained on; utility probe: {utility} four-choice questions from the drawn retain QA rows.")
+
+
 def render_report(r: dict[str, Any]) -> str:
     """report.md for a report.json object."""
     cfg = r["config"]
@@ -87,9 +98,11 @@ def render_report(r: dict[str, Any]) -> str:
         L.append("")
     size = (f"a model of {r['calibration']['parameters']} parameters" if r["calibration"].get("parameters")
             else "the given model")
-    world = f", {cfg['docs_per_task']} documents per task per split" if r["data"]["synthetic"] else ""
-    members = (f" The MIA compares {f['n_members']} member and {f['n_nonmembers']} nonmember rows; rows of one "
-               "document are correlated, so the intervals are narrower than the evidence." if f.get("available") else "")
+    subset = r["data"].get("subset")
+    world = (f", {cfg['docs_per_task']} documents per task per split" if r["data"]["synthetic"]
+             else f", {subset['docs_per_task']} LUME documents per task per split" if subset else "")
+    members = (f" The MIA compares {f['n_members']} member and {f['n_nonmembers']} nonmember documents "
+               "(one row per document)." if f.get("available") else "")
     L += [f"How far to trust this: one seed{world} and {size}.{members} Run other `--seed` values to see the spread "
           "between runs, which the intervals above do not include.", ""]
 
@@ -183,7 +196,7 @@ def render_report(r: dict[str, Any]) -> str:
     L += ["## Setup", ""]
     L += [f"- Data: {r['data']['dir']} ({'synthetic world, generated' if r['data']['synthetic'] else 'given with --data'}; "
           f"{cfg['docs_per_task']} documents per task per split, {cfg['nonmember_docs_per_task']} nonmember documents per task)"
-          if r["data"]["synthetic"] else f"- Data: {r['data']['dir']} (given with --data)"]
+          if r["data"]["synthetic"] else _real_data_line(r["data"])]
     if c.get("parameters"):
         L.append(f"- Model: tiny OLMo, {c['parameters']} parameters (hidden {cfg['hidden_size']}, {cfg['num_layers']} layers, "
                  f"{cfg['num_heads']} heads), byte-level BPE with {cfg['vocab_size']} tokens trained on the world's text; "
