@@ -260,14 +260,15 @@ def _build_vanilla(opts: DemoOptions, cfg: DemoConfig, data: _Data, out: Path, e
         texts += [d["text"] for d in load_mia_documents(str(data.nonmembers), "nonmember")]
     tok = train_byte_bpe_tokenizer(texts, vocab_size=cfg.vocab_size)
     model = build_tiny_olmo(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                            intermediate_size=cfg.intermediate_size, seed=cfg.seed)
+                            intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.context_length,
+                            seed=cfg.seed)
     calibration["parameters"] = sum(p.numel() for p in model.parameters())
     init = save_model(model, tok, out / "models" / "init")
     rows = list(task.forget) + list(task.retain) + utility
     calibration["training_rows"] = {"forget": len(task.forget), "retain": len(task.retain), "utility": len(utility)}
     vanilla = out / "models" / "vanilla"
     res = finetune(init, rows, vanilla, epochs=cfg.vanilla_epochs, lr=cfg.vanilla_lr, seed=cfg.seed,
-                   prompt_loss=True, progress=opts.progress)
+                   prompt_loss=True, max_length=cfg.vanilla_max_length, progress=opts.progress)
     epochs = cfg.vanilla_epochs
     calibration["finetune_losses"] = [res.epoch_losses]
     ok = measure(vanilla, 1, epochs)
@@ -277,7 +278,7 @@ def _build_vanilla(opts: DemoOptions, cfg: DemoConfig, data: _Data, out: Path, e
         more = max(1, cfg.vanilla_epochs // 2)
         nxt = out / "models" / f"vanilla-round{round_no}"
         res = finetune(vanilla, rows, nxt, epochs=more, lr=cfg.vanilla_lr / 2, seed=cfg.seed + round_no,
-                       prompt_loss=True, progress=opts.progress)
+                       prompt_loss=True, max_length=cfg.vanilla_max_length, progress=opts.progress)
         shutil.rmtree(vanilla)
         nxt.rename(vanilla)
         epochs += more
