@@ -115,3 +115,58 @@ def generate(
         "batch_size": batch_size,
     }
     return outputs, stats
+
+
+def batched_matches_single(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    max_examples: int = 5,
+) -> dict[str, Any]:
+    """Whether batched generation gives the same texts as one prompt at a time, and where it does not.
+
+    The scores are only the official scorer's if `generate` with ``batch_size`` produces what the
+    scorer's one-row-at-a-time loop produces. In exact arithmetic left padding changes nothing (the
+    mask hides it, positions start at each row's first real token), but a batch changes the shapes
+    the kernels see, hence their reduction order; in bfloat16 on a GPU that rounding can flip a
+    greedy argmax, and every token after it differs. This runs both (``batch_size`` and 1, greedy,
+    same ``max_new_tokens``) and compares the decoded texts.
+
+    Returns ``n``, ``n_equal``, ``all_equal``, ``batch_size``, ``max_new_tokens``, the seconds of
+    each run, and ``mismatches``: the first ``max_examples`` differing prompts in input order, each
+    ``{"index", "prompt", "batched", "single", "common_prefix_chars"}`` (how far the texts agree,
+    so a late bf16 drift is told apart from a wrong batch).
+    """
+    batched, b_stats = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    single, s_stats = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=1)
+    differing = [i for i, (b, s) in enumerate(zip(batched, single)) if b != s]
+    mismatches = [
+        {
+            "index": i,
+            "prompt": prompts[i],
+            "batched": batched[i],
+            "single": single[i],
+            "common_prefix_chars": _common_prefix(batched[i], single[i]),
+        }
+        for i in differing[: max(0, max_examples)]
+    ]
+    return {
+        "n": len(prompts),
+        "n_equal": len(prompts) - len(differing),
+        "all_equal": not differing,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "seconds_batched": b_stats["seconds"],
+        "seconds_single": s_stats["seconds"],
+        "truncated_prompts": b_stats["truncated_prompts"],
+        "mismatches": mismatches,
+    }
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
