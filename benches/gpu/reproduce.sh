@@ -34,7 +34,7 @@ OUT="${1:-gpu-recipe-out}"
 case "$SIZE" in
   gpu)
     # ~14M parameters: 2 x 4096 x 384 embeddings (3.1M) + 6 layers x (4 x 384^2 + 3 x 384 x 1024) (10.6M);
-    # the demo's other settings are its full configuration for real data (96 new tokens, max_length 256)
+    # the demo's other settings are its full configuration for real data (96 new tokens, 512 tokens per row)
     SUBSET="${SUBSET:-32}"
     MODEL_SET=(--set vocab_size=4096 --set hidden_size=384 --set num_layers=6 --set num_heads=6
                --set intermediate_size=1024 --set eval_batch_size=32 --set torch_threads=0)
