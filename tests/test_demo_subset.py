@@ -137,3 +137,13 @@ def test_demo_cli_rejects_bad_options_in_one_line(tmp_path: Path, capsys: pytest
     err = capsys.readouterr().err
     assert err.startswith("umerge: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_recorded_command_repeats_subset_and_settings(tmp_path: Path) -> None:
+    from umerge.demo.pipeline import DemoOptions
+
+    opts = DemoOptions(out=tmp_path, data_dir="lume", subset=5, seed=2, settings={"hidden_size": "96"})
+    assert opts.command() == f"umerge demo -o {tmp_path} --data lume --subset 5 --set hidden_size=96 --seed 2"
+    cfg = opts.resolved_config()
+    assert cfg.hidden_size == 96 and cfg.seed == 2
+    assert cfg.vanilla_max_length == 512 and cfg.unlearn_overrides["max_length"] == 512  # real data: whole documents
