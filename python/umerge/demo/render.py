@@ -122,7 +122,7 @@ def render_report(r: dict[str, Any]) -> str:
     L += ["## Table 1: unlearned models and their merge", "",
           "Task Aggregate: harmonic mean of the 12 regurgitation/knowledge values (forget values as 1 - v); "
           "MIA score = 1 - 2|AUC - 0.5| of the loss attack on forget-set members vs nonmembers; "
-          "MMLU: accuracy on the world's multiple-choice utility set (questions about retain-set facts, which the vanilla "
+          "MMLU: accuracy on the multiple-choice utility set (questions about retain-set facts, which the vanilla "
           "model also learnt in this format, standing in for general knowledge); Aggregate: mean of the three.", "",
           "| Model | Task Aggregate | MIA score / AUC | MMLU | Aggregate |", "|---|---|---|---|---|"]
     for name in r["table1"]:
