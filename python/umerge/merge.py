@@ -186,6 +186,27 @@ def output_options(
     return opts
 
 
+#: `owner/name`, optionally `@revision`: how a Hugging Face Hub model id looks (mergekit configs take them).
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
+
+
+def require_local(path: PathLike, what: str = "model", instead: str = "pass DIR instead") -> None:
+    """An InputError unless `path` exists. umerge reads local checkpoints only: a missing path that
+    looks like a Hub id (`owner/name[@revision]`) gets one line saying how to download it with the
+    `hf` command of huggingface_hub and then, `instead`, what to do with the directory; any other
+    missing path is a plain `no such {what} directory (PATH)`."""
+    p = os.fspath(path)
+    if os.path.exists(p):
+        return
+    hub = _HUB_ID.match(p)
+    if hub is None:
+        raise InputError(f"no such {what} {'file' if p.endswith('.safetensors') else 'directory'} ({p})")
+    rev = f" --revision {hub['rev']}" if hub["rev"] else ""
+    raise InputError(f"{what} {p} is not a local directory, and umerge reads local directories only: if it is a "
+                     f"Hugging Face Hub id, download it first (hf download {hub['repo']}{rev} --local-dir DIR) "
+                     f"and {instead}")
+
+
 def weight_params(weights: Sequence[ParamValue] | None, n: int) -> list[dict[str, ParamValue]] | None:
     """Per-model ``{"weight": w}`` parameter sets from one weight per model (None stays None).
 
@@ -239,6 +260,10 @@ def build_spec(
         raise InputError("no input models given")
     if model_params is not None and len(model_params) != len(models):
         raise InputError(f"{len(model_params)} per-model parameter sets given for {len(models)} models")
+    for m in models:
+        require_local(m)
+    if base is not None:
+        require_local(base, "base")
     _check_finite(params or {})
     for i, mp in enumerate(model_params or ()):
         _check_finite(mp, f" (model {i + 1})")
@@ -379,5 +404,5 @@ def inspect(path: PathLike) -> dict[str, Any]:
     return json.loads(_core.inspect(os.fspath(path)))
 
 
-__all__ = ["MergeReport", "build_spec", "inspect", "merge", "output_options", "parse_size", "run_engine", "run_spec", "ties",
+__all__ = ["MergeReport", "build_spec", "inspect", "merge", "output_options", "parse_size", "require_local", "run_engine", "run_spec", "ties",
            "weight_params"]

@@ -18,6 +18,11 @@ Reads a mergekit configuration (mergekit 0.1.5 schema) and builds the engine's s
   path (its tokenizer files are copied over the output's; embeddings are not permuted, so the
   vocabularies must agree).
 
+Model paths are local: one that does not exist is an `InputError` before anything is read, and
+one that looks like a Hub id (``owner/name``) says how to download it (`umerge.merge.require_local`).
+mergekit-yaml's command-line flags are the CLI's business (`umerge.cli.mergekit_flags`); two reach
+here as keywords: ``random_seed`` (``--random-seed``) and ``out_shard_params`` (``--out-shard-size``).
+
 Anything else (other keys, ``modules``, ``tokenizer``, ``union`` tokenizers, other methods,
 ``filter_wise`` model stock, LoRA ``+`` references, ties with ``normalize: false``, ``rescale:
 true`` on a magnitude-trimming method) is an `InputError` naming it: never silently ignored.
@@ -367,14 +372,28 @@ def _all_settings(tr: Translation) -> list[Mapping[str, Any]]:
 
 
 def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: str = "config",
-            seed: int | None = None, **options: Any) -> tuple[dict[str, Any], str | None]:
+            seed: int | None = None, random_seed: int | None = None, out_shard_params: int | None = None,
+            **options: Any) -> tuple[dict[str, Any], str | None]:
     """The engine spec for a config, and the tokenizer source model to copy from (or None).
 
+    `seed` seeds the random methods and is an error for the others; `random_seed` is mergekit's
+    `--random-seed`: the same seed, unused by methods that draw nothing (as in mergekit).
+    `out_shard_params` is mergekit's `--out-shard-size`, parameters per shard (see `shard_bytes`).
     `options` go to `umerge.merge.build_spec` (threads, memory_budget, overwrite, ...).
     """
-    from umerge.merge import build_spec
+    from umerge.merge import build_spec, require_local
 
     tr = translate(config, where)
+    # umerge reads local checkpoints only; a Hub id gets told how to download it.
+    point = "point the config at DIR"
+    if tr.base is not None:
+        require_local(tr.base, "base_model", point)
+    for m in tr.models:
+        require_local(m.path, "model", point)
+    if tr.tokenizer_source not in (None, "base"):
+        require_local(str(tr.tokenizer_source), "tokenizer_source", point)
+    if out_shard_params is not None and options.get("max_shard_size") is not None:
+        raise InputError("--out-shard-size (parameters per shard) and --max-shard-size (bytes) both given: give one")
     allowed = METHOD_PARAMS[tr.method]
     keys: set[str] = set()
     for s in _all_settings(tr):
@@ -492,6 +511,10 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
             global_params[k] = v
 
     method, global_params, model_params = _map_method(method, global_params, model_params)
+    if random_seed is not None:
+        if seed is not None and seed != random_seed:
+            raise InputError(f"--seed {seed} and --random-seed {random_seed} disagree (give one)")
+        seed = random_seed if method in RANDOM_METHODS else seed
     if seed is not None:
         if method not in RANDOM_METHODS:
             raise InputError(f"--seed applies to random methods ({', '.join(RANDOM_METHODS)}), not {method}")
@@ -499,10 +522,33 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
     out_dtype = options.pop("out_dtype", None) or tr.out_dtype  # the command line wins over the config
     spec = build_spec(method, [m.path for m in models], base=base if method != "linear" else None,
                       params=global_params, model_params=model_params, out=out, out_dtype=out_dtype, **options)
+    if out_shard_params is not None:
+        spec["max_shard_size"] = shard_bytes(out_shard_params, spec)
     tok = tr.tokenizer_source if tr.tokenizer_source not in (None, "base") else None
     if tr.tokenizer_source == "base" and tr.base is None:
         raise InputError("tokenizer_source: base needs base_model")
     return spec, tok
+
+
+#: Bytes per element of the dtypes the engine reads and writes (safetensors and `--out-dtype` names).
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "f32": 4, "bf16": 2, "f16": 2}
+
+
+def shard_bytes(n_params: int, spec: Mapping[str, Any]) -> int:
+    """mergekit's `out_shard_size` (parameters per shard) as umerge's `max_shard_size` (bytes per
+    shard): `n_params` times the bytes per element of the output dtype (the spec's `out_dtype`, else
+    the widest dtype of the base, or of the first model, whose dtypes the output keeps)."""
+    from umerge.merge import inspect
+
+    if n_params < 1:
+        raise InputError(f"--out-shard-size must be at least 1 parameter, got {n_params}")
+    if spec.get("out_dtype"):
+        return n_params * _DTYPE_BYTES[spec["out_dtype"]]
+    ref = spec.get("base") or spec["models"][0]["path"]
+    info = inspect(ref)
+    if not info.get("valid", False):
+        raise InputError(f"cannot read checkpoint: {info.get('error', 'invalid')} ({ref})")
+    return n_params * max((_DTYPE_BYTES.get(d, 4) for d in info["elements_by_dtype"]), default=4)
 
 
 def _after_layers(name: str) -> bool:
@@ -566,7 +612,9 @@ def copy_tokenizer(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
 
 def run(config_path: str | os.PathLike[str], out: str | os.PathLike[str], *, seed: int | None = None,
         progress: Any = True, **options: Any) -> Any:
-    """Runs a mergekit YAML config with the umerge engine; returns the `MergeReport`."""
+    """Runs a mergekit YAML config with the umerge engine; returns the `MergeReport`.
+
+    `options` go to `to_spec` (random_seed, out_shard_params) and `umerge.merge.build_spec`."""
     from umerge.merge import run_spec
 
     config = load_config(config_path)
@@ -579,4 +627,4 @@ def run(config_path: str | os.PathLike[str], out: str | os.PathLike[str], *, see
     return report
 
 
-__all__ = ["load_config", "translate", "to_spec", "run", "evaluate", "tensor_names", "copy_tokenizer"]
+__all__ = ["load_config", "translate", "to_spec", "run", "evaluate", "tensor_names", "copy_tokenizer", "shard_bytes"]

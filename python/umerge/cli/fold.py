@@ -19,8 +19,8 @@ def _summary(report: object, quiet: bool) -> None:
 
 
 @click.command(context_settings=_CTX)
-@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--base", required=True, type=click.Path(exists=True), help="The base model the adapter was trained on.")
+@click.argument("adapters", nargs=-1, required=True, type=opt.ModelPath("adapter"))
+@click.option("--base", required=True, type=opt.ModelPath("base"), help="The base model the adapter was trained on.")
 @opt.out_option("folded", "Output directory (built beside it, renamed in when complete).")
 @opt.out_dtype_option("Output dtype of float tensors (default: the base's). Rounded to nearest even.")
 @opt.threads_option("Worker threads (default: all cores).")
@@ -50,7 +50,7 @@ def fold(adapters: tuple[str, ...], base: str, out: str, out_dtype: str | None, 
 
 
 @click.command("merge-adapters", context_settings=_CTX)
-@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("adapters", nargs=-1, required=True, type=opt.ModelPath("adapter"))
 @click.option("--method", type=click.Choice(list(COMBINATIONS)), default="ties", show_default=True,
               help="PEFT add_weighted_adapter combination type. linear/ties/dare_*/magnitude_prune merge "
                    "lora_A and lora_B separately; cat concatenates (exact, rank = sum); *_svd merge the full updates and truncate by SVD.")
@@ -61,7 +61,7 @@ def fold(adapters: tuple[str, ...], base: str, out: str, out_dtype: str | None, 
 @click.option("--delta", type=click.Choice(["factors", "full"]), default="factors", show_default=True,
               help="factors: PEFT's factor-wise merge. full: merge each module's update scaling * B @ A.")
 @click.option("--svd-rank", type=click.IntRange(min=1), default=None, help="Rank of the SVD-truncated result (default: the largest input rank).")
-@click.option("--base", type=click.Path(exists=True), default=None,
+@click.option("--base", type=opt.ModelPath("base"), default=None,
               help="With --delta full: add the merged update to this base and write a full model.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random masks.")
 @opt.out_option("merged", "Output directory.")

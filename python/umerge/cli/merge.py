@@ -20,8 +20,8 @@ def _print_summary(report: object, quiet: bool) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True))
-@click.option("--base", type=click.Path(exists=True),
+@click.argument("models", nargs=-1, required=True, type=opt.ModelPath())
+@click.option("--base", type=opt.ModelPath("base"),
               help="The model the fine-tunes started from. Required: TIES merges task vectors (model - base).")
 @click.option("--density", type=float, required=True,
               help="Fraction of each task vector's entries kept, by magnitude: exactly floor(density * n) per tensor "

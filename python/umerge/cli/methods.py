@@ -8,12 +8,14 @@ runs a mergekit YAML config through `umerge.mergekit_yaml`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from umerge.cli import mergekit_flags
 from umerge.cli import options as opt
 from umerge.cli._convention import canonical_name
 from umerge.cli.merge import _force_bar, _print_summary
@@ -39,11 +41,11 @@ def output_options(f: F) -> F:
 
 
 def _models_arg(f: F) -> F:
-    return click.argument("models", nargs=-1, required=True, type=click.Path(exists=True))(f)
+    return click.argument("models", nargs=-1, required=True, type=opt.ModelPath())(f)
 
 
 def _base_opt(f: F) -> F:
-    return click.option("--base", type=click.Path(exists=True),
+    return click.option("--base", type=opt.ModelPath("base"),
                         help="The model the fine-tunes started from (task vectors are model - base).")(f)
 
 
@@ -250,7 +252,7 @@ della_linear = _della_command(
 
 
 @click.command(context_settings=_CTX)
-@click.argument("model", type=click.Path(exists=True))
+@click.argument("model", type=opt.ModelPath())
 @_base_opt
 @click.option("--t", "t", type=float, required=True, help="Interpolation factor: 0 gives the base, 1 the model.")
 @output_options
@@ -301,14 +303,18 @@ def methods_cmd(as_json: bool) -> None:
             click.echo(f"    {p['name']:<14} {scope:<9} default {p['default']:<9} {p['doc']}")
 
 
-@click.command(name="run", context_settings=_CTX)
+@click.command(name="run", context_settings=_CTX, cls=mergekit_flags.RunCommand)
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out_path", required=False, metavar="[OUT]")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Seed of the random masks (dare_*, della*; default 0, recorded in the recipe).")
 @click.option("--print-spec", is_flag=True, help="Print the engine spec the config becomes, and exit without merging.")
 @output_options
-def run_cmd(config: str, seed: int | None, print_spec: bool, **kw: Any) -> None:
-    """Run a mergekit YAML CONFIG with the umerge engine.
+@mergekit_flags.add_options
+@click.pass_context
+def run_cmd(ctx: click.Context, config: str, out_path: str | None, seed: int | None, print_spec: bool,
+            **kw: Any) -> None:
+    """Run a mergekit YAML CONFIG with the umerge engine, writing OUT (or -o).
 
     \b
     Supports models: or slices: (each slice taking every model once, in layer order),
@@ -316,21 +322,47 @@ def run_cmd(config: str, seed: int | None, print_spec: bool, **kw: Any) -> None:
     breadcrumbs_ties, della, della_linear, slerp, model_stock; base_model; global and
     per-model parameters, filter rules,
     gradients; dtype, out_dtype; tokenizer_source base or a model. Anything else is an error.
+    Models are local directories (a Hub id: hf download ID --local-dir DIR first).
 
     \b
-    Example:
+    mergekit-yaml's command line works as it is: OUT as the second argument,
+    bfloat16/float16/float32 for --out-dtype, and its flags (the table below):
+    -j is --threads, --random-seed is --seed, --out-shard-size (parameters) sets
+    --max-shard-size (bytes); --cuda, --lazy-unpickle, --copy-tokenizer and the
+    like are accepted with a note saying what umerge does instead.
+
+    \b
+    Examples:
         umerge run merge.yml -o merged/
+        umerge run merge.yml merged/ --cuda -j 8     # as mergekit-yaml
     """
     from umerge import mergekit_yaml
+    from umerge.errors import InputError
 
+    mapped, notes = mergekit_flags.apply(kw)
+    if out_path is not None:
+        given = ctx.get_parameter_source("out") is click.core.ParameterSource.COMMANDLINE
+        if given and os.path.normpath(kw["out"]) != os.path.normpath(out_path):
+            raise InputError(f"two outputs given, {out_path} (the second argument) and -o {kw['out']}: give one")
+        kw["out"] = out_path
+    kw["threads"] = mapped.pop("threads", kw["threads"])
     quiet = kw["quiet"]
     if print_spec:
         opts = _opts(dict(kw))
         opts.pop("progress")
         out = opts.pop("out")
-        spec, _ = mergekit_yaml.to_spec(mergekit_yaml.load_config(config), out, where=config, seed=seed, **opts)
+        spec, _ = mergekit_yaml.to_spec(mergekit_yaml.load_config(config), out, where=config, seed=seed,
+                                        **mapped, **opts)
+        _notes(notes)
         click.echo(json.dumps(spec, indent=2))
         return
     opts = _opts(kw)
     out = opts.pop("out")
-    _finish(mergekit_yaml.run(config, out, seed=seed, **opts), quiet)
+    report = mergekit_yaml.run(config, out, seed=seed, **mapped, **opts)
+    _notes(notes)  # once the merge is done, so that a failure stays one line
+    _finish(report, quiet)
+
+
+def _notes(notes: list[str]) -> None:
+    for note in notes:
+        click.echo(f"umerge: note: {note}", err=True)

@@ -4,7 +4,8 @@
 Each factory returns a decorator; `help` defaults to the wording of the merge commands and may be
 given where a command says something more specific (e.g. `fold`'s output dtype). Every command that
 writes takes its destination as `-o/--out`; `--out-dtype` takes the short names (bf16, f16, f32) and
-the long ones (bfloat16, float16, float32; see `umerge.merge.DTYPE_NAMES`).
+the long ones (bfloat16, float16, float32; see `umerge.merge.DTYPE_NAMES`). Input models are
+`ModelPath`s: a missing one is a one-line error, which for a Hub id says how to download it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ class HiddenAliasOption(click.Option):
             return super().get_help_record(ctx)
         finally:
             self.opts = shown
+
+
+class ModelPath(click.ParamType):
+    """An input checkpoint or adapter path, which must exist: `umerge.merge.require_local` says so in
+    one line, and for a Hugging Face Hub id (owner/name) how to download it."""
+
+    name = "path"
+
+    def __init__(self, what: str = "model") -> None:
+        self.what = what
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from umerge.merge import require_local
+
+        require_local(value, self.what)
+        return str(value)
 
 
 def out_option(default: str | None = "merged",
