@@ -143,7 +143,7 @@ NOTE_SAYS = {
     "--lora-merge-cache": "LoRA", "--lora-merge-dtype": "LoRA", "--clone-tensors": "nothing to clone",
     "--copy-tokenizer": "tokenizer", "--write-model-card": "umerge.yml", "--no-write-model-card": "umerge.yml",
     "--safe-serialization": "safetensors", "--async-write": "--threads", "--write-threads": "--threads",
-    "-v": "--quiet", "--no-quiet": "default",
+    "-v": "--quiet", "--no-quiet": "default", "--no-unsafe-truncate-embeddings": "never truncated",
 }
 VALUES = {"--device": "cuda:0", "--transformers-cache": "/tmp/hf", "--lora-merge-cache": "/tmp/lora",
           "--lora-merge-dtype": "bfloat16", "--write-threads": "2"}
@@ -239,6 +239,7 @@ def test_out_shard_size_errors(args: list[str], needle: str, linear_cfg: Path, t
 @pytest.mark.parametrize(("flag", "needle"), [
     ("--no-copy-tokenizer", "always copies the tokenizer files"),
     ("--no-safe-serialization", "safetensors only"),
+    ("--unsafe-truncate-embeddings", "does not cut embedding rows"),
 ])
 def test_refused_flag_is_one_line_that_explains(flag: str, needle: str, linear_cfg: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -247,7 +248,8 @@ def test_refused_flag_is_one_line_that_explains(flag: str, needle: str, linear_c
     line = _one_error(code, err)
     assert flag in line and needle in line, line
     assert _dirs(tmp_path) == before
-    assert {f.decls[0] for f in FLAGS if f.handling == REFUSED} == {"--no-copy-tokenizer", "--no-safe-serialization"}
+    assert {f.decls[0] for f in FLAGS if f.handling == REFUSED} == {
+        "--no-copy-tokenizer", "--no-safe-serialization", "--unsafe-truncate-embeddings"}
 
 
 def test_run_help_shows_positional_out_and_the_flag_table(capsys: pytest.CaptureFixture[str]) -> None:

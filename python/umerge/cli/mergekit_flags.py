@@ -76,6 +76,11 @@ FLAGS: tuple[Flag, ...] = (
          "umerge memory-maps safetensors always and reads no pickled checkpoints"),
     Flag(("--allow-crimes", "--no-allow-crimes"), NOTE,
          "umerge does not compare architectures: it merges tensors by name and refuses tensors whose shapes differ"),
+    Flag(("--unsafe-truncate-embeddings",), REFUSED,
+         "umerge does not cut embedding rows to the smallest vocabulary: embeddings whose shapes differ are "
+         "refused; give models with the same vocabulary"),
+    Flag(("--no-unsafe-truncate-embeddings",), NOTE,
+         "umerge's only behaviour: embeddings are never truncated, and differing shapes are refused"),
     Flag(("--trust-remote-code", "--no-trust-remote-code"), NOTE,
          "umerge runs no model code; it reads tensors and copies config files"),
     Flag(("--transformers-cache",), NOTE,
