@@ -93,6 +93,11 @@ def test_tiny_size_end_to_end(tiny_run: tuple[Path, subprocess.CompletedProcess[
     assert "**PASSED**" in md and "| vanilla | " in md and "| merge-ties-factorwise | " in md
     assert "--subset 1" in report["demo_command"] and "--data" in report["demo_command"]
     assert "PASS batched generation" in res.stdout
+    # the demo recorded what it drew (--subset 1: one document per task and split, three tasks)
+    demo = json.loads((out / "demo" / "report.json").read_text())
+    sub = demo["data"]["subset"]
+    assert sub["docs_per_task"] == 1 and sub["mia"] == {"members": 3, "nonmembers": 3} and "documents" not in sub
+    assert "1 documents per task and split drawn (seed 0)" in (out / "demo" / "report.md").read_text()
 
 
 @pytest.mark.train

@@ -150,6 +150,7 @@ class _Data:
     nonmembers: Path | None
     mmlu: Path | None
     synthetic: bool
+    subset: dict[str, Any] | None = None  # --subset: what was drawn (subset.json without the document list)
 
 
 def _data(opts: DemoOptions, cfg: DemoConfig, out: Path) -> _Data:
@@ -157,8 +158,9 @@ def _data(opts: DemoOptions, cfg: DemoConfig, out: Path) -> _Data:
         from umerge.demo.subset import write_subset
 
         d = out / "data"
-        write_subset(opts.data_dir, d, opts.subset, seed=cfg.seed)
-        return _Data(d, d / "mia" / "member.jsonl", d / "mia" / "nonmember.jsonl", d / "mmlu", synthetic=False)
+        meta = {k: v for k, v in write_subset(opts.data_dir, d, opts.subset, seed=cfg.seed).items() if k != "documents"}
+        return _Data(d, d / "mia" / "member.jsonl", d / "mia" / "nonmember.jsonl", d / "mmlu", synthetic=False,
+                     subset=meta)
     if opts.data_dir is not None:
         d = Path(opts.data_dir)
         mem, non = d / "mia" / "member.jsonl", d / "mia" / "nonmember.jsonl"
@@ -370,13 +372,6 @@ def _methods(cfg: DemoConfig, vanilla: Path, runs: dict[str, Any], models: dict[
     return rows
 
 
-def _subset_meta(data_dir: Path) -> dict[str, Any]:
-    """subset.json without its document list (the list stays in the file)."""
-    meta = json.loads((data_dir / "subset.json").read_text(encoding="utf-8"))
-    meta.pop("documents", None)
-    return dict(meta)
-
-
 def _csv_rows(path: Path) -> list[dict[str, Any]]:
     """A figure's CSV as rows of numbers (text kept where a cell is not one)."""
     import csv
@@ -537,7 +532,7 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
                   "unlearning": {n: r["config"]["seed"] for n, r in runs.items()}, "dare": cfg.seed},
         "data": {"dir": str(data.dir), "synthetic": data.synthetic,
                  "mia": bool(data.members), "mmlu": str(data.mmlu) if data.mmlu else None,
-                 "subset": _subset_meta(data.dir) if opts.subset is not None else None},
+                 "subset": data.subset},
         "calibration": calibration,
         "unlearning": {n: {k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for n, r in runs.items()},
         "unlearning_note": UNLEARN_SCALING_NOTE if opts.model_dir is None else None,

@@ -24,14 +24,12 @@ with ``random.Random(seed)``, so the same source, N and seed give byte-identical
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from umerge.demo.datadir import json_text, jsonl_text, mmlu_csv_text, one_per_document, write_files
 from umerge.errors import InputError
 from umerge.evaluate.data import read_jsonl
 from umerge.unlearn.data import parse_kind
@@ -91,16 +89,6 @@ def _utility_questions(retain_qa: dict[str, list[dict[str, Any]]], pools: dict[s
     return subjects
 
 
-def _csv(rows: list[list[str]]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue()
-
-
-def _jsonl(rows: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
 def write_subset(source: str | Path, out_dir: str | Path, docs_per_task: int, seed: int = 0,
                  nonmember_docs_per_task: int | None = None) -> dict[str, Any]:
     """Write the subset of ``source`` (forget.jsonl + retain.jsonl) under ``out_dir``; return subset.json's content.
@@ -143,14 +131,14 @@ def write_subset(source: str | Path, out_dir: str | Path, docs_per_task: int, se
     mmlu = _utility_questions(retain_qa, pools, rng)
 
     files = {
-        "forget.jsonl": _jsonl(forget),
-        "retain.jsonl": _jsonl(retain),
-        "mia/member.jsonl": _jsonl([r for r in forget if r["id"].endswith("sc1")]),
-        "mia/nonmember.jsonl": _jsonl([r for r in nonmember if r["id"].endswith("sc1")]),
+        "forget.jsonl": jsonl_text(forget),
+        "retain.jsonl": jsonl_text(retain),
+        "mia/member.jsonl": jsonl_text(one_per_document(forget)),
+        "mia/nonmember.jsonl": jsonl_text(one_per_document(nonmember)),
     }
     for subject, questions in mmlu.items():
-        files[f"mmlu/dev/{subject}_dev.csv"] = _csv(questions[:1])
-        files[f"mmlu/test/{subject}_test.csv"] = _csv(questions[1:])
+        files[f"mmlu/dev/{subject}_dev.csv"] = mmlu_csv_text(questions[:1])
+        files[f"mmlu/test/{subject}_test.csv"] = mmlu_csv_text(questions[1:])
     meta = {
         "format": FORMAT, "source": str(src), "seed": seed, "docs_per_task": docs_per_task,
         "nonmember_docs_per_task": n_non, "tasks": tasks,
@@ -159,9 +147,6 @@ def write_subset(source: str | Path, out_dir: str | Path, docs_per_task: int, se
         "utility_questions": {s: len(q) - 1 for s, q in mmlu.items()},
         "documents": drawn,
     }
-    files["subset.json"] = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
-    for rel, text in files.items():
-        path = out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+    files["subset.json"] = json_text(meta)
+    write_files(out, files)
     return meta

@@ -29,14 +29,12 @@ Generation is deterministic: one ``random.Random(seed)`` stream drawn in a fixed
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from umerge.demo.datadir import json_text, jsonl_text, mmlu_csv_text, one_per_document, write_files
 from umerge.errors import InputError
 
 # --------------------------------------------------------------------------------------------------
@@ -360,23 +358,6 @@ def generate_world(config: WorldConfig | None = None) -> World:
     return World(config=config, documents=docs, mmlu=_mc_questions(rng, names, docs))
 
 
-def _jsonl(rows: list[dict[str, str]]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-
-
-def _csv(questions: list[McQuestion]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    for q in questions:
-        writer.writerow([q.question, *q.choices, q.answer])
-    return buf.getvalue()
-
-
-def _one_per_document(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The sentence-completion row of each document (prompt + answer = the whole document)."""
-    return [r for r in rows if r["id"].endswith("sc1")]
-
-
 def write_world(world: World, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write the world's files under ``out_dir`` and return it.
 
@@ -388,15 +369,16 @@ def write_world(world: World, out_dir: str | Path, overwrite: bool = False) -> P
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise InputError(f"output directory {out} exists and is not empty (use --overwrite)")
     files: dict[str, str] = {
-        "forget.jsonl": _jsonl(world.rows("forget")),
-        "retain.jsonl": _jsonl(world.rows("retain")),
-        "mia/member.jsonl": _jsonl(_one_per_document(world.rows("forget"))),
-        "mia/nonmember.jsonl": _jsonl(_one_per_document(world.rows("nonmember"))),
+        "forget.jsonl": jsonl_text(world.rows("forget")),
+        "retain.jsonl": jsonl_text(world.rows("retain")),
+        "mia/member.jsonl": jsonl_text(one_per_document(world.rows("forget"))),
+        "mia/nonmember.jsonl": jsonl_text(one_per_document(world.rows("nonmember"))),
     }
     for subject in MMLU_SUBJECTS:
         qs = [q for q in world.mmlu if q.subject == subject]
-        files[f"mmlu/dev/{subject}_dev.csv"] = _csv(qs[:MMLU_DEV_PER_SUBJECT])
-        files[f"mmlu/test/{subject}_test.csv"] = _csv(qs[MMLU_DEV_PER_SUBJECT:])
+        rows = [[q.question, *q.choices, q.answer] for q in qs]
+        files[f"mmlu/dev/{subject}_dev.csv"] = mmlu_csv_text(rows[:MMLU_DEV_PER_SUBJECT])
+        files[f"mmlu/test/{subject}_test.csv"] = mmlu_csv_text(rows[MMLU_DEV_PER_SUBJECT:])
     meta = {
         "generator": "umerge.demo.world",
         "config": asdict(world.config),
@@ -404,9 +386,6 @@ def write_world(world: World, out_dir: str | Path, overwrite: bool = False) -> P
         "documents": [{"doc_id": d.doc_id, "task": d.task, "split": d.split, "facts": d.facts} for d in world.documents],
         "mmlu": [asdict(q) for q in world.mmlu],
     }
-    files["world.json"] = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
-    for rel, text in files.items():
-        path = out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+    files["world.json"] = json_text(meta)
+    write_files(out, files)
     return out
