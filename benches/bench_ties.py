@@ -9,6 +9,12 @@ inputs (TIES, density 0.8, weights 1, lambda 1, bf16 output) and reports wall ti
     .venv/bin/python benches/bench_ties.py                     # 22 layers: umerge and mergekit -j 2
     .venv/bin/python benches/bench_ties.py --layers 22 44      # and twice the layers (RSS flat?)
     .venv/bin/python benches/bench_ties.py --out-of-core 64MiB # inputs >> budget, RSS within it
+    sudo .venv/bin/python benches/bench_ties.py --cold         # page cache dropped before each tool
+
+Every run also measures, in the same run, the disk's floor (benches/disk.py): the O_DIRECT
+durable write of the output's size (warm: the floor of a merge whose inputs are cached), plus
+the O_DIRECT read of every input byte (--cold). Each tool's wall time is printed as a ratio to
+that floor, with the bytes it read from storage (/proc/<pid>/io read_bytes) against the inputs.
 
 Needs the engine installed in this interpreter's environment (`umerge` next to sys.executable) and,
 for mergekit, the peer venv from benches/make_peer_venv.sh ($UMERGE_PEERS or .venv-peers).
@@ -31,9 +37,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import disk  # noqa: E402
 from measure import Measurement, run_measured, warm_page_cache  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+SPEEDUP = "<speed-up>"  # filled in once mergekit has run
 
 
 def _human_bytes(n: float) -> str:
@@ -175,6 +183,52 @@ def _check(m: Measurement, what: str) -> None:
         sys.exit(1)
 
 
+def start_state(dirs: list[Path], cold: bool) -> None:
+    """Before a tool runs: the page cache dropped (cold) or holding every input (warm)."""
+    if cold:
+        print("dropping the page cache ...", flush=True)
+        disk.drop_page_cache()
+    else:
+        print(f"warming the page cache ({_human_bytes(dir_bytes(dirs))}) ...", flush=True)
+        warm_page_cache(dirs)
+
+
+class FloorCells:
+    """The disk floor of one job, measured in this run, and the table cells comparing a tool with it."""
+
+    def __init__(self, read_s: float | None, write_s: float, out_bytes: int) -> None:
+        self.read_s, self.write_s, self.out_bytes = read_s, write_s, out_bytes
+
+    @property
+    def seconds(self) -> float:
+        return (self.read_s or 0.0) + self.write_s
+
+    @staticmethod
+    def header(cold: bool) -> str:
+        return "wall / disk floor | read from storage / inputs" if cold else "wall / durable-write floor"
+
+    @staticmethod
+    def rule(cold: bool) -> str:
+        return "---|---" if cold else "---"
+
+    def cells(self, m: Measurement, inputs: int) -> str:
+        ratio = f"{m.seconds / self.seconds:.2f}x"
+        return f"{ratio} | {m.read_bytes / inputs:.2f}" if self.read_s is not None else ratio
+
+    def describe(self) -> str:
+        write = f"O_DIRECT write + fsync of the output's {_human_bytes(self.out_bytes)}: {self.write_s:.1f} s"
+        if self.read_s is None:
+            return write
+        return f"O_DIRECT read of the inputs {self.read_s:.1f} s + {write} = {self.seconds:.1f} s"
+
+
+def disk_floor(dirs: list[Path], out: Path, cold: bool) -> FloorCells:
+    """The floor for a job with inputs `dirs` and output `out` (already written by a tool)."""
+    out_bytes = dir_bytes([out])
+    read_s = disk.direct_read_seconds(disk.safetensors_files(dirs))[0] if cold else None
+    return FloorCells(read_s, disk.direct_write_seconds(out.parent, out_bytes), out_bytes)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=Path("bench-out"),
@@ -191,8 +245,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="sizes (layer counts) to run mergekit on (default: all of --layers)")
     p.add_argument("--out-of-core", metavar="BUDGET", default=None,
                    help="instead: run umerge alone with this --memory-budget and compare peak RSS with it")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the page cache before each tool (needs root) and compare with the disk floor")
     p.add_argument("--keep-outputs", action="store_true")
     args = p.parse_args(argv)
+    if args.cold and not disk.can_drop_page_cache():
+        sys.exit("bench_ties: --cold needs root to drop the page cache; without it, measure cold reads with "
+                 "benches/bench_beyond_ram.py (inputs larger than memory)")
 
     import umerge
 
@@ -204,20 +263,22 @@ def main(argv: list[str] | None = None) -> None:
     mk_layers = set(args.layers if args.mergekit_layers is None else args.mergekit_layers)
     rows: list[str] = []
     summary: list[str] = []
+    floors: list[str] = []
     for layers in args.layers:
         base, fts = ensure_family(args.dir, layers, args.shards, args.seed)
         inputs = dir_bytes([base, *fts])
         label = f"TinyLlama-1.1B shapes, {layers} layers" if layers == 22 else f"TinyLlama shapes, {layers} layers"
         size = f"3 x {_human_bytes(inputs / 3)}"
-        print(f"warming the page cache ({_human_bytes(inputs)}) ...", flush=True)
-        warm_page_cache([base, *fts])
+        start_state([base, *fts], args.cold)
         budget = args.out_of_core or args.memory_budget
         out_u = args.dir / f"out-umerge-{layers}L"
         print(f"umerge ties ({layers} layers) ...", flush=True)
         mu = run_umerge(base, fts, out_u, args.density, args.threads, budget)
         _check(mu, "umerge")
-        print(f"  {mu.seconds:.1f} s, peak RSS {mu.peak_rss_mib:.0f} MiB")
+        print(f"  {mu.seconds:.1f} s, peak RSS {mu.peak_rss_mib:.0f} MiB, read {_human_bytes(mu.read_bytes)} from storage")
         threads = args.threads or os.cpu_count()
+        floor = disk_floor([base, *fts], out_u, args.cold)
+        floors.append(f"{layers} layers: {floor.describe()}")
         if args.out_of_core:
             b = parse_size(args.out_of_core)
             rows.append(f"| {label} | {size} = {_human_bytes(inputs)} | {args.out_of_core} | {inputs / b:.0f}x | "
@@ -225,9 +286,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             budget_txt = budget or "512MiB (default)"
             rows.append(f"| {label} | {size} | umerge {umerge.__version__} (--threads {threads}, --memory-budget "
-                        f"{budget_txt}) | {mu.seconds:.1f} s | {mu.cpu_seconds:.1f} s | {mu.peak_rss_mib:.0f} MiB | |")
+                        f"{budget_txt}) | {mu.seconds:.1f} s | {mu.cpu_seconds:.1f} s | {mu.peak_rss_mib:.0f} MiB | "
+                        f"{SPEEDUP} | {floor.cells(mu, inputs)} |")
         if peers is not None and layers in mk_layers:
-            warm_page_cache([base, *fts])
+            start_state([base, *fts], args.cold)
             out_m = args.dir / f"out-mergekit-{layers}L"
             print(f"mergekit-yaml ties -j {args.mergekit_threads} ({layers} layers) ...", flush=True)
             mm = run_mergekit(peers, base, fts, out_m, args.density, args.mergekit_threads)
@@ -238,9 +300,9 @@ def main(argv: list[str] | None = None) -> None:
             probe = "model.layers.0.self_attn.k_proj.weight"
             ref_u, ref_m = reference_agreement(base, fts, [out_u, out_m], probe, args.density)
             ratio = mm.seconds / mu.seconds
-            rows[-1] = rows[-1][:-3] + f"| {ratio:.1f}x ({mm.cpu_seconds / mu.cpu_seconds:.1f}x in CPU time) |"
+            rows[-1] = rows[-1].replace(SPEEDUP, f"{ratio:.1f}x ({mm.cpu_seconds / mu.cpu_seconds:.1f}x in CPU time)")
             rows.append(f"| {label} | {size} | mergekit 0.1.5 (-j {args.mergekit_threads}) | {mm.seconds:.1f} s | "
-                        f"{mm.cpu_seconds:.1f} s | {mm.peak_rss_mib:.0f} MiB | 1x |")
+                        f"{mm.cpu_seconds:.1f} s | {mm.peak_rss_mib:.0f} MiB | 1x | {floor.cells(mm, inputs)} |")
             summary.append(f"{layers} layers: umerge {mu.seconds:.1f} s wall / {mu.cpu_seconds:.1f} s CPU / "
                            f"{mu.peak_rss_mib:.0f} MiB, mergekit {mm.seconds:.1f} s / {mm.cpu_seconds:.1f} s / "
                            f"{mm.peak_rss_mib:.0f} MiB: {ratio:.1f}x faster, "
@@ -254,18 +316,22 @@ def main(argv: list[str] | None = None) -> None:
             shutil.rmtree(out_u, ignore_errors=True)
 
     print()
+    cache = "page cache dropped before each tool" if args.cold else "page cache warm"
     print(f"Machine: {machine()}; load average before/after: {load_before} / {_load()}. Inputs: base + 2 "
-          f"fine-tuned, bf16, {args.shards} shards each, page cache warm; TIES density {args.density}; each tool run "
-          "once in a fresh process; CPU time = user + system; peak RSS = the process's ru_maxrss.")
+          f"fine-tuned, bf16, {args.shards} shards each, {cache}; TIES density {args.density}; each tool run "
+          "once in a fresh process; CPU time = user + system; peak RSS = the process's ru_maxrss; read = bytes "
+          "fetched from storage (/proc/<pid>/io) over the input size.")
+    for line in floors:
+        print(f"Disk floor, {line}")
     print(f"Command: .venv/bin/python benches/bench_ties.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print()
     if args.out_of_core:
         print("| inputs | total size | --memory-budget | inputs / budget | wall time | CPU time | peak RSS |")
         print("|---|---|---|---|---|---|---|")
     else:
-        print("| inputs | size | tool | wall time | CPU time | peak RSS | speed-up |")
-        print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+        print(f"| inputs | size | tool | wall time | CPU time | peak RSS | speed-up | {FloorCells.header(args.cold)} |")
+        print(f"|---|---|---|---|---|---|---|{FloorCells.rule(args.cold)}|")
+    print("\n".join(r.replace(SPEEDUP, "") for r in rows))
     for line in summary:
         print(f"\n{line}")
 

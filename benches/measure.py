@@ -30,19 +30,29 @@ class Measurement:
     peak_rss_bytes: int
     returncode: int
     stderr_tail: str
+    read_bytes: int = 0  # bytes the child made the kernel fetch from storage (/proc/<pid>/io read_bytes)
+    write_bytes: int = 0  # bytes it sent to storage (write_bytes of /proc/<pid>/io)
 
     @property
     def peak_rss_mib(self) -> float:
         return self.peak_rss_bytes / 2**20
 
 
-# argv: RESULT_FILE CMD...; runs CMD, then writes "returncode maxrss_kib user_s sys_s" to RESULT_FILE.
+# argv: RESULT_FILE CMD...; runs CMD, then writes "returncode maxrss_kib user_s sys_s read_bytes
+# write_bytes" to RESULT_FILE. A reaped child's I/O counters are added to its parent's
+# /proc/self/io (as rusage is), so the runner's own counters before and after give the child's.
 _RUNNER = (
     "import os, resource, sys\n"
+    "def io():\n"
+    "    d = dict(l.split(': ') for l in open('/proc/self/io').read().splitlines())\n"
+    "    return int(d['read_bytes']), int(d['write_bytes'])\n"
+    "r0, w0 = io()\n"
     "pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)\n"
     "status = os.waitpid(pid, 0)[1]\n"
+    "r1, w1 = io()\n"
     "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-    "open(sys.argv[1], 'w').write(f'{os.waitstatus_to_exitcode(status)} {u.ru_maxrss} {u.ru_utime} {u.ru_stime}')\n"
+    "open(sys.argv[1], 'w').write(f'{os.waitstatus_to_exitcode(status)} {u.ru_maxrss} {u.ru_utime} {u.ru_stime} '\n"
+    "                             f'{r1 - r0} {w1 - w0}')\n"
 )
 
 
@@ -60,8 +70,9 @@ def run_measured(command: Sequence[str | os.PathLike[str]], env: Mapping[str, st
         tail = err.read()[-4000:].decode(errors="replace")
         if not result.exists():
             return Measurement(cmd, seconds, 0.0, 0, proc.returncode or 1, tail)
-        rc, maxrss, user, system = result.read_text().split()
-    return Measurement(cmd, seconds, float(user) + float(system), int(maxrss) * 1024, int(rc), tail)
+        rc, maxrss, user, system, read, written = result.read_text().split()
+    return Measurement(cmd, seconds, float(user) + float(system), int(maxrss) * 1024, int(rc), tail, int(read),
+                       int(written))
 
 
 def warm_page_cache(paths: Sequence[Path], block: int = 1 << 24) -> int:

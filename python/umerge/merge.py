@@ -156,6 +156,13 @@ def run_engine(entry: Callable[[str, Any], str], spec: Mapping[str, Any], progre
     return MergeReport.from_json(text)
 
 
+#: What a run does with the page cache (the engine's `exec::readahead`): `auto` (default) leaves it as
+#: found (cached inputs read from it, others read around it with O_DIRECT; a run larger than half
+#: the memory drops its output's pages once written), `keep` reads everything through it and
+#: leaves it there, `drop` drops every page used behind the merge.
+PAGE_CACHE = ("auto", "keep", "drop")
+
+
 def output_options(
     out: PathLike,
     out_dtype: str | None = None,
@@ -164,12 +171,16 @@ def output_options(
     max_shard_size: str | int | None = None,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
+    page_cache: str | None = None,
 ) -> dict[str, Any]:
     """The output options of an engine spec, shared by merges and folds (the engine's
     `OutputOptions`, flat beside the spec's own fields): `out`, `overwrite` and `allow_nonfinite`
     always; `out_dtype` (any spelling in DTYPE_NAMES), `threads` (>= 1), `memory_budget` and
-    `max_shard_size` (bytes, see `parse_size`) only when given, so the engine applies its defaults."""
+    `max_shard_size` (bytes, see `parse_size`) and `page_cache` (one of PAGE_CACHE) only when
+    given, so the engine applies its defaults."""
     out_dtype = out_dtype_name(out_dtype)
+    if page_cache is not None and page_cache not in PAGE_CACHE:
+        raise InputError(f"page cache policy {page_cache!r} is not one of {', '.join(PAGE_CACHE)}")
     if threads is not None and threads < 1:
         raise InputError(f"threads must be at least 1, got {threads}")
     opts: dict[str, Any] = {"out": os.fspath(out), "overwrite": bool(overwrite), "allow_nonfinite": bool(allow_nonfinite)}
@@ -183,6 +194,8 @@ def output_options(
     ms = parse_size(max_shard_size, "max shard size")
     if ms is not None:
         opts["max_shard_size"] = ms
+    if page_cache is not None:
+        opts["page_cache"] = page_cache
     return opts
 
 
@@ -252,6 +265,7 @@ def build_spec(
     strict: bool = False,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
+    page_cache: str | None = None,
 ) -> dict[str, Any]:
     """The engine's spec for a merge (see the module docstring for every field)."""
     if isinstance(models, (str, os.PathLike)):
@@ -267,7 +281,8 @@ def build_spec(
     _check_finite(params or {})
     for i, mp in enumerate(model_params or ()):
         _check_finite(mp, f" (model {i + 1})")
-    opts = output_options(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite)
+    opts = output_options(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite,
+                          page_cache)
     spec: dict[str, Any] = {
         "method": method,
         "models": [
@@ -308,6 +323,7 @@ def merge(
     progress: ProgressArg = True,
     delta: str = "factors",
     svd_rank: int | None = None,
+    page_cache: str | None = None,
 ) -> Any:
     """Merges checkpoints with any engine method; `params` are global, `model_params` per model.
 
@@ -326,14 +342,14 @@ def merge(
         return merge_adapter_inputs(
             method, models, base=base, params=params or {}, model_params=model_params, out=out, delta=delta,
             svd_rank=svd_rank, out_dtype=out_dtype, threads=threads, memory_budget=memory_budget,
-            max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+            max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, page_cache=page_cache,
         )
     if delta != "factors" or svd_rank is not None:
         raise InputError("delta and svd_rank (--delta, --svd-rank) apply to LoRA adapter inputs only")
     spec = build_spec(
         method, models, base=base, params=params, model_params=model_params, out=out, out_dtype=out_dtype,
         threads=threads, memory_budget=memory_budget, max_shard_size=max_shard_size, strict=strict,
-        overwrite=overwrite, allow_nonfinite=allow_nonfinite,
+        overwrite=overwrite, allow_nonfinite=allow_nonfinite, page_cache=page_cache,
     )
     return run_spec(spec, progress)
 
@@ -358,6 +374,7 @@ def ties(
     progress: ProgressArg = True,
     delta: str = "factors",
     svd_rank: int | None = None,
+    page_cache: str | None = None,
 ) -> Any:
     """TIES-merge fine-tuned checkpoints onto their base (Yadav et al., 2023, arXiv:2306.01708).
 
@@ -391,6 +408,7 @@ def ties(
         "ties", models, base=base, params=params, model_params=model_params, out=out, out_dtype=out_dtype,
         threads=threads, memory_budget=memory_budget, max_shard_size=max_shard_size, strict=strict,
         overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=progress, delta=delta, svd_rank=svd_rank,
+        page_cache=page_cache,
     )
 
 
@@ -404,5 +422,5 @@ def inspect(path: PathLike) -> dict[str, Any]:
     return json.loads(_core.inspect(os.fspath(path)))
 
 
-__all__ = ["MergeReport", "build_spec", "inspect", "merge", "output_options", "parse_size", "require_local", "run_engine", "run_spec", "ties",
-           "weight_params"]
+__all__ = ["PAGE_CACHE", "MergeReport", "build_spec", "inspect", "merge", "output_options", "parse_size", "require_local",
+           "run_engine", "run_spec", "ties", "weight_params"]

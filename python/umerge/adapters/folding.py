@@ -62,6 +62,7 @@ def fold(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: ProgressArg = True,
+    page_cache: str | None = None,
 ) -> MergeReport:
     """Folds a PEFT LoRA adapter (or several: their updates add up) into `base`: for every
     targeted module W' = W + scaling * B @ A (transposed with fan_in_fan_out). Output dtype: the
@@ -69,7 +70,8 @@ def fold(
     adapters = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter)
     if not adapters:
         raise InputError("no adapter given")
-    spec = output_options(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite)
+    spec = output_options(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite,
+                          page_cache)
     spec.update(base=os.fspath(base), adapters=[_adapter_entry(a) for a in adapters])
     return _run(spec, progress)
 
@@ -92,6 +94,7 @@ def fold_merged(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     progress: ProgressArg = True,
+    page_cache: str | None = None,
 ) -> MergeReport:
     """Merges the adapters' full updates s_i * B_i @ A_i with `method` and adds the result to the
     base weights (`--delta full --base`). ties uses PEFT's semantics (sign elected on the
@@ -109,7 +112,8 @@ def fold_merged(
     check_same_modules([load_adapter(a) for a in adapters])
     w = [float(x) for x in (weights if weights is not None else [1.0] * len(adapters))]
     engine_method, fixed = _ENGINE_METHODS[method]
-    spec = output_options(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite)
+    spec = output_options(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite,
+                          page_cache)
     spec["base"] = os.fspath(base)
     if engine_method is None:
         spec["adapters"] = [_adapter_entry(a, wi) for a, wi in zip(adapters, w)]

@@ -136,6 +136,7 @@ def merge_adapters(
     max_shard_size: str | int | None = None,
     overwrite: bool = False,
     progress: Any = False,
+    page_cache: str | None = None,
 ) -> Any:
     """Merges LoRA adapter directories; returns an `AdapterMergeReport` (or, with `base` and
     `delta="full"`, the fold's `MergeReport`).
@@ -160,12 +161,14 @@ def merge_adapters(
             adapters, base, out, method=base_kind(combination), weights=weights, density=density,
             majority_sign=majority_sign, seed=seed, preset=preset or "peft", out_dtype=out_dtype, threads=threads,
             memory_budget=memory_budget, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+            page_cache=page_cache,
         )
     if base is not None:
         return _merge_then_fold(
             adapters, base, out, method=method, weights=weights, density=density, majority_sign=majority_sign,
             svd_rank=svd_rank, svd_clamp=svd_clamp, seed=seed, out_dtype=out_dtype, threads=threads,
             memory_budget=memory_budget, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+            page_cache=page_cache,
         )
     if preset not in (None, "peft"):
         raise InputError(f"the {preset} TIES preset has no factor-wise form; adapters follow PEFT's semantics (preset peft)")
@@ -238,7 +241,7 @@ def merge_adapters(
 
 def _merge_then_fold(adapters: Sequence[PathLike], base: PathLike, out: PathLike, *, out_dtype: str | None,
                      threads: int | None, memory_budget: Any, max_shard_size: Any, overwrite: bool, progress: Any,
-                     **merge_kw: Any) -> Any:
+                     page_cache: str | None = None, **merge_kw: Any) -> Any:
     """PEFT's add_weighted_adapter followed by merge_and_unload: merge the adapters into a
     temporary adapter beside `out`, fold it into `base`, remove it."""
     import shutil
@@ -251,7 +254,7 @@ def _merge_then_fold(adapters: Sequence[PathLike], base: PathLike, out: PathLike
     try:
         merge_adapters(adapters, tmp / "adapter", threads=threads, **merge_kw)
         return fold(tmp / "adapter", base, out, out_dtype=out_dtype, threads=threads, memory_budget=memory_budget,
-                    max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+                    max_shard_size=max_shard_size, overwrite=overwrite, progress=progress, page_cache=page_cache)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -53,6 +53,7 @@ def merge_adapter_inputs(
     max_shard_size: Any = None,
     overwrite: bool = False,
     progress: Any = False,
+    page_cache: str | None = None,
 ) -> Any:
     """Runs an engine-style merge request (method, params, per-model params) on adapter inputs."""
     from umerge.adapters.merge import merge_adapters
@@ -105,6 +106,7 @@ def merge_adapter_inputs(
         list(models), out, method=_METHODS[method], weights=weights, density=density, majority_sign=majority,
         delta=delta, svd_rank=svd_rank, base=base, seed=seed, preset=preset, out_dtype=out_dtype, threads=threads,
         memory_budget=memory_budget, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+        page_cache=page_cache,
     )
 
 

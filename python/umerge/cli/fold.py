@@ -25,12 +25,14 @@ def _summary(report: object, quiet: bool) -> None:
 @opt.out_dtype_option("Output dtype of float tensors (default: the base's). Rounded to nearest even.")
 @opt.threads_option("Worker threads (default: all cores).")
 @opt.memory_budget_option("Working memory, e.g. 512MiB (default), 2GiB.")
+@opt.page_cache_option()
 @opt.max_shard_size_option("Largest shard file, e.g. 5GB (default).")
 @opt.overwrite_option()
 @opt.allow_nonfinite_option("Accept NaN or Inf in the inputs.")
 @opt.quiet_option()
 def fold(adapters: tuple[str, ...], base: str, out: str, out_dtype: str | None, threads: int | None,
-         memory_budget: str | None, max_shard_size: str | None, overwrite: bool, allow_nonfinite: bool, quiet: bool) -> None:
+         memory_budget: str | None, page_cache: str | None, max_shard_size: str | None, overwrite: bool,
+         allow_nonfinite: bool, quiet: bool) -> None:
     """Fold PEFT LoRA ADAPTERS into --base: W + scaling * B @ A for every targeted module.
 
     \b
@@ -45,7 +47,8 @@ def fold(adapters: tuple[str, ...], base: str, out: str, out_dtype: str | None, 
     from umerge.adapters.folding import fold as run
 
     report = run(list(adapters), base, out, out_dtype=out_dtype, threads=threads, memory_budget=memory_budget,
-                 max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=not quiet)
+                 max_shard_size=max_shard_size, overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=not quiet,
+                 page_cache=page_cache)
     _summary(report, quiet)
 
 
@@ -68,11 +71,13 @@ def fold(adapters: tuple[str, ...], base: str, out: str, out_dtype: str | None, 
 @opt.out_dtype_option("Output dtype (default: the first adapter's, or the base's).")
 @opt.threads_option("Worker threads (default: all cores).")
 @opt.memory_budget_option("Working memory for --base outputs, e.g. 512MiB.")
+@opt.page_cache_option()
 @opt.overwrite_option()
 @opt.quiet_option("No summary.")
 def merge_adapters_cmd(adapters: tuple[str, ...], method: str, density: float | None, weights: tuple[float, ...],
                        majority_sign: str, delta: str, svd_rank: int | None, base: str | None, seed: int, out: str,
-                       out_dtype: str | None, threads: int | None, memory_budget: str | None, overwrite: bool, quiet: bool) -> None:
+                       out_dtype: str | None, threads: int | None, memory_budget: str | None, page_cache: str | None,
+                       overwrite: bool, quiet: bool) -> None:
     """Merge PEFT LoRA ADAPTERS into a new adapter, as PEFT's add_weighted_adapter does.
 
     \b
@@ -84,5 +89,5 @@ def merge_adapters_cmd(adapters: tuple[str, ...], method: str, density: float | 
     report = merge_adapters(list(adapters), out, method=method, weights=list(weights) or None, density=density,
                             majority_sign=majority_sign, delta=delta, svd_rank=svd_rank, base=base, seed=seed,
                             out_dtype=out_dtype, threads=threads, memory_budget=memory_budget, overwrite=overwrite,
-                            progress=not quiet and base is not None)
+                            progress=not quiet and base is not None, page_cache=page_cache)
     _summary(report, quiet)

@@ -45,6 +45,7 @@ def _print_summary(report: object, quiet: bool) -> None:
 @opt.out_dtype_option()
 @opt.threads_option()
 @opt.memory_budget_option()
+@opt.page_cache_option()
 @opt.max_shard_size_option()
 @opt.strict_option("A tensor missing from some model is an error (default: merge over the models that have it, with a warning).")
 @opt.overwrite_option()
@@ -64,6 +65,7 @@ def ties(
     out_dtype: str | None,
     threads: int | None,
     memory_budget: str | None,
+    page_cache: str | None,
     max_shard_size: str | None,
     strict: bool,
     overwrite: bool,
@@ -107,6 +109,7 @@ def ties(
         out_dtype=out_dtype,
         threads=threads,
         memory_budget=memory_budget,
+        page_cache=page_cache,
         max_shard_size=max_shard_size,
         strict=strict,
         overwrite=overwrite,

@@ -32,6 +32,7 @@ def output_options(f: F) -> F:
         opt.out_dtype_option("Output dtype (default: the base's, or the first model's). Rounded to nearest even."),
         opt.threads_option(),
         opt.memory_budget_option(),
+        opt.page_cache_option(),
         opt.max_shard_size_option(),
         opt.strict_option("A tensor missing from some model is an error (default: merge over the models that have it)."),
         opt.overwrite_option(),

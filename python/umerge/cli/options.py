@@ -87,6 +87,15 @@ def max_shard_size_option(
     return click.option("--max-shard-size", default=None, metavar="SIZE", help=help)
 
 
+def page_cache_option() -> Decorator:
+    return click.option(
+        "--page-cache", type=click.Choice(["auto", "keep", "drop"]), default=None, metavar="[auto|keep|drop]",
+        help="What the run leaves in the page cache. auto (default): as found: inputs already cached are "
+             "read from it, others around it (O_DIRECT), and a run larger than half the memory drops its "
+             "output's pages once on disk. keep: read through it and leave it (a re-run is warm). drop: drop "
+             "every input and output page behind the merge. Output bytes do not depend on it.")
+
+
 def overwrite_option(help: str = "Replace an existing non-empty output directory.") -> Decorator:
     return click.option("--overwrite", is_flag=True, help=help)
 

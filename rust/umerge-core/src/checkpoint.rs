@@ -38,6 +38,19 @@ use crate::error::{Error, Result};
 
 /// Name of the Hugging Face shard index.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
+/// Alignment of `O_DIRECT` offsets, lengths and buffers (the largest logical block size in use).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Buffer length [`Checkpoint::read_direct`] needs for `len` bytes at `start`.
+pub fn direct_len(start: usize, len: usize) -> usize {
+    let first = start / DIRECT_ALIGN * DIRECT_ALIGN;
+    (start + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN - first
+}
+
+/// Bytes per read-ahead hint (see [`Checkpoint::will_need`]): no larger than the smallest
+/// common `read_ahead_kb`, so that no part of a hinted range is dropped.
+pub const WILL_NEED_PIECE: usize = 128 << 10;
+
 /// Name of a single-file Hugging Face checkpoint.
 pub const SINGLE_NAME: &str = "model.safetensors";
 
@@ -55,6 +68,9 @@ pub struct Shard {
     file: Option<File>,
     /// Its modification time when opened.
     mtime: Option<SystemTime>,
+    /// The file opened again with `O_DIRECT` for [`Checkpoint::read_direct`], on first use;
+    /// `None` inside when the filesystem refuses `O_DIRECT` (tmpfs).
+    direct: std::sync::OnceLock<Option<File>>,
 }
 
 impl Shard {
@@ -182,7 +198,10 @@ fn open_shard(path: &Path) -> Result<(Shard, Vec<(String, safetensors::tensor::T
     let mut tensors: Vec<(String, safetensors::tensor::TensorInfo)> = meta.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
     tensors.sort_by_key(|(_, info)| info.data_offsets);
     let mtime = file.metadata().ok().and_then(|m| m.modified().ok());
-    Ok((Shard { path: path.to_path_buf(), size, data_start, mmap: Some(mmap), file: Some(file), mtime }, tensors))
+    Ok((
+        Shard { path: path.to_path_buf(), size, data_start, mmap: Some(mmap), file: Some(file), mtime, direct: Default::default() },
+        tensors,
+    ))
 }
 
 fn describe_header_error(e: &safetensors::SafeTensorError, size: u64, buf: &[u8]) -> String {
@@ -400,6 +419,94 @@ impl Checkpoint {
         }
     }
 
+    /// Asks the kernel to start reading bytes `start..start + len` of shard `shard` into the page
+    /// cache now, without waiting (`posix_fadvise(POSIX_FADV_WILLNEED)`): the read-ahead of
+    /// [`crate::exec::ReadAhead`]. Best effort: a hint that fails costs only speed.
+    ///
+    /// The range is hinted in pieces of [`WILL_NEED_PIECE`]: Linux reads at most the device's
+    /// read-ahead size (`read_ahead_kb`, often 128 KiB to 8 MiB) per `WILLNEED` call and silently
+    /// ignores the rest of a longer range.
+    pub fn will_need(&self, shard: usize, start: usize, len: usize) {
+        if let Some(f) = self.shards.get(shard).and_then(|s| s.file.as_ref()) {
+            let end = start.saturating_add(len);
+            let mut at = start;
+            while at < end {
+                let n = WILL_NEED_PIECE.min(end - at);
+                fadvise(f, at, n, libc::POSIX_FADV_WILLNEED);
+                at += n;
+            }
+        }
+    }
+
+    /// Forgets a consumed window entirely: releases it from this process ([`Checkpoint::release`])
+    /// and then drops its clean pages from the page cache (`POSIX_FADV_DONTNEED`), so that a
+    /// merge of inputs larger than memory does not evict everyone else's working set. Pages
+    /// still mapped by another process are kept by the kernel.
+    pub fn forget(&self, shard: usize, start: usize, len: usize) {
+        self.release(shard, start, len);
+        if let Some(f) = self.shards.get(shard).and_then(|s| s.file.as_ref()) {
+            fadvise(f, start, len, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+
+    /// Fraction (0 to 1) of the pages of bytes `start..start + len` of shard `shard` that are in
+    /// the page cache now (`mincore` on the map); 0 when unknown.
+    pub fn resident_fraction(&self, shard: usize, start: usize, len: usize) -> f64 {
+        const PAGE: usize = 4096;
+        let Some(m) = self.shards.get(shard).and_then(|s| s.mmap.as_ref()) else { return 0.0 };
+        let end = start.saturating_add(len).min(m.len());
+        let first = start / PAGE * PAGE;
+        if end <= first {
+            return 0.0;
+        }
+        let pages = (end - first).div_ceil(PAGE);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range lies inside the live mapping (`first` is page-aligned because the
+        // map is, and `end` is clamped to its length); mincore only fills `vec`, one byte per page.
+        let r = unsafe { libc::mincore(m.as_ptr().add(first) as *mut libc::c_void, end - first, vec.as_mut_ptr()) };
+        if r != 0 {
+            return 0.0;
+        }
+        vec.iter().filter(|&&v| v & 1 == 1).count() as f64 / pages as f64
+    }
+
+    /// Reads bytes `start..start + len` of shard `shard` around the page cache (`O_DIRECT`) into
+    /// `buf` (page-aligned, at least [`direct_len`] bytes) and returns where they begin in it:
+    /// the read covers the range widened to 4 KiB boundaries, as `O_DIRECT` requires. On these
+    /// machines a read through the page cache costs about 1.3 s of system time per GB (measured:
+    /// `cat` of the 6.6 GB benchmark inputs, 11.4 s wall and 8.9 s system; `dd iflag=direct`,
+    /// 7.2 s and 0.3 s), which is what kept cold merges from the disk's speed.
+    ///
+    /// Errors (a filesystem without `O_DIRECT`, a short read, a file changed since it was opened)
+    /// are returned for the caller to fall back on the map, whose reads report them properly.
+    pub fn read_direct(&self, shard: usize, start: usize, len: usize, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let s = self.shards.get(shard).ok_or_else(|| std::io::Error::other("no such shard"))?;
+        let f = s
+            .direct
+            .get_or_init(|| File::options().read(true).custom_flags(libc::O_DIRECT).open(&s.path).ok())
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("O_DIRECT is not available"))?;
+        let first = start / DIRECT_ALIGN * DIRECT_ALIGN;
+        let want = (start + len).min(s.size as usize) - first;
+        let n = direct_len(start, len);
+        if buf.len() < n || !(buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+            return Err(std::io::Error::other("direct read buffer too small or misaligned"));
+        }
+        s.check_unchanged().map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut got = 0usize;
+        while got < want {
+            // The request runs to the aligned end; the file may end inside it (a short read).
+            let r = f.read_at(&mut buf[got..n], (first + got) as u64)?;
+            if r == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+            got += r;
+        }
+        s.check_unchanged().map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(start - first)
+    }
+
     /// A short name for messages: the path as given.
     pub fn display(&self) -> String {
         self.path.display().to_string()
@@ -414,6 +521,18 @@ impl Checkpoint {
     pub fn total_bytes(&self) -> u64 {
         self.tensors.values().map(TensorInfo::nbytes).sum()
     }
+}
+
+/// `posix_fadvise` on a byte range of an open file; errors are ignored (advice only).
+pub(crate) fn fadvise(f: &File, start: usize, len: usize, advice: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(start), libc::off_t::try_from(len)) else { return };
+    if n == 0 {
+        return;
+    }
+    // SAFETY: the descriptor is open for the duration of the call; fadvise only changes how
+    // the kernel caches the file, never its contents.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), off, n, advice) };
 }
 
 /// A JSON description of a checkpoint for `umerge inspect`: format, shards, tensors (name,

@@ -68,8 +68,10 @@ impl Frontier {
 
     /// Hashes every shard of `out` as its tensors complete (run it on its own thread). Returns
     /// each shard's digest (hex), `None` for a shard left unfinished or unreadable: the writer
-    /// then hashes that file itself.
-    pub fn hash_shards(&self, out: &Output) -> Vec<Option<String>> {
+    /// then hashes that file itself. With `forget`, each hashed range is then dropped from the
+    /// page cache once on disk ([`Output::forget_range`]): hashing first means the bytes are
+    /// read from memory, never back from storage.
+    pub fn hash_shards(&self, out: &Output, forget: bool) -> Vec<Option<String>> {
         let layout = &out.layout;
         let mut per_shard: Vec<Vec<(u64, usize)>> = vec![Vec::new(); layout.shards.len()];
         for (t, &(shard, offset)) in layout.place.iter().enumerate() {
@@ -91,6 +93,9 @@ impl Frontier {
                 at += ready;
                 if out.hash_range(shard, pos, ends[at - 1], &mut buf, &mut h).is_err() {
                     return digests;
+                }
+                if forget {
+                    out.forget_range(shard, pos, ends[at - 1]);
                 }
                 pos = ends[at - 1];
             }

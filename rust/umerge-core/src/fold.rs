@@ -28,9 +28,11 @@ use rayon::prelude::*;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::checksum::Frontier;
 use crate::dtype::{decode, elem_bytes, encode, is_float, Dtype};
 use crate::error::{Error, Result};
-use crate::exec::prepare::{self, Ticker, Workers};
+use crate::exec::prepare::{self, Beside, Ticker, Workers};
+use crate::exec::readahead::{PagePolicy, ReadAhead, Span};
 use crate::exec::{self, Engine, Job, MappedSource, Sink, Source, ZeroSource};
 use crate::methods::{self, BaseUse, TensorCtx};
 use crate::params::{layer_index, layer_position, ParamMap, Params, TensorPos};
@@ -428,50 +430,78 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
     let total_bytes: u64 = base.total_bytes();
     let ticker = Ticker::new(progress, out_tensors.len() as u64, total_bytes);
 
-    for (ti, name) in order.iter().enumerate() {
-        let Some(w) = base.tensors.get(name) else { continue };
-        let dtype = out_tensors[ti].dtype;
-        let Some(t) = targets.get(name) else {
-            exec::copy_tensor_from(&base, w, dtype, name, ti, &out, check_finite)?;
-            ticker.tick(w.nbytes())?;
-            continue;
-        };
-        let factors: Vec<Factors> =
-            t.by.iter()
-                .map(|(ai, a, b)| load_factors(&adapters[*ai], a, b, &spec.adapters[*ai], check_finite, name))
-                .collect::<Result<_>>()?;
-        match &method {
-            None => {
-                let src = MappedSource::new(&base, w, None, name, check_finite);
-                pool.install(|| fold_sum(&src, &factors, t, dtype, &out, chunk))?
-            }
-            Some(m) => {
-                let ids: Vec<usize> = t.by.iter().map(|(ai, _, _)| *ai).collect();
-                let ctx = TensorCtx {
-                    name,
-                    shape: &w.shape,
-                    pos: TensorPos { name, t: layer_position(name, num_layers) },
-                    params: &params,
-                    models: &ids,
+    let out_bytes: u64 = out_tensors.iter().map(OutTensor::nbytes).sum();
+    let policy = PagePolicy::parse(spec.output.page_cache.as_deref()).map_err(Error::Spec)?;
+    // As in a merge: the base is read ahead of the fold, and the shards hashed as they are
+    // written (see `exec::readahead` and `checksum`). One step per output tensor, in order.
+    let steps: Vec<Vec<Span<'_>>> = order.iter().map(|n| base.tensors.get(n).map(|w| Span::of(&base, w)).into_iter().collect()).collect();
+    let ahead = ReadAhead::new(steps, workers.read_window(), policy);
+    let drop_output = policy.drops_output(total_bytes + out_bytes);
+    let frontier = Frontier::new(out_tensors.len());
+    let (folded, digests) = std::thread::scope(|scope| {
+        let hasher = scope.spawn(|| frontier.hash_shards(&out, drop_output));
+        scope.spawn(|| ahead.run());
+        let stop = (frontier.stop_on_drop(), ahead.stop_on_drop());
+        // Steps are output tensors, in order.
+        let step_of: Vec<usize> = (0..out_tensors.len()).collect();
+        let beside = Beside { ahead: &ahead, step_of: &step_of, frontier: &frontier, ticker: &ticker };
+        let folded = (|| -> Result<()> {
+            for (ti, name) in order.iter().enumerate() {
+                let Some(w) = base.tensors.get(name) else { continue };
+                let dtype = out_tensors[ti].dtype;
+                let Some(t) = targets.get(name) else {
+                    exec::copy_tensor_from(&base, w, dtype, name, ti, &out, check_finite, Some(beside.step(ti)))?;
+                    beside.written(ti, w.nbytes())?;
+                    continue;
                 };
-                let recipe = m.plan_tensor(&ctx)?;
-                let srcs: Vec<LowRankSource<'_>> = factors.iter().map(|f| LowRankSource { f, cols: t.cols }).collect();
-                let zero = ZeroSource;
-                let job = Job {
-                    name,
-                    numel: w.numel(),
-                    base: (m.base_use() == BaseUse::Required).then_some(&zero as &dyn Source),
-                    models: srcs.iter().map(|s| s as &dyn Source).collect(),
-                    model_ids: ids.clone(),
-                    recipe: &recipe,
-                };
-                let sink = FoldSink { w: MappedSource::new(&base, w, None, name, check_finite), out: &out, ti, dtype };
-                let engine = Engine::new(m.as_ref(), chunk, exec::cache_bytes_for(workers.budget));
-                pool.install(|| engine.run(std::slice::from_ref(&job), spec.adapters.len(), &sink, &|_| Ok(())))?;
+                let factors: Vec<Factors> =
+                    t.by.iter()
+                        .map(|(ai, a, b)| load_factors(&adapters[*ai], a, b, &spec.adapters[*ai], check_finite, name))
+                        .collect::<Result<_>>()?;
+                match &method {
+                    None => {
+                        let src = MappedSource::new(&base, w, None, name, check_finite).with_read_ahead(&ahead, ti);
+                        pool.install(|| fold_sum(&src, &factors, t, dtype, &out, chunk))?
+                    }
+                    Some(m) => {
+                        let ids: Vec<usize> = t.by.iter().map(|(ai, _, _)| *ai).collect();
+                        let ctx = TensorCtx {
+                            name,
+                            shape: &w.shape,
+                            pos: TensorPos { name, t: layer_position(name, num_layers) },
+                            params: &params,
+                            models: &ids,
+                        };
+                        let recipe = m.plan_tensor(&ctx)?;
+                        let srcs: Vec<LowRankSource<'_>> = factors.iter().map(|f| LowRankSource { f, cols: t.cols }).collect();
+                        let zero = ZeroSource;
+                        let job = Job {
+                            name,
+                            numel: w.numel(),
+                            base: (m.base_use() == BaseUse::Required).then_some(&zero as &dyn Source),
+                            models: srcs.iter().map(|s| s as &dyn Source).collect(),
+                            model_ids: ids.clone(),
+                            recipe: &recipe,
+                        };
+                        let sink = FoldSink {
+                            w: MappedSource::new(&base, w, None, name, check_finite).with_read_ahead(&ahead, ti),
+                            out: &out,
+                            ti,
+                            dtype,
+                        };
+                        let engine = Engine::new(m.as_ref(), chunk, exec::cache_bytes_for(workers.budget));
+                        pool.install(|| engine.run(std::slice::from_ref(&job), spec.adapters.len(), &sink, &|_| Ok(())))?;
+                    }
+                }
+                out.start_writeback(ti, out_tensors[ti].nbytes());
+                beside.written(ti, w.nbytes())?;
             }
-        }
-        ticker.tick(w.nbytes())?;
-    }
+            Ok(())
+        })();
+        drop(stop);
+        (folded, hasher.join().unwrap_or_default())
+    });
+    folded?;
 
     let bytes_written = out.bytes();
     let shards = out.layout.shards.len();
@@ -479,7 +509,7 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
         Some(m) => format!("fold ({})", m.describe()),
         None => "fold".to_string(),
     };
-    out.finish(&out_tensors, Some(&base.dir), out_dtype.or(float_dtype), &exec::fold_recipe_yaml(spec), &[])?;
+    out.finish(&out_tensors, Some(&base.dir), out_dtype.or(float_dtype), &exec::fold_recipe_yaml(spec), &digests)?;
     Ok(Report {
         method: described,
         output: target,

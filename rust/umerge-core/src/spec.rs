@@ -69,12 +69,17 @@ pub struct OutputOptions {
     /// Merge inputs holding NaN or Inf instead of refusing them.
     #[serde(default)]
     pub allow_nonfinite: bool,
+    /// What to do with the page cache pages of the inputs and output once used: `auto`
+    /// (default: drop them when the run is larger than half the machine's memory), `keep` or
+    /// `drop` (see `exec::readahead`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_cache: Option<String>,
 }
 
 impl OutputOptions {
     /// The JSON keys of these options (the struct's fields).
     pub const FIELDS: &'static [&'static str] =
-        &["out", "out_dtype", "threads", "memory_budget", "max_shard_size", "overwrite", "allow_nonfinite"];
+        &["out", "out_dtype", "threads", "memory_budget", "max_shard_size", "overwrite", "allow_nonfinite", "page_cache"];
 }
 
 /// Deserializes a spec whose [`OutputOptions`] sit flat beside its own fields: the option keys

@@ -56,7 +56,8 @@ pub struct OutTensor {
 }
 
 impl OutTensor {
-    fn nbytes(&self) -> u64 {
+    /// Bytes of its data.
+    pub fn nbytes(&self) -> u64 {
         self.shape.iter().map(|&d| d as u64).product::<u64>() * elem_bytes(self.dtype).unwrap_or(0) as u64
     }
 }
@@ -381,6 +382,27 @@ impl Output {
         }
         #[cfg(not(target_os = "linux"))]
         let _ = (tensor, bytes);
+    }
+
+    /// Drops bytes `from..to` of shard `shard` from the page cache once they are on disk: waits
+    /// for their write-back (`sync_file_range` with `WAIT_BEFORE | WRITE | WAIT_AFTER`), then
+    /// `POSIX_FADV_DONTNEED` (only clean pages can be dropped). Under `PagePolicy::Drop`, so
+    /// that a large output does not fill the page cache. Best effort: errors surface at the
+    /// final fsync.
+    pub(crate) fn forget_range(&self, shard: usize, from: u64, to: u64) {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let f = &self.files[shard];
+            let (Ok(off), Ok(len)) = (libc::off64_t::try_from(from), libc::off64_t::try_from(to.saturating_sub(from))) else { return };
+            let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            // SAFETY: the descriptor is open for the life of `self`; the call only writes back a
+            // byte range and changes no data.
+            unsafe { libc::sync_file_range(f.as_raw_fd(), off, len, flags) };
+            crate::checkpoint::fadvise(f, from as usize, (to - from) as usize, libc::POSIX_FADV_DONTNEED);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (shard, from, to);
     }
 
     /// Feeds bytes `from..to` of shard `shard` to `hasher`, through `buf`.

@@ -493,6 +493,7 @@ pub fn planner(data: &[u8]) {
             max_shard_size: [None, Some(1u64), Some(200), Some(600)][b.below(4)],
             overwrite: false,
             allow_nonfinite: b.chance(2),
+            page_cache: [None, Some("keep"), Some("drop")][b.below(3)].map(String::from),
         },
     };
     let check_determinism = b.chance(4);

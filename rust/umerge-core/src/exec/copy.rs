@@ -1,5 +1,6 @@
 //! Tensors written unchanged: raw bytes when the dtype is kept, else decoded and re-encoded.
 
+use super::readahead::ReadAhead;
 use super::MappedSource;
 use super::Source;
 use crate::checkpoint::{Checkpoint, TensorInfo};
@@ -9,29 +10,35 @@ use crate::write::Output;
 
 /// Copies tensor `info` of checkpoint `ck` into output tensor `ti`: raw bytes when the dtype is
 /// kept (and no NaN/Inf check is asked of a float tensor), else decoded and re-encoded in steps
-/// of 8 MiB so memory stays bounded. Shared by the merge executor and `fold`.
-pub(crate) fn copy_tensor_from(
-    ck: &Checkpoint,
-    info: &TensorInfo,
+/// of 8 MiB so memory stays bounded. Reads what `ahead` (the run's read-ahead and the tensor's
+/// step) prepared. Shared by the merge executor and `fold`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn copy_tensor_from<'a>(
+    ck: &'a Checkpoint,
+    info: &'a TensorInfo,
     out_dtype: Dtype,
-    name: &str,
+    name: &'a str,
     ti: usize,
     out: &Output,
     check_finite: bool,
+    ahead: Option<(&'a ReadAhead<'a>, usize)>,
 ) -> Result<()> {
     const STEP: usize = 8 << 20;
+    let mut s = MappedSource::new(ck, info, None, name, check_finite);
+    if let Some((ra, step)) = ahead {
+        s = s.with_read_ahead(ra, step);
+    }
     if info.dtype == out_dtype && !(check_finite && is_float(info.dtype)) {
         let total = info.end - info.start;
         let mut off = 0usize;
         while off < total {
             let n = STEP.min(total - off);
-            out.write_at(ti, off as u64, ck.bytes(info.shard, info.start + off, n)?)?;
+            s.with_bytes(info.start + off, n, |b| out.write_at(ti, off as u64, b))??;
             ck.release(info.shard, info.start + off, n);
             off += n;
         }
         return Ok(());
     }
-    let s = MappedSource::new(ck, info, None, name, check_finite);
     let eb = elem_bytes(out_dtype).unwrap_or(4);
     let n = info.numel();
     let step = (STEP / 4) as u64;

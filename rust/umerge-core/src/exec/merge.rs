@@ -5,7 +5,8 @@
 use std::time::Instant;
 
 use super::copy::copy_tensor_from;
-use super::prepare::{self, Ticker, Workers};
+use super::prepare::{self, Beside, Ticker, Workers};
+use super::readahead::{PagePolicy, ReadAhead, Span};
 use super::recipe::recipe_yaml;
 use super::sink::FileSink;
 use super::{cache_bytes_for, Engine, Job, MappedSource, Source, ZeroSource};
@@ -56,19 +57,27 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
 
     let out_tensors: Vec<OutTensor> =
         plan.tensors.iter().map(|t| OutTensor { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone() }).collect();
+    let total_bytes: u64 = plan.tensors.iter().map(|t| t.in_bytes).sum();
+    let out_bytes: u64 = out_tensors.iter().map(OutTensor::nbytes).sum();
+    let policy = PagePolicy::parse(spec.output.page_cache.as_deref()).map_err(Error::Spec)?;
     let out = prepare::create_output(&target, &out_tensors, spec.output.max_shard_size)?;
     let mut plan_warnings = out.notes().to_vec();
 
     let workers = Workers::new(spec.output.threads, spec.output.memory_budget, inputs.models.len() + 1, spec.output.allow_nonfinite)?;
-    let total_bytes: u64 = plan.tensors.iter().map(|t| t.in_bytes).sum();
     let ticker = Ticker::new(progress, plan.tensors.len() as u64, total_bytes);
 
-    // The shards are hashed by a thread that follows the tensors as they are written.
+    // Beside the merge: a thread reads the inputs ahead of it, and one hashes the shards as the
+    // tensors are written (see `readahead` and `checksum`).
     let frontier = Frontier::new(plan.tensors.len());
+    let (steps, step_of) = read_steps(&plan, &inputs);
+    let ahead = ReadAhead::new(steps, workers.read_window(), policy);
+    let drop_output = policy.drops_output(total_bytes + out_bytes);
     let (merged, digests) = std::thread::scope(|scope| {
-        let hasher = scope.spawn(|| frontier.hash_shards(&out));
-        let stop = frontier.stop_on_drop();
-        let merged = merge_tensors(&plan, &inputs, &out, method.as_ref(), &workers, &frontier, &ticker);
+        let hasher = scope.spawn(|| frontier.hash_shards(&out, drop_output));
+        scope.spawn(|| ahead.run());
+        let stop = (frontier.stop_on_drop(), ahead.stop_on_drop());
+        let beside = Beside { ahead: &ahead, step_of: &step_of, frontier: &frontier, ticker: &ticker };
+        let merged = merge_tensors(&plan, &inputs, &out, method.as_ref(), &workers, &beside);
         drop(stop);
         (merged, hasher.join().unwrap_or_default())
     });
@@ -98,16 +107,36 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
 /// A tensor's sources: the base, when the method uses one, and the models.
 type JobSources<'a> = (Option<Box<dyn Source + 'a>>, Vec<Box<dyn Source + 'a>>);
 
+/// The run's reads in the order `merge_tensors` makes them, one step per output tensor (copies
+/// first, then merges), and each output tensor's step.
+fn read_steps<'a>(plan: &'a plan::Plan, inputs: &'a Inputs) -> (Vec<Vec<Span<'a>>>, Vec<usize>) {
+    let span = |s: &'a SrcRef| -> Option<Span<'a>> { Some(Span::of(inputs.get(s.input)?, s.info.as_ref()?)) };
+    let mut steps = Vec::with_capacity(plan.tensors.len());
+    let mut step_of = vec![0usize; plan.tensors.len()];
+    for copies in [true, false] {
+        for (ti, t) in plan.tensors.iter().enumerate() {
+            let spans: Vec<Span<'a>> = match (&t.action, copies) {
+                (Action::Copy(src), true) => span(src).into_iter().collect(),
+                (Action::Merge { base, models, .. }, false) => base.iter().chain(models.iter().map(|(_, s)| s)).filter_map(span).collect(),
+                _ => continue,
+            };
+            step_of[ti] = steps.len();
+            steps.push(spans);
+        }
+    }
+    (steps, step_of)
+}
+
 /// Writes every output tensor of `plan` into `out`: copies first (sequential, small), then the
-/// merges; each tensor is marked on `frontier` and counted by `ticker` once written.
+/// merges, reading what the read-ahead prepared for each tensor's step, and telling `beside`
+/// when each is written.
 fn merge_tensors(
     plan: &plan::Plan,
     inputs: &Inputs,
     out: &Output,
     method: &dyn Method,
     workers: &Workers,
-    frontier: &Frontier,
-    ticker: &Ticker<'_>,
+    beside: &Beside<'_, '_>,
 ) -> Result<()> {
     let check_finite = workers.check_finite;
     for (ti, t) in plan.tensors.iter().enumerate() {
@@ -115,9 +144,8 @@ fn merge_tensors(
             let (Some(ck), Some(info)) = (inputs.get(src.input), src.info.as_ref()) else {
                 return Err(Error::Internal(format!("copy source for {} missing", t.name)));
             };
-            copy_tensor_from(ck, info, t.dtype, &t.name, ti, out, check_finite && is_float(t.dtype))?;
-            frontier.mark(ti);
-            ticker.tick(t.in_bytes)?;
+            copy_tensor_from(ck, info, t.dtype, &t.name, ti, out, check_finite && is_float(t.dtype), Some(beside.step(ti)))?;
+            beside.written(ti, t.in_bytes)?;
         }
     }
 
@@ -125,8 +153,9 @@ fn merge_tensors(
     let mut merge_idx = Vec::new();
     for (ti, t) in plan.tensors.iter().enumerate() {
         if let Action::Merge { base, models, .. } = &t.action {
-            let b = base.as_ref().map(|s| make_src(inputs, s, &t.name, check_finite));
-            let ms = models.iter().map(|(_, s)| make_src(inputs, s, &t.name, check_finite)).collect();
+            let step = beside.step(ti);
+            let b = base.as_ref().map(|s| make_src(inputs, s, &t.name, check_finite, step));
+            let ms = models.iter().map(|(_, s)| make_src(inputs, s, &t.name, check_finite, step)).collect();
             srcs.push((b, ms));
             merge_idx.push(ti);
         }
@@ -151,15 +180,20 @@ fn merge_tensors(
     let done = |j: usize| {
         let t = &plan.tensors[merge_idx[j]];
         out.start_writeback(merge_idx[j], t.numel() * elem_bytes(t.dtype).unwrap_or(0) as u64);
-        frontier.mark(merge_idx[j]);
-        ticker.tick(t.in_bytes)
+        beside.written(merge_idx[j], t.in_bytes)
     };
     workers.pool.install(|| engine.run(&jobs, inputs.models.len(), &sink, &done))
 }
 
-fn make_src<'a>(inputs: &'a Inputs, s: &'a SrcRef, name: &'a str, check_finite: bool) -> Box<dyn Source + 'a> {
+fn make_src<'a>(
+    inputs: &'a Inputs,
+    s: &'a SrcRef,
+    name: &'a str,
+    check_finite: bool,
+    (ahead, step): (&'a ReadAhead<'a>, usize),
+) -> Box<dyn Source + 'a> {
     match (s.input, inputs.get(s.input), s.info.as_ref()) {
         (InputId::Zeros, _, _) | (_, None, _) | (_, _, None) => Box::new(ZeroSource),
-        (_, Some(ck), Some(info)) => Box::new(MappedSource::new(ck, info, s.crop_cols, name, check_finite)),
+        (_, Some(ck), Some(info)) => Box::new(MappedSource::new(ck, info, s.crop_cols, name, check_finite).with_read_ahead(ahead, step)),
     }
 }

@@ -5,8 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use super::readahead::ReadAhead;
 use super::{chunk_for_budget, pool, Pool};
 use crate::checkpoint::Checkpoint;
+use crate::checksum::Frontier;
 use crate::dtype::{parse_out_dtype, Dtype};
 use crate::error::{Error, Result};
 use crate::spec::{DEFAULT_MAX_SHARD_SIZE, DEFAULT_MEMORY_BUDGET};
@@ -106,6 +108,41 @@ impl Workers {
         let budget = memory_budget.unwrap_or(DEFAULT_MEMORY_BUDGET);
         let chunk = chunk_for_budget(budget, threads, n_inputs);
         Ok(Workers { threads, pool, budget, chunk, check_finite: !allow_nonfinite })
+    }
+
+    /// Bytes of read-ahead buffers a run may hold (`exec::readahead`): half the budget. The
+    /// engine's own buffers (chunks, the decoded-tensor cache of a quarter, the selection lists
+    /// of an eighth) take the other half.
+    pub(crate) fn read_window(&self) -> u64 {
+        self.budget / 2
+    }
+}
+
+/// What follows a run's progress beside its workers: the read-ahead (told when a tensor's step
+/// is finished), the shard hasher's frontier (told when a tensor is written) and the progress
+/// counter.
+pub(crate) struct Beside<'r, 'a> {
+    /// The run's read-ahead.
+    pub ahead: &'r ReadAhead<'a>,
+    /// Each output tensor's step in it.
+    pub step_of: &'r [usize],
+    /// The hasher's frontier.
+    pub frontier: &'r Frontier,
+    /// The progress counter.
+    pub ticker: &'r Ticker<'r>,
+}
+
+impl Beside<'_, '_> {
+    /// Output tensor `ti`, read from `in_bytes` input bytes, is completely written.
+    pub(crate) fn written(&self, ti: usize, in_bytes: u64) -> Result<()> {
+        self.ahead.finished(self.step_of[ti]);
+        self.frontier.mark(ti);
+        self.ticker.tick(in_bytes)
+    }
+
+    /// The read-ahead and output tensor `ti`'s step, for its sources.
+    pub(crate) fn step(&self, ti: usize) -> (&ReadAhead<'_>, usize) {
+        (self.ahead, self.step_of[ti])
     }
 }
 

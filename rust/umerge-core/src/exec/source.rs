@@ -1,6 +1,7 @@
 //! Sources: where a merge job's elements come from, decoded to f32 by flat output index (a
 //! mapped checkpoint tensor, an all-zero base, an in-memory slice).
 
+use super::readahead::ReadAhead;
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::{decode, elem_bytes, Dtype};
 use crate::error::{Error, Result};
@@ -26,19 +27,37 @@ pub trait Source: Sync {
     }
 }
 
-/// A tensor in a memory-mapped checkpoint.
+/// A tensor in a memory-mapped checkpoint, read from the buffer the run's read-ahead filled
+/// when there is one (see `readahead`), else from the map.
 pub struct MappedSource<'a> {
     ckpt: &'a Checkpoint,
     info: &'a TensorInfo,
     crop_cols: Option<(usize, usize)>,
     name: &'a str,
     check_finite: bool,
+    /// The run's read-ahead and this tensor's step in it.
+    ahead: Option<(&'a ReadAhead<'a>, usize)>,
 }
 
 impl<'a> MappedSource<'a> {
     /// A source over `info` in `ckpt`; `crop_cols` maps a narrower output onto wider rows.
     pub fn new(ckpt: &'a Checkpoint, info: &'a TensorInfo, crop_cols: Option<(usize, usize)>, name: &'a str, check_finite: bool) -> Self {
-        MappedSource { ckpt, info, crop_cols, name, check_finite }
+        MappedSource { ckpt, info, crop_cols, name, check_finite, ahead: None }
+    }
+
+    /// The same source, reading what `ahead` prepared for step `step`.
+    pub fn with_read_ahead(self, ahead: &'a ReadAhead<'a>, step: usize) -> Self {
+        MappedSource { ahead: Some((ahead, step)), ..self }
+    }
+
+    /// Runs `f` on bytes `start..start + len` (absolute, in the tensor's shard).
+    pub(crate) fn with_bytes<R>(&self, start: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        if let Some((ahead, step)) = self.ahead {
+            if let Some(l) = ahead.loaded(step, self.ckpt, self.info.shard, start, len) {
+                return Ok(f(l.bytes(start, len)));
+            }
+        }
+        Ok(f(self.ckpt.bytes(self.info.shard, start, len)?))
     }
 
     fn src_index(&self, i: u64) -> u64 {
@@ -59,8 +78,9 @@ impl MappedSource<'_> {
         if self.crop_cols.is_some() || self.info.dtype != Dtype::BF16 {
             return Ok(false);
         }
-        let bytes = self.ckpt.bytes(self.info.shard, self.info.start + start as usize * 2, out.len() * 2)?;
-        Ok(match crate::dtype::decode_bf16_fused(bytes, sub, out) {
+        let fused =
+            self.with_bytes(self.info.start + start as usize * 2, out.len() * 2, |b| crate::dtype::decode_bf16_fused(b, sub, out))?;
+        Ok(match fused {
             Some(bad) => !(bad && self.check_finite),
             None => false,
         })
@@ -92,8 +112,7 @@ impl Source for MappedSource<'_> {
                 Some((oc, _)) => (oc - (idx % oc as u64) as usize).min(out.len() - j),
             };
             let s = self.info.start + self.src_index(idx) as usize * eb;
-            let bytes = self.ckpt.bytes(self.info.shard, s, run * eb)?;
-            decode(self.info.dtype, bytes, &mut out[j..j + run]);
+            self.with_bytes(s, run * eb, |b| decode(self.info.dtype, b, &mut out[j..j + run]))?;
             j += run;
         }
         if self.check_finite {
