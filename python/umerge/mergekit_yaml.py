@@ -18,14 +18,26 @@ Reads a mergekit configuration (mergekit 0.1.5 schema) and builds the engine's s
   path (its tokenizer files are copied over the output's; embeddings are not permuted, so the
   vocabularies must agree).
 
-Model paths are local: one that does not exist is an `InputError` before anything is read, and
+Model paths are local and, as in mergekit, relative ones are taken from the working directory
+(``../base`` is fine): one that does not exist is an `InputError` before anything is read, and
 one that looks like a Hub id (``owner/name``) says how to download it (`umerge.merge.require_local`).
 mergekit-yaml's command-line flags are the CLI's business (`umerge.cli.mergekit_flags`); two reach
 here as keywords: ``random_seed`` (``--random-seed``) and ``out_shard_params`` (``--out-shard-size``).
 
 Anything else (other keys, ``modules``, ``tokenizer``, ``union`` tokenizers, other methods,
 ``filter_wise`` model stock, LoRA ``+`` references, ties with ``normalize: false``, ``rescale:
-true`` on a magnitude-trimming method) is an `InputError` naming it: never silently ignored.
+true`` on a magnitude-trimming method) is an `InputError` naming it: never silently ignored. The
+one thing ignored is what mergekit ignores too: a parameter that some mergekit method takes but the
+config's method does not (``weight`` on slerp or model_stock, as mergekit's own test configs have
+it) is dropped with a warning naming it, its model and the method (`ConfigWarning`, or `to_spec`'s
+``warn``; `umerge run` prints ``umerge: warning:``). A name no mergekit method takes stays an error
+(mergekit would ignore ``wieght`` silently; here it is a typo caught).
+
+Hostile or broken files fail in one line, quickly, before anything is built (`load_config`): only a
+regular file (a FIFO or directory is refused without blocking) of at most 16 MiB, UTF-8, nested at
+most 64 levels, at most 100,000 values with YAML aliases expanded (so an alias bomb costs its text,
+not 9**9 strings), a mapping with names for keys, at most 1,000 models; a long list of missing or
+unreadable models is reported as its first three and a count.
 
 mergekit's defaults are written into the spec explicitly where they differ from umerge's:
 ``density: 1.0`` for the task-vector methods, ``rescale: l1`` (mergekit's ``rescale: true``) for
@@ -41,11 +53,16 @@ rule is its first match).
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 import re
+import reprlib
 import shutil
-from collections.abc import Mapping, Sequence
+import stat
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +91,21 @@ METHOD_PARAMS: dict[str, set[str]] = {
     "slerp": {"t"},
     "model_stock": {"filter_wise"},
 }
+#: Every parameter name that some merge method of mergekit 0.1.5 takes (the parameters of each method
+#: in its registry). mergekit reads only the parameters of the config's method and ignores the rest,
+#: and its own test configs set `weight` on slerp and model_stock: such a parameter is dropped with a
+#: warning. A name outside this set is refused instead (mergekit would ignore it too, but it is most
+#: likely a typo, `wieght`, that would silently change the merge).
+MERGEKIT_PARAMS = frozenset({
+    "alpha", "density", "eps", "epsilon", "filter_wise", "gamma", "int8_mask", "lambda", "max_iter", "normalize",
+    "normalize_weights", "nuslerp_flatten", "nuslerp_row_wise", "r", "rescale", "scale", "select_topk", "t", "tol",
+    "weight",
+})
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
+
+
+class ConfigWarning(UserWarning):
+    """A config setting that umerge ignores as mergekit does (a parameter the method does not use)."""
 
 
 @dataclass(frozen=True)
@@ -85,57 +116,226 @@ class Source:
     settings: tuple[Mapping[str, Any], ...]
 
 
+#: Limits on what a config may be, all far above any real mergekit config (a few KiB, a few hundred
+#: values, nested under ten levels) and all checked before anything is built from the YAML, so a
+#: hostile or mistaken file costs milliseconds and one line, not minutes or a crash.
+MAX_CONFIG_BYTES = 16 * 2**20
+#: Nesting levels (mappings and lists inside each other); Python's own recursion gives out near 1,000.
+MAX_DEPTH = 64
+#: Values (scalars, mappings and lists) once aliases are expanded: bounds "billion laughs" configs,
+#: whose text is small but whose aliases expand to 9**9 values.
+MAX_NODES = 100_000
+#: Models in `models:` (or sources in one slice). mergekit has no limit; umerge checks each input
+#: before merging, and a longer list is a generated file gone wrong rather than a merge.
+MAX_MODELS = 1_000
+#: How many problems with the models one error line lists before "and N more".
+SHOWN_PROBLEMS = 3
+
+# Values from a config in error messages: short, escaped, one line, however big or deep the value.
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 120, 60, 3
+
+
+def _show(value: Any) -> str:
+    """A config value as an error message shows it (YAML's words for null and the flags)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return _REPR.repr(value)
+
+
 def _key(path: str) -> str:
     """A path's identity for comparing model references."""
     return os.path.realpath(path)
 
 
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Reads a YAML config file into a dict (an InputError when it is not a YAML mapping)."""
+    """Reads a YAML config file into a dict; an InputError when it cannot be one (see `parse_config`)."""
+    p = os.fspath(path)
+    raw = _read_config_file(p)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"config is not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line} "
+                         f"(save it as UTF-8, as mergekit reads it) ({p})") from None
+    return parse_config(text, p)
+
+
+def _read_config_file(p: str) -> bytes:
+    """The bytes of a regular file of at most MAX_CONFIG_BYTES. A directory, or a FIFO (whose read
+    would block until something writes to it) or a device, is refused by `fstat` on a descriptor
+    opened without blocking, so the file checked is the file read."""
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if exc.errno == errno.EISDIR:
+            raise InputError(f"config is a directory, not a YAML file ({p})") from None
+        raise InputError(f"cannot read config: {exc.strerror} ({p})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise InputError(f"config is a directory, not a YAML file ({p})")
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"config is not a regular file (a FIFO, socket or device): give a YAML file ({p})")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise InputError(f"config is {st.st_size / 2**20:.1f} MiB, more than umerge run reads "
+                             f"({MAX_CONFIG_BYTES // 2**20} MiB; a mergekit config is a few KiB) ({p})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # +1: a file that grew since fstat is still caught
+    except OSError as exc:
+        raise InputError(f"cannot read config: {exc.strerror} ({p})") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise InputError(f"config is more than {MAX_CONFIG_BYTES // 2**20} MiB, more than umerge run reads ({p})")
+    return raw
+
+
+def parse_config(text: str, where: str = "config") -> dict[str, Any]:
+    """A YAML config's text as a dict: an InputError for YAML that is invalid, too deep or too big
+    (`_check_shape`, before anything is built), or that is not a mapping."""
     import yaml
 
+    # libyaml's parser when PyYAML has it: about 15 times faster than the pure-Python one, which
+    # reads the same YAML where it is missing.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    _check_shape(text, where, loader)
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise InputError(f"cannot read config: {exc.strerror} ({path})") from None
-    try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader (CSafeLoader or SafeLoader)
     except yaml.YAMLError as exc:
-        raise InputError(f"invalid YAML: {str(exc).splitlines()[0]} ({path})") from None
+        raise InputError(f"invalid YAML: {_yaml_problem(exc)} ({where})") from None
+    except Exception as exc:  # noqa: BLE001
+        # PyYAML's constructors let the value's own errors through: `!!int x` is a ValueError,
+        # `2020-13-45` (a date) another, a bad `!!timestamp` an AttributeError. The text is the
+        # cause of any of them, so each is the user's error, said in one line.
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"invalid YAML: a value cannot be read ({first}) ({where})") from None
+    if data is None:
+        raise InputError(f"config is empty: a mergekit config is a YAML mapping with merge_method and models: "
+                         f"or slices: ({where})")
     if not isinstance(data, dict):
-        raise InputError(f"a mergekit config must be a mapping of keys, got {type(data).__name__} ({path})")
+        kind = "a list" if isinstance(data, list) else f"a single value ({_show(data)})"
+        raise InputError(f"a mergekit config must be a mapping of keys (merge_method: ..., models: ...), "
+                         f"got {kind} ({where})")
     return data
 
 
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's error in one line: the problem and where it is (its own text spans several lines)."""
+    # PyYAML's parts read as one sentence: "while constructing a mapping" + "found unhashable key".
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    problem = ", ".join(p for p in parts if p) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return " ".join(f"{problem}{_at(mark)}".split())
+
+
+def _at(mark: Any) -> str:
+    """` at line L, column C` of a YAML mark (parser events and errors carry one), or nothing."""
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _check_shape(text: str, where: str, loader: Any) -> None:
+    """Refuses YAML nested deeper than MAX_DEPTH or holding more than MAX_NODES values once its
+    aliases are expanded, and aliases of a value inside itself, from the parser's events alone.
+
+    Nothing is built and nothing recurses: each alias counts the size and height its anchor had when
+    it closed, so a billion-laughs config is refused at the cost of its text, a config 5,000 levels
+    deep stops at level MAX_DEPTH, and a list of 200,000 models at the MAX_NODES-th value."""
+    import yaml
+
+    total = 0  # values so far, aliases expanded
+    # Each open mapping or list: [its anchor, `total` when it opened, the height of its tallest child].
+    stack: list[list[Any]] = []
+    anchors: dict[str, tuple[int, int]] = {}  # anchor -> (values once expanded, height)
+
+    def add(size: int, height: int, mark: Any) -> None:
+        nonlocal total
+        total += size
+        if total > MAX_NODES:
+            raise InputError(f"config has more than {MAX_NODES} values (aliases expanded; a mergekit config has a "
+                             f"few hundred), refused{_at(mark)} ({where})")
+        if len(stack) + height > MAX_DEPTH:
+            raise InputError(f"config nests more than {MAX_DEPTH} levels deep{_at(mark)} "
+                             f"(a mergekit config nests a few) ({where})")
+        if stack:
+            stack[-1][2] = max(stack[-1][2], height)
+
+    try:
+        for ev in yaml.parse(text, Loader=loader):
+            if isinstance(ev, yaml.CollectionStartEvent):
+                add(1, 1, ev.start_mark)
+                stack.append([ev.anchor, total - 1, 0])
+            elif isinstance(ev, yaml.CollectionEndEvent):
+                anchor, start, child_height = stack.pop()
+                if stack:
+                    stack[-1][2] = max(stack[-1][2], child_height + 1)
+                if anchor is not None:
+                    anchors[anchor] = (total - start, child_height + 1)
+            elif isinstance(ev, yaml.ScalarEvent):
+                add(1, 1, ev.start_mark)
+                if ev.anchor is not None:
+                    anchors[ev.anchor] = (1, 1)
+            elif isinstance(ev, yaml.AliasEvent):
+                if any(entry[0] == ev.anchor for entry in stack):
+                    raise InputError(f"invalid YAML: alias *{ev.anchor}{_at(ev.start_mark)} is inside the value "
+                                     f"it names (a value that contains itself) ({where})")
+                # An unknown anchor counts as one value here; composing the YAML then says it is undefined.
+                size, height = anchors.get(str(ev.anchor), (1, 1))
+                add(size, height, ev.start_mark)
+    except yaml.YAMLError as exc:
+        raise InputError(f"invalid YAML: {_yaml_problem(exc)} ({where})") from None
+
+
+#: Control characters (newline, NUL, ...): no real model path has one, a NUL cannot be passed to the
+#: operating system at all, and a newline would break the one-line error that names the path.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _model_ref(value: Any, where: str) -> str:
+    """A model reference as a path. Relative paths are kept as written and, as in mergekit, taken
+    from the working directory (so `../base` is legal); a missing one is reported later, by name."""
     if isinstance(value, dict) and set(value) == {"model"}:  # the {model: {model: path}} form
         value = value["model"]
     if isinstance(value, dict) and set(value) <= {"path", "revision"} and "path" in value and not value.get("revision"):
         value = value["path"]
     if not isinstance(value, str) or not value:
-        raise InputError(f"{where}: a model must be a local path, got {value!r}")
+        raise InputError(f"{where}: a model must be a local path, got {_show(value)}")
+    if _CONTROL.search(value):
+        raise InputError(f"{where}: a model path with a control character (newline, tab, NUL) is not supported: "
+                         f"{_show(value)}")
     if "+" in value:
-        raise InputError(f"{where}: LoRA references (model+lora) are not supported in mergekit configs: {value!r}")
+        raise InputError(f"{where}: LoRA references (model+lora) are not supported in mergekit configs: {_show(value)}")
     return value
 
 
-def _check_keys(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
+def _check_keys(d: Mapping[Any, Any], allowed: set[str], where: str) -> None:
+    # YAML keys may be numbers, null, flags or dates (`1: x`, `null: x`): mergekit's keys are names.
+    odd = [k for k in d if not isinstance(k, str)]
+    if odd:
+        raise InputError(f"key {_show(odd[0])} in {where} is not a name (umerge supports: {', '.join(sorted(allowed))})")
     extra = [k for k in d if k not in allowed]
     if extra:
-        raise InputError(f"unsupported key {extra[0]!r} in {where} (umerge supports: {', '.join(sorted(allowed))})")
+        raise InputError(f"unsupported key {_show(extra[0])} in {where} (umerge supports: {', '.join(sorted(allowed))})")
 
 
 # ---- parameter settings -------------------------------------------------------------------
 
 def _scalar(v: Any, key: str, where: str) -> Any:
-    if isinstance(v, bool) or isinstance(v, (int, float)):
+    if isinstance(v, bool) or isinstance(v, float):
+        return v
+    if isinstance(v, int):
+        # YAML integers have no size limit; the engine's numbers are floats (mergekit's too).
+        try:
+            float(v)
+        except OverflowError:
+            raise InputError(f"parameter {key} in {where}: {_show(v)} is too large for a number") from None
         return v
     if isinstance(v, str):
         try:
             return float(v)  # YAML "1e-3" is a string; mergekit validates it to a number
         except ValueError:
             return v
-    raise InputError(f"parameter {key} in {where}: {v!r} is not a number, word or flag")
+    raise InputError(f"parameter {key} in {where}: {_show(v)} is not a number, word or flag")
 
 
 def _normalize_setting(v: Any, key: str, where: str) -> Any:
@@ -153,8 +353,10 @@ def _normalize_setting(v: Any, key: str, where: str) -> Any:
                     raise InputError(f"a filter rule of parameter {key} in {where} has no value")
                 f = e.get("filter")
                 if f is not None and not isinstance(f, str):
-                    raise InputError(f"parameter {key} in {where}: filter {f!r} is not a string")
+                    raise InputError(f"parameter {key} in {where}: filter {_show(f)} is not a string")
                 val = e["value"]
+                if isinstance(val, list) and not val:
+                    raise InputError(f"a filter rule of parameter {key} in {where} has an empty list as its value")
                 val = [_scalar(x, key, where) for x in val] if isinstance(val, list) else _scalar(val, key, where)
                 rules.append({"filter": None if f in (None, "*") else f, "value": val})
             return rules
@@ -241,18 +443,39 @@ class Translation:
     slices: list[tuple[int, int, tuple[Mapping[str, Any], ...], dict[str, tuple[Mapping[str, Any], ...]]]]
     out_dtype: str | None
     tokenizer_source: str | None
+    #: One line per parameter of the config that the method does not use (dropped, as mergekit does).
+    warnings: list[str]
 
 
-def _params_of(d: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+def _params_of(d: Any, where: str, method: str, ignored: list[str], model: str | None = None) -> dict[str, Any]:
+    """The parameters of one level of a config (global, a slice, or the model `model`) in canonical
+    form. A known mergekit parameter that `method` does not take is dropped with a warning, as
+    mergekit ignores it; any other name is refused (see MERGEKIT_PARAMS)."""
     if d is None:
         return {}
     if not isinstance(d, dict):
         raise InputError(f"parameters in {where} must be a mapping")
-    return {k: _normalize_setting(v, k, where) for k, v in d.items()}
+    allowed = METHOD_PARAMS[method]
+    out = {}
+    for k, v in d.items():
+        if not isinstance(k, str):
+            raise InputError(f"parameter name {_show(k)} in {where} is not a name (merge_method {method} takes: "
+                             f"{', '.join(sorted(allowed))})")
+        if k in allowed:
+            out[k] = _normalize_setting(v, k, where)
+        elif k in MERGEKIT_PARAMS:
+            of = f"of model {model} ({where})" if model is not None else f"in {where}"
+            ignored.append(f"parameter {k} {of} is not used by merge_method {method}: ignored, as mergekit does")
+        else:
+            raise InputError(f"merge_method {method} has no parameter {_show(k)} in mergekit "
+                             f"(it takes: {', '.join(sorted(allowed))})")
+    return out
 
 
 def translate(config: Mapping[str, Any], where: str = "config") -> Translation:
     """Checks a config and collects its models, settings and options (no file access)."""
+    if not isinstance(config, Mapping):
+        raise InputError(f"a mergekit config must be a mapping of keys, got {_show(config)} ({where})")
     for k in config:
         if k in UNSUPPORTED_TOP and config[k] is not None:
             raise InputError(f"unsupported key {k!r} in {where}: umerge runs models: or slices: configs "
@@ -263,9 +486,10 @@ def translate(config: Mapping[str, Any], where: str = "config") -> Translation:
         raise InputError(f"merge_method is missing in {where}")
     if method not in METHOD_PARAMS:
         known = ", ".join(sorted(METHOD_PARAMS))
-        raise InputError(f"merge_method {method!r} is not supported by umerge run (supported: {known})")
+        raise InputError(f"merge_method {_show(method)} is not supported by umerge run (supported: {known})")
+    ignored: list[str] = []  # warnings: parameters the method does not use
     base = _model_ref(config["base_model"], "base_model") if config.get("base_model") is not None else None
-    global_params = _params_of(config.get("parameters"), "parameters")
+    global_params = _params_of(config.get("parameters"), "parameters", method, ignored)
 
     has_models, has_slices = config.get("models") is not None, config.get("slices") is not None
     if has_models == has_slices:
@@ -275,32 +499,40 @@ def translate(config: Mapping[str, Any], where: str = "config") -> Translation:
     if has_models:
         if not isinstance(config["models"], list) or not config["models"]:
             raise InputError("models: must be a non-empty list")
+        _check_count(len(config["models"]), "models:")
         for i, m in enumerate(config["models"]):
             w = f"models[{i}]"
             if not isinstance(m, dict):
                 raise InputError(f"{w} must be a mapping with a model key")
             _check_keys(m, {"model", "parameters"}, w)
-            models.append(Source(_model_ref(m.get("model"), w), (_params_of(m.get("parameters"), w),)))
+            path = _model_ref(m.get("model"), w)
+            models.append(Source(path, (_params_of(m.get("parameters"), w, method, ignored, path),)))
     else:
-        models, slices = _translate_slices(config["slices"], base)
+        models, slices = _translate_slices(config["slices"], base, method, ignored)
 
     out = config.get("out_dtype") or config.get("dtype")
     out_dtype = None
+    for dtype in (out, config.get("dtype")):
+        if dtype is not None and not (isinstance(dtype, str) and dtype in DTYPE_NAMES):
+            raise InputError(f"unsupported dtype {_show(dtype)} (use float32, bfloat16 or float16)")
     if out is not None:
-        if str(out) not in DTYPE_NAMES:
-            raise InputError(f"unsupported dtype {out!r} (use float32, bfloat16 or float16)")
-        out_dtype = DTYPE_NAMES[str(out)]
-    if config.get("dtype") is not None and str(config["dtype"]) not in DTYPE_NAMES:
-        raise InputError(f"unsupported dtype {config['dtype']!r} (use float32, bfloat16 or float16)")
+        out_dtype = DTYPE_NAMES[out]
     tok = config.get("tokenizer_source")
     if tok is not None:
         if tok == "union":
             raise InputError("tokenizer_source: union is not supported (use base or a model path)")
         tok = "base" if tok == "base" else _model_ref(tok, "tokenizer_source")
-    return Translation(method, base, models, global_params, slices, out_dtype, tok)
+    return Translation(method, base, models, global_params, slices, out_dtype, tok, ignored)
 
 
-def _translate_slices(slices: Any, base: str | None) -> tuple[list[Source], list[Any]]:
+def _check_count(n: int, what: str) -> None:
+    if n > MAX_MODELS:
+        raise InputError(f"{what} lists {n} models; umerge run takes at most {MAX_MODELS} "
+                         "(a merge of more is almost certainly a generated config gone wrong)")
+
+
+def _translate_slices(slices: Any, base: str | None, method: str,
+                      ignored: list[str]) -> tuple[list[Source], list[Any]]:
     if not isinstance(slices, list) or not slices:
         raise InputError("slices: must be a non-empty list")
     order: list[str] | None = None
@@ -316,6 +548,7 @@ def _translate_slices(slices: Any, base: str | None) -> tuple[list[Source], list
         srcs = s.get("sources")
         if not isinstance(srcs, list) or not srcs:
             raise InputError(f"{w}.sources must be a non-empty list")
+        _check_count(len(srcs), f"{w}.sources")
         paths, ranges, settings = [], set(), []
         for j, src in enumerate(srcs):
             ws = f"{w}.sources[{j}]"
@@ -327,7 +560,7 @@ def _translate_slices(slices: Any, base: str | None) -> tuple[list[Source], list
             if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr) and lr[0] < lr[1]):
                 raise InputError(f"{ws}.layer_range must be [start, end) with start < end")
             ranges.add(tuple(lr))
-            settings.append((_params_of(src.get("parameters"), ws),))
+            settings.append((_params_of(src.get("parameters"), ws, method, ignored, paths[-1]),))
         if len(set(paths)) != len(paths):
             raise InputError(f"{w}: a model appears twice in one slice (each slice takes each model once)")
         if order is None:
@@ -341,7 +574,8 @@ def _translate_slices(slices: Any, base: str | None) -> tuple[list[Source], list
             raise InputError(f"{w}: layer_range starts at {start} but the previous slice ended at {expected_start} "
                              "(slices must cover the layers in order)")
         expected_start = end
-        out.append((start, end, (_params_of(s.get("parameters"), w),), {_key(p): st for p, st in zip(paths, settings)}))
+        out.append((start, end, (_params_of(s.get("parameters"), w, method, ignored),),
+                    {_key(p): st for p, st in zip(paths, settings)}))
     assert order is not None
     models = [Source(p, ()) for p in order]
     return models, out
@@ -373,35 +607,43 @@ def _all_settings(tr: Translation) -> list[Mapping[str, Any]]:
 
 def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: str = "config",
             seed: int | None = None, random_seed: int | None = None, out_shard_params: int | None = None,
-            **options: Any) -> tuple[dict[str, Any], str | None]:
+            warn: Callable[[str], None] | None = None, **options: Any) -> tuple[dict[str, Any], str | None]:
     """The engine spec for a config, and the tokenizer source model to copy from (or None).
 
     `seed` seeds the random methods and is an error for the others; `random_seed` is mergekit's
     `--random-seed`: the same seed, unused by methods that draw nothing (as in mergekit).
     `out_shard_params` is mergekit's `--out-shard-size`, parameters per shard (see `shard_bytes`).
+    `warn` receives one line per parameter the method does not use (default: a `ConfigWarning`).
     `options` go to `umerge.merge.build_spec` (threads, memory_budget, overwrite, ...).
     """
     from umerge.merge import build_spec, require_local
 
     tr = translate(config, where)
-    # umerge reads local checkpoints only; a Hub id gets told how to download it.
+    for line in tr.warnings:
+        if warn is not None:
+            warn(line)
+        else:
+            warnings.warn(line, ConfigWarning, stacklevel=2)
+    # umerge reads local checkpoints only; a Hub id gets told how to download it. Each distinct
+    # path is checked once, and a long list of missing models is one short line (_problems).
     point = "point the config at DIR"
-    if tr.base is not None:
-        require_local(tr.base, "base_model", point)
-    for m in tr.models:
-        require_local(m.path, "model", point)
+    refs = [(tr.base, "base_model")] if tr.base is not None else []
+    refs += [(m.path, "model") for m in tr.models]
     if tr.tokenizer_source not in (None, "base"):
-        require_local(str(tr.tokenizer_source), "tokenizer_source", point)
+        refs.append((str(tr.tokenizer_source), "tokenizer_source"))
+    first_label: dict[str, str] = {}
+    for path, what in refs:
+        first_label.setdefault(path, what)
+    missing = []
+    for path, what in first_label.items():
+        try:
+            require_local(path, what, point)
+        except InputError as exc:
+            missing.append(str(exc))
+    _problems(missing, "paths in the config do not exist")
     if out_shard_params is not None and options.get("max_shard_size") is not None:
         raise InputError("--out-shard-size (parameters per shard) and --max-shard-size (bytes) both given: give one")
-    allowed = METHOD_PARAMS[tr.method]
-    keys: set[str] = set()
-    for s in _all_settings(tr):
-        for k in s:
-            if k not in allowed:
-                raise InputError(f"merge_method {tr.method} has no parameter {k!r} in mergekit "
-                                 f"(it takes: {', '.join(sorted(allowed))})")
-            keys.add(k)
+    keys = {k for s in _all_settings(tr) for k in s}  # translate kept only the method's parameters
 
     method = tr.method
     models = list(tr.models)
@@ -612,19 +854,53 @@ def copy_tokenizer(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> 
 
 def run(config_path: str | os.PathLike[str], out: str | os.PathLike[str], *, seed: int | None = None,
         progress: Any = True, **options: Any) -> Any:
-    """Runs a mergekit YAML config with the umerge engine; returns the `MergeReport`.
+    """Runs a mergekit YAML config with the umerge engine; returns the `MergeReport`, whose
+    warnings start with the config's (parameters the method does not use).
 
     `options` go to `to_spec` (random_seed, out_shard_params) and `umerge.merge.build_spec`."""
-    from umerge.merge import run_spec
+    from umerge.merge import MergeReport, run_spec
 
     config = load_config(config_path)
-    spec, tok = to_spec(config, out, where=str(config_path), seed=seed, **options)
+    config_warnings: list[str] = []
+    spec, tok = to_spec(config, out, where=str(config_path), seed=seed, warn=config_warnings.append, **options)
     if tok is not None and not Path(tok).is_dir():
         raise InputError(f"tokenizer_source is not a directory ({tok})")
+    _check_readable([p for p in [spec.get("base"), *(m["path"] for m in spec["models"])] if p is not None])
     report = run_spec(spec, progress)
     if tok is not None:
         copy_tokenizer(tok, out)
+    if config_warnings and isinstance(report, MergeReport):
+        report = dataclasses.replace(report, warnings=(*config_warnings, *report.warnings))
     return report
 
 
-__all__ = ["load_config", "translate", "to_spec", "run", "evaluate", "tensor_names", "copy_tokenizer", "shard_bytes"]
+def _check_readable(paths: Sequence[str]) -> None:
+    """Refuses inputs that are not checkpoints, reading headers only, each distinct path once.
+
+    The engine would find the same problems, but it lists every one of them in its error, and a
+    config may name hundreds of models (or the same broken one hundreds of times): here the line
+    says the first few and how many more."""
+    from umerge.merge import inspect
+
+    problems = []
+    for p in dict.fromkeys(paths):
+        info = inspect(p)
+        if not info.get("valid", False):
+            problems.append(str(info.get("error", f"not a checkpoint ({p})")))
+    _problems(problems, "models cannot be read")
+
+
+def _problems(problems: Sequence[str], what: str) -> None:
+    """One InputError for a list of problems: the problem itself when there is one, else the first
+    SHOWN_PROBLEMS and how many more (so the line stays short whatever the config's length)."""
+    if not problems:
+        return
+    if len(problems) == 1:
+        raise InputError(problems[0])
+    shown = "; ".join(problems[:SHOWN_PROBLEMS])
+    more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+    raise InputError(f"{len(problems)} {what}: {shown}{more}")
+
+
+__all__ = ["ConfigWarning", "load_config", "parse_config", "translate", "to_spec", "run", "evaluate", "tensor_names",
+           "copy_tokenizer", "shard_bytes"]

@@ -322,7 +322,9 @@ def run_cmd(ctx: click.Context, config: str, out_path: str | None, seed: int | N
     merge_method linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
     breadcrumbs_ties, della, della_linear, slerp, model_stock; base_model; global and
     per-model parameters, filter rules,
-    gradients; dtype, out_dtype; tokenizer_source base or a model. Anything else is an error.
+    gradients; dtype, out_dtype; tokenizer_source base or a model. Anything else is an error,
+    except a mergekit parameter the method does not use (weight on slerp): ignored with a
+    warning, as mergekit ignores it.
     Models are local directories (a Hub id: hf download ID --local-dir DIR first).
 
     \b
@@ -352,9 +354,12 @@ def run_cmd(ctx: click.Context, config: str, out_path: str | None, seed: int | N
         opts = _opts(dict(kw))
         opts.pop("progress")
         out = opts.pop("out")
+        ignored: list[str] = []  # parameters the method does not use, said after the spec is built
         spec, _ = mergekit_yaml.to_spec(mergekit_yaml.load_config(config), out, where=config, seed=seed,
-                                        **mapped, **opts)
+                                        warn=ignored.append, **mapped, **opts)
         _notes(notes)
+        for line in ignored:
+            click.echo(f"umerge: warning: {line}", err=True)
         click.echo(json.dumps(spec, indent=2))
         return
     opts = _opts(kw)
