@@ -12,6 +12,7 @@ with mergekit's defaults (L1 rescale), so both tools do the same work. Reports w
     .venv/bin/python benches/bench_methods.py                       # all five methods
     .venv/bin/python benches/bench_methods.py --methods linear ties # a subset
     .venv/bin/python benches/bench_methods.py --methods della_linear --skip-mergekit
+    .venv/bin/python benches/bench_methods.py --methods nuslerp multislerp karcher nearswap
 
 Inputs: the base and two fine-tuned checkpoints of benches/bench_ties.py (generated once under
 --dir, default ./bench-out, and reused). Needs the peer venv (benches/make_peer_venv.sh) for
@@ -39,8 +40,20 @@ from bench_ties import (  # noqa: E402
 from measure import Measurement, run_measured, warm_page_cache  # noqa: E402
 
 TABLE2 = ("linear", "dare_linear", "dare_ties", "magnitude_prune", "ties")
-#: Also available with --methods (not in the paper's table): mergekit's defaults (epsilon 0.15, L1 rescale).
-EXTRA = ("della_linear", "della")
+#: Also available with --methods (not in the paper's table): mergekit's defaults (epsilon 0.15, L1 rescale);
+#: the spherical methods and nearswap (`SPHERICAL`), model_stock filter-wise and ties without normalize.
+EXTRA = ("della_linear", "della", "nuslerp", "nuslerp_columns", "multislerp", "karcher", "nearswap",
+         "model_stock_filter_wise", "ties_unnormalized")
+
+#: method -> (mergekit method, parameters block, whether model weights apply): methods without density.
+SPHERICAL = {
+    "nuslerp": ("nuslerp", "", True),
+    "nuslerp_columns": ("nuslerp", "parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n", True),
+    "multislerp": ("multislerp", "", True),
+    "karcher": ("karcher", "", False),
+    "nearswap": ("nearswap", "parameters: {t: 0.001}\n", False),
+    "model_stock_filter_wise": ("model_stock", "parameters: {filter_wise: true}\n", False),
+}
 
 
 def config_text(method: str, base: Path, fts: list[Path], density: float) -> str:
@@ -48,6 +61,14 @@ def config_text(method: str, base: Path, fts: list[Path], density: float) -> str
     if method == "linear":
         models = "".join(f"  - model: {m}\n    parameters: {{weight: 0.5}}\n" for m in fts)
         return f"merge_method: linear\nmodels:\n{models}dtype: bfloat16\n"
+    if method in SPHERICAL:
+        mk, params, weighted = SPHERICAL[method]
+        used = fts[:1] if method == "nearswap" else fts
+        models = "".join(f"  - model: {m}\n" + ("    parameters: {weight: 1.0}\n" if weighted else "") for m in used)
+        return f"merge_method: {mk}\nbase_model: {base}\nmodels:\n{models}{params}dtype: bfloat16\n"
+    if method == "ties_unnormalized":
+        models = "".join(f"  - model: {m}\n    parameters: {{weight: 0.5, density: {density}}}\n" for m in fts)
+        return f"merge_method: ties\nbase_model: {base}\nmodels:\n{models}parameters: {{normalize: false}}\ndtype: bfloat16\n"
     mk = {"magnitude_prune": "breadcrumbs"}.get(method, method)
     gamma = "      gamma: 0.0\n" if method == "magnitude_prune" else ""
     models = "".join(f"  - model: {m}\n    parameters:\n      weight: 1.0\n      density: {density}\n{gamma}" for m in fts)

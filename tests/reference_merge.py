@@ -1,4 +1,5 @@
-"""Independent float64 numpy references for TIES, written from the published descriptions.
+"""Independent float64 numpy references for TIES and the spherical methods, written from the
+published descriptions and mergekit 0.1.5's source (the spherical ones at the end of this file).
 
 These are the yardsticks the engine is measured against, so they are deliberately naive: whole
 arrays, float64, a full sort for trimming, one line per formula. Nothing here imports umerge.
@@ -85,8 +86,10 @@ def trim(delta: Array, density: float) -> Array:
 
 
 def mergekit_ties(base: Array, deltas: Sequence[Array], density: float | Sequence[float],
-                  weights: Sequence[float] | None = None, lambda_: float = 1.0) -> Array:
-    """One tensor merged as mergekit's `ties` does (see the module docstring), in float64."""
+                  weights: Sequence[float] | None = None, lambda_: float = 1.0, normalize: bool = True) -> Array:
+    """One tensor merged as mergekit's `ties` does (see the module docstring), in float64.
+
+    `normalize=False` is mergekit's `normalize: false`: the agreeing sum is not divided by D."""
     base = np.asarray(base, dtype=np.float64)
     weights = [1.0] * len(deltas) if weights is None else list(weights)
     densities = [density] * len(deltas) if np.isscalar(density) else list(density)  # type: ignore[arg-type]
@@ -95,7 +98,7 @@ def mergekit_ties(base: Array, deltas: Sequence[Array], density: float | Sequenc
     gamma = np.where(t.sum(axis=0) >= 0, 1.0, -1.0)
     agree = np.sign(t) == gamma
     divisor = (w * agree).sum(axis=0)
-    divisor = np.where(divisor == 0, 1.0, divisor)
+    divisor = np.where(divisor == 0, 1.0, divisor) if normalize else 1.0
     return base + lambda_ * (t * agree).sum(axis=0) / divisor
 
 
@@ -235,3 +238,154 @@ def breadcrumbs(base: Array, deltas: Sequence[Array], density: float, gamma: flo
         gamma_sign = np.where(t.sum(axis=0) >= 0, 1.0, -1.0)
         t = np.where(np.sign(t) == gamma_sign, t, 0.0)
     return base + lambda_ * t.sum(axis=0)
+
+
+# -- the spherical methods and nearswap (mergekit 0.1.5, merge_methods/*.py), step by step ---------
+#
+# Each follows mergekit's steps literally, in float64 on whole arrays (mergekit computes in the
+# inputs' dtype, float32 here): the tangent-space step of multislerp and the iteration of karcher
+# are carried out on the vectors themselves, not on coefficients as umerge does.
+
+
+def _f64(x: Array) -> Array:
+    return np.asarray(x, dtype=np.float64)
+
+
+def model_stock(base: Array, models: Sequence[Array], filter_wise: bool = False) -> Array:
+    """mergekit `model_stock`: t = N cos / (1 + (N-1) cos) from the mean pairwise cosine of the
+    offsets (per tensor, or per row of the last dimension with `filter_wise`; 1-D is one row);
+    t = 0 where |1 + (N-1) cos| < 1e-6; out = t * mean(models) + (1 - t) * base."""
+    w0 = _f64(base)
+    shape = w0.shape
+    ws = [_f64(m) for m in models]
+    if filter_wise:
+        if w0.ndim == 1:
+            w0, ws = w0[None, :], [w[None, :] for w in ws]
+    else:
+        w0, ws = w0.reshape(-1), [w.reshape(-1) for w in ws]
+    offs = [w - w0 for w in ws]
+    cos = []
+    for i, a in enumerate(offs):
+        for b in offs[i + 1:]:
+            norm = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+            cos.append(np.clip((a * b).sum(axis=-1) / np.maximum(norm, 1e-6), -1, 1))
+    c = np.mean(cos, axis=0)[..., None]
+    n = len(ws)
+    den = 1 + (n - 1) * c
+    t = np.where(np.abs(den) < 1e-6, 0.0, n * c / np.where(np.abs(den) < 1e-6, 1.0, den))
+    return (t * (sum(ws) / n) + (1 - t) * w0).reshape(shape)
+
+
+def _slerp_rows(t: float, v0: Array, v1: Array, eps: float = 1e-8) -> Array:
+    """mergekit `nuslerp`'s kernel along the last axis: normalise (norm clamped to 1e-7), cos,
+    collinear when 1 - cos^2 <= eps^2 (then linear), else sin-weighted on the raw vectors.
+
+    The collinearity test is made in float32, as mergekit makes it on float32 inputs: there it
+    holds exactly when cos^2 rounds to 1. In float64 it would hold only for vectors collinear to
+    1e-8, and nearly (anti)parallel ones would take the sin branch, where 1/sin(theta) of about
+    1e8 turns the last bits of the sums into the result."""
+    n0 = np.maximum(np.linalg.norm(v0, axis=-1, keepdims=True), 1e-7)
+    n1 = np.maximum(np.linalg.norm(v1, axis=-1, keepdims=True), 1e-7)
+    cos = np.clip(((v0 / n0) * (v1 / n1)).sum(axis=-1, keepdims=True), -1, 1)
+    c32 = cos.astype(np.float32)
+    colinear = (np.float32(1) - c32 * c32) <= np.float32(eps ** 2)
+    theta = np.arccos(np.where(colinear, 0.0, cos))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        res = (np.sin((1 - t) * theta) * v0 + np.sin(t * theta) * v1) / np.sin(theta)
+    return np.where(colinear, (1 - t) * v0 + t * v1, res)
+
+
+def nuslerp(x0: Array, x1: Array, weights: Sequence[float] = (1.0, 1.0), base: Array | None = None,
+            flatten: bool = True, row_wise: bool = False) -> Array:
+    """mergekit `nuslerp`: t = w1 / (w0 + w1) (0.5 when |sum| < 1e-6); on task vectors when a base
+    is given; vectors are the flattened tensor, its last-axis rows, or (row_wise) vectors along
+    axis 0 (mergekit transposes axes 0 and -1)."""
+    total = weights[0] + weights[1]
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    v0, v1 = _f64(x0), _f64(x1)
+    if base is not None:
+        v0, v1 = v0 - _f64(base), v1 - _f64(base)
+    shape = v0.shape
+    if flatten:
+        r = _slerp_rows(t, v0.reshape(-1), v1.reshape(-1)).reshape(shape)
+    elif row_wise:
+        r = np.swapaxes(_slerp_rows(t, np.swapaxes(v0, 0, -1), np.swapaxes(v1, 0, -1)), 0, -1)
+    else:
+        r = _slerp_rows(t, v0, v1)
+    return r if base is None else r + _f64(base)
+
+
+def multislerp(models: Sequence[Array], weights: Sequence[float], base: Array | None = None,
+               normalize_weights: bool = True, eps: float = 1e-8) -> Array:
+    """mergekit `multislerp`, every step: unit vectors x / (|x| + eps), their weighted mean M, the
+    tangent vectors at M/|M| and their weighted sum T, the exponential map cos|T| M/|M| +
+    sin|T| T/|T| (|T| + eps), scaled by the weighted mean norm; base added back. One model: itself."""
+    if len(models) == 1:
+        return _f64(models[0])
+    xs = np.stack([_f64(m).reshape(-1) for m in models])
+    if base is not None:
+        xs = xs - _f64(base).reshape(-1)
+    w = np.asarray(weights, dtype=np.float64)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = np.linalg.norm(xs, axis=-1, keepdims=True)
+    units = xs / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean_norm = np.linalg.norm(mean)
+    if mean_norm < eps:
+        if len(models) != 2:
+            raise ValueError("the weighted mean of the unit vectors is zero")
+        res = xs[0] * w[0] + xs[1] * w[1]
+    else:
+        mean = mean / mean_norm
+        dots = (units * mean).sum(-1, keepdims=True)
+        tangent = ((units - dots * mean) * w[:, None]).sum(0)
+        tn = np.linalg.norm(tangent) + eps
+        res = (mean * np.cos(tn) + tangent * (np.sin(tn) / tn)) * (norms[:, 0] * w).sum()
+    res = res.reshape(np.shape(models[0]))
+    return res if base is None else res + _f64(base)
+
+
+def karcher(models: Sequence[Array], max_iter: int = 10, tol: float = 1e-5) -> Array:
+    """mergekit `karcher`: equal weights; inputs with norm <= tol left out of the direction; start at
+    the normalised mean of the unit vectors (the first one when that mean is shorter than tol);
+    Riemannian gradient steps by the exponential map until the step is shorter than tol; times
+    the mean norm of all inputs."""
+    if len(models) == 1:
+        return _f64(models[0])
+    xs = [_f64(m).reshape(-1) for m in models]
+    alphas = [1.0 / len(xs)] * len(xs)
+    norms = [float(np.linalg.norm(x)) for x in xs]
+    units = [x / n if n else np.zeros_like(x) for x, n in zip(xs, norms)]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return np.zeros(np.shape(models[0]))
+    a = [alphas[i] / sum(alphas[j] for j in valid) for i in valid]
+    us = [units[i] for i in valid]
+    mean = sum(ai * u for ai, u in zip(a, us))
+    mn = np.linalg.norm(mean)
+    mean = us[0].copy() if mn < tol else mean / mn
+    for _ in range(max_iter):
+        tangent = np.zeros_like(mean)
+        for ai, u in zip(a, us):
+            dot = np.clip(mean @ u, -1.0, 1.0)
+            theta = np.arccos(dot)
+            if theta < tol:
+                continue
+            tangent += ai * (theta / np.sin(theta)) * (u - dot * mean)
+        tn = np.linalg.norm(tangent)
+        if tn < tol:
+            break
+        mean = np.cos(tn) * mean + np.sin(tn) * (tangent / tn)
+        un = np.linalg.norm(mean)
+        if un > tol:
+            mean = mean / un
+    scale = sum(al * n for al, n in zip(alphas, norms))
+    return (scale * mean).reshape(np.shape(models[0]))
+
+
+def nearswap(base: Array, model: Array, t: float) -> Array:
+    """mergekit `nearswap`: w = clip(t / max(|base - model|, 1e-6), 0, 1); w model + (1 - w) base."""
+    a, b = _f64(base), _f64(model)
+    w = np.clip(t / np.maximum(np.abs(a - b), 1e-6), 0.0, 1.0)
+    return w * b + (1 - w) * a

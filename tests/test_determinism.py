@@ -53,3 +53,31 @@ def test_same_bytes_with_weights_and_sharded_output(medium_bf16: Family, tmp_pat
     b = _merge(medium_bf16, tmp_path / "b", "--threads", "2", "--memory-budget", "1GiB", *opts)
     assert a == b
     assert sum(name.endswith(".safetensors") for name in a) > 1
+
+
+#: The methods whose coefficients come from per-tensor sums, per row or element-wise, as command lines
+#: ({b} base, {a} and {c} the fine-tunes).
+METHOD_ARGS = {
+    "nuslerp-columns": ["nuslerp", "{a}", "{c}", "--base", "{b}", "--no-flatten", "--row-wise", "--weight", "0.3",
+                        "--weight", "0.9"],
+    "nuslerp-rows": ["nuslerp", "{a}", "{c}", "--no-flatten"],
+    "nuslerp-tensor": ["nuslerp", "{a}", "{c}", "--base", "{b}"],
+    "multislerp": ["multislerp", "{a}", "{c}", "--base", "{b}", "--weight", "0.4", "--weight", "0.6"],
+    "karcher": ["karcher", "{b}", "{a}", "{c}"],
+    "nearswap": ["nearswap", "{a}", "--base", "{b}", "--t", "0.002"],
+    "model-stock-filter-wise": ["model-stock", "{a}", "{c}", "--base", "{b}", "--filter-wise"],
+    "ties-no-normalize": ["ties", "{a}", "{c}", "--base", "{b}", "--density", "0.8", "--no-normalize"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(METHOD_ARGS))
+def test_same_bytes_for_threads_and_budgets_per_method(medium_bf16: Family, tmp_path: Path, case: str) -> None:
+    names = {"b": medium_bf16.base, "a": medium_bf16.finetuned[0], "c": medium_bf16.finetuned[1]}
+    args = [x.format(**names) for x in METHOD_ARGS[case]]
+    outs = []
+    runs = (("--threads", "1", "--memory-budget", "24MiB"), ("--threads", "2", "--memory-budget", "2GiB"))
+    for k, opts in enumerate(runs):
+        result = run_umerge([*args, "-o", tmp_path / f"o{k}", "--quiet", *opts])
+        assert result.returncode == 0, result.stderr
+        outs.append(weight_files(tmp_path / f"o{k}"))
+    assert outs[0] == outs[1]

@@ -129,11 +129,45 @@ def test_tokenizer_source_model_copies_its_tokenizer(make_family_at, tmp_path: P
     assert json.loads((tmp_path / "out" / "tokenizer.json").read_text()) == {"from": "ft"}
 
 
+def test_configs_of_the_added_methods_become_their_specs(odd_f32_family: Family, tmp_path: Path) -> None:
+    b, (a, c) = odd_f32_family.base, odd_f32_family.finetuned
+    o = tmp_path / "o"
+    # ties normalize: false is passed on (and only then); dare_ties takes it as before
+    spec, _ = mk.to_spec({"merge_method": "ties", "base_model": str(b), "models": [{"model": str(a)}],
+                          "parameters": {"density": 0.5, "normalize": False}}, o)
+    assert spec["params"]["normalize"] is False and spec["params"]["preset"] == "mergekit"
+    spec, _ = mk.to_spec({"merge_method": "ties", "base_model": str(b), "models": [{"model": str(a)}],
+                          "parameters": {"density": 0.5}}, o)
+    assert "normalize" not in spec["params"]
+    # model_stock filter_wise, nuslerp's flags, multislerp's options: passed through as flags
+    spec, _ = mk.to_spec({"merge_method": "model_stock", "base_model": str(b), "models": [{"model": str(a)},
+                          {"model": str(c)}], "parameters": {"filter_wise": True}}, o)
+    assert spec["params"] == {"filter_wise": True}
+    spec, _ = mk.to_spec({"merge_method": "nuslerp", "base_model": str(b),
+                          "models": [{"model": str(b)}, {"model": str(a), "parameters": {"weight": 0.3}},
+                                     {"model": str(c), "parameters": {"weight": 0.7}}],
+                          "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}}, o)
+    assert spec["base"] == str(b) and [m["path"] for m in spec["models"]] == [str(a), str(c)]
+    assert spec["params"] == {"nuslerp_flatten": False, "nuslerp_row_wise": True}
+    assert [m["params"]["weight"] for m in spec["models"]] == [0.3, 0.7]
+    spec, _ = mk.to_spec({"merge_method": "multislerp", "models": [{"model": str(a)}, {"model": str(c)}],
+                          "parameters": {"weight": 1.0, "normalize_weights": False, "eps": "1e-6"}}, o)
+    assert spec.get("base") is None and spec["params"] == {"weight": 1.0, "normalize_weights": False, "eps": 1e-6}
+    # karcher: base_model is one more input, appended when not listed (mergekit's order)
+    spec, _ = mk.to_spec({"merge_method": "karcher", "base_model": str(b), "models": [{"model": str(a)},
+                          {"model": str(c)}], "parameters": {"max_iter": 5, "tol": 1e-6}}, o)
+    assert spec.get("base") is None and [m["path"] for m in spec["models"]] == [str(a), str(c), str(b)]
+    assert spec["params"] == {"max_iter": 5, "tol": 1e-6}
+    spec, _ = mk.to_spec({"merge_method": "nearswap", "base_model": str(b), "models": [{"model": str(a)}],
+                          "parameters": {"t": 0.001}}, o)
+    assert spec["base"] == str(b) and spec["params"] == {"t": 0.001}
+
+
 BAD_CONFIGS = {
     "unknown top-level key": ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {a}\nfoo: 1\n", "'foo'"),
     "unknown model key": ("merge_method: linear\nmodels:\n  - model: {a}\n    weight: 1\n", "'weight'"),
     "unknown parameter": ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{wieght: 1}}\n", "wieght"),
-    "unsupported method": ("merge_method: nuslerp\nbase_model: {b}\nmodels:\n  - model: {a}\n", "nuslerp"),
+    "unsupported method": ("merge_method: sce\nbase_model: {b}\nmodels:\n  - model: {a}\n", "'sce'"),
     "breadcrumbs gamma out of range": ("merge_method: breadcrumbs\nbase_model: {b}\nmodels:\n  - model: {a}\n"
                                        "parameters: {{density: 0.5, gamma: 1.5}}\n", "gamma"),
     "breadcrumbs rescale": ("merge_method: breadcrumbs_ties\nbase_model: {b}\nmodels:\n  - model: {a}\n"
@@ -144,6 +178,16 @@ BAD_CONFIGS = {
     "missing slerp t": ("merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {a}\n", "t"),
     "zero weight sum": ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1.0}}\n"
                         "  - model: {c}\n    parameters: {{weight: -1.0}}\n", "sum to 0"),
+    "nuslerp with one model": ("merge_method: nuslerp\nbase_model: {b}\nmodels:\n  - model: {a}\n",
+                               "nuslerp takes exactly two models besides base_model, got 1"),
+    "nearswap without base": ("merge_method: nearswap\nmodels:\n  - model: {a}\nparameters: {{t: 0.1}}\n",
+                              "nearswap needs base_model"),
+    "nearswap with two models": ("merge_method: nearswap\nbase_model: {b}\nmodels:\n  - model: {a}\n  - model: {c}\n"
+                                 "parameters: {{t: 0.1}}\n", "nearswap takes base_model and exactly one other model"),
+    "filter_wise not a flag": ("merge_method: model_stock\nbase_model: {b}\nmodels:\n  - model: {a}\n  - model: {c}\n"
+                               "parameters: {{filter_wise: [true, false]}}\n", "filter_wise"),
+    "karcher max_iter": ("merge_method: karcher\nmodels:\n  - model: {a}\n  - model: {c}\nparameters: {{max_iter: 2.5}}\n",
+                         "max_iter"),
     "union tokenizer": ("merge_method: linear\nmodels:\n  - model: {a}\ntokenizer_source: union\n", "union"),
     "layer remapping": ("merge_method: linear\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [1, 3]\n",
                         "layer_range"),
@@ -174,6 +218,12 @@ def test_bad_config_one_line_exit_2_no_output(odd_f32_family: Family, tmp_path: 
     (["slerp", "{a}", "--base", "{b}"], "--t"),
     (["task_arithmetic", "{a}"], "base"),
     (["model_stock", "{a}", "--base", "{b}"], "at least 2"),
+    (["nuslerp", "{a}", "--base", "{b}"], "takes 2 values"),
+    (["nearswap", "{a}", "--t", "0.1"], "base"),
+    (["nearswap", "{a}", "--base", "{b}", "--t", "-1"], "t: -1 is negative"),
+    (["multislerp", "{a}", "{c}", "--weight", "1", "--weight", "-1"], "sum to 0"),
+    (["multislerp", "{a}", "{c}", "--eps", "0"], "eps: 0 is not positive"),
+    (["karcher", "{a}", "{c}", "--tol", "-1"], "tol"),
 ])
 def test_method_commands_refuse_bad_arguments(odd_f32_family: Family, tmp_path: Path, args: list[str],
                                               needle: str) -> None:
@@ -190,7 +240,8 @@ def test_methods_command_lists_every_method() -> None:
     r = run_umerge(["methods"])
     assert r.returncode == 0, r.stderr
     for m in ["ties", "linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs",
-              "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock"]:
+              "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "nuslerp", "multislerp", "karcher",
+              "nearswap"]:
         assert m in r.stdout.split()
     info = {m["name"]: m for m in json.loads(run_umerge(["methods", "--json"]).stdout)}
     assert {p["name"] for p in info["dare_ties"]["params"]} >= {"density", "weight", "seed", "rescale"}
@@ -198,6 +249,9 @@ def test_methods_command_lists_every_method() -> None:
     assert next(p for p in info["breadcrumbs"]["params"] if p["name"] == "gamma")["default"] == "0.01"
     assert next(p for p in info["slerp"]["params"] if p["name"] == "t")["default"] == "required"
     assert info["linear"]["base"] == "unused" and info["ties"]["base"] == "required"
+    assert info["nuslerp"]["base"] == "optional" and info["karcher"]["base"] == "unused"
+    assert {p["name"] for p in info["nuslerp"]["params"]} == {"weight", "nuslerp_flatten", "nuslerp_row_wise"}
+    assert next(p for p in info["model_stock"]["params"] if p["name"] == "filter_wise")["default"] == "false"
 
 
 def test_translate_rejects_non_mapping(tmp_path: Path) -> None:

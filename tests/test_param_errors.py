@@ -42,6 +42,16 @@ API_CASES: list[tuple[str, str, bool, dict[str, Any], str]] = [
      'invalid parameter preset: "bogus" is not one of mergekit, peft, paper'),
     ("slerp", "fts", True, {"t": 0.5}, "slerp interpolates between the base and exactly one other model, but 2"),
     ("model_stock", "ft0", True, {}, "model_stock needs at least 2 models besides the base, got 1"),
+    ("nearswap", "ft0", False, {"t": 0.1}, "nearswap needs a base model"),
+    ("nearswap", "fts", True, {"t": 0.1}, "nearswap works on the base and exactly one other model, but 2"),
+    ("nearswap", "ft0", True, {"t": -0.5}, "invalid parameter t: -0.5 is negative"),
+    ("nuslerp", "ft0", True, {}, "nuslerp interpolates between exactly two models (with an optional base), but 1"),
+    ("multislerp", "fts", True, {"eps": -1.0}, "invalid parameter eps: -1 is not positive"),
+    ("multislerp", "fts", True, {"weights": [2.0, -2.0]}, "invalid parameter weight: the weights [2.0, -2.0] sum to 0"),
+    ("karcher", "fts", False, {"max_iter": -1}, "invalid parameter max_iter: -1 is not a whole number in [0, 2^24]"),
+    ("karcher", "fts", False, {"tol": -1e-3}, "invalid parameter tol: -0.001 is negative"),
+    ("ties", "fts", True, {"density": 0.5, "preset": "peft", "normalize": False},
+     "invalid parameter normalize: false is mergekit's variant: only the mergekit preset takes it"),
     # checked in Python, because the engine cannot see them
     ("ties", "fts", True, {"density": 0.5, "weights": [1.0]}, "1 weights given for 2 models"),
     ("linear", "fts", False, {"weights": [1.0, 2.0, 3.0]}, "3 weights given for 2 models"),
@@ -76,6 +86,9 @@ def test_api_shows_the_engines_message(odd_f32_family: Family, tmp_path: Path, f
     (["task-arithmetic", "{ft0}", "{ft1}", "--base", "{base}", "--weight", "1"], "1 weights given for 2 models"),
     (["slerp", "{ft0}", "--t", "0.5"], "slerp needs a base model"),
     (["model-stock", "{ft0}", "--base", "{base}"], "model_stock needs at least 2 models besides the base, got 1"),
+    (["karcher", "{ft0}", "{ft1}", "--max-iter", "-1"], "Invalid value for '--max-iter'"),
+    (["ties", "{ft0}", "{ft1}", "--base", "{base}", "--density", "0.5", "--preset", "paper", "--no-normalize"],
+     "only the mergekit preset takes it"),
 ])
 def test_cli_shows_the_engines_message_and_exits_2(odd_f32_family: Family, tmp_path: Path, args: list[str],
                                                    message: str) -> None:

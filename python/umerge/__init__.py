@@ -23,16 +23,21 @@ from umerge.methods import (
     dare_ties,
     della,
     della_linear,
+    karcher,
     linear,
     magnitude_prune,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
     slerp,
     task_arithmetic,
 )
 
 __all__ = ["__version__", "InputError", "UmergeError", "MergeReport", "inspect", "merge", "ties", "ops"]
 __all__ += ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs",
-            "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock"]
+            "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "nuslerp", "multislerp", "karcher",
+            "nearswap"]
 __all__ += ["adapters", "fold"]
 
 

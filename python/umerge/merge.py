@@ -363,6 +363,7 @@ def ties(
     lambda_: float = 1.0,
     preset: str | None = None,
     majority_sign: str | None = None,
+    normalize: bool = True,
     out: PathLike = "merged",
     out_dtype: str | None = None,
     threads: int | None = None,
@@ -387,7 +388,8 @@ def ties(
     ``mergekit`` (default: sign elected on weighted deltas, mean divided by the sum of agreeing
     weights), ``peft`` (sign on unweighted deltas, mean over the count of agreeing entries;
     `majority_sign` total or frequency) or ``paper`` (trim over the whole model at once, zero
-    signs take the model's majority sign, mean over the count).
+    signs take the model's majority sign, mean over the count). ``normalize=False`` (mergekit
+    preset only, mergekit's ``normalize: false``) adds lambda times the agreeing sum, not divided.
 
     PEFT LoRA adapter directories are merged as PEFT's add_weighted_adapter(combination_type=
     "ties") does, factor-wise, without a base (preset ``peft``, the default for adapters); see
@@ -403,6 +405,8 @@ def ties(
     params: dict[str, ParamValue] = {"density": density, "lambda": float(lambda_), "preset": preset}
     if majority_sign is not None:
         params["majority_sign"] = majority_sign
+    if not normalize:
+        params["normalize"] = False
     model_params = weight_params(weights, len(models))
     return merge(
         "ties", models, base=base, params=params, model_params=model_params, out=out, out_dtype=out_dtype,

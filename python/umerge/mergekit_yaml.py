@@ -6,8 +6,9 @@ Reads a mergekit configuration (mergekit 0.1.5 schema) and builds the engine's s
 - ``models:`` (each ``model: PATH`` with optional ``parameters``), or ``slices:`` whose slices
   take every model once with the same ``layer_range`` and together cover the layers in order
   (a whole-model merge written per slice: per-slice ``parameters`` and gradients are honoured);
-- ``merge_method``: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
-  breadcrumbs_ties, della, della_linear, slerp, model_stock;
+- ``merge_method``: linear, task_arithmetic, ties (``normalize: false`` too), dare_linear,
+  dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, model_stock (``filter_wise``
+  too), nuslerp, multislerp, karcher, nearswap;
 - ``base_model``; global ``parameters`` and per-model ``parameters``; filter lists
   (``- filter: mlp`` / ``value: 0.5``, then a default ``- value: ...``; ``filter: "*"`` matches
   everything); gradients (lists interpolated over the layer index);
@@ -24,14 +25,14 @@ one that looks like a Hub id (``owner/name``) says how to download it (`umerge.m
 mergekit-yaml's command-line flags are the CLI's business (`umerge.cli.mergekit_flags`); two reach
 here as keywords: ``random_seed`` (``--random-seed``) and ``out_shard_params`` (``--out-shard-size``).
 
-Anything else (other keys, ``modules``, ``tokenizer``, ``union`` tokenizers, other methods,
-``filter_wise`` model stock, LoRA ``+`` references, ties with ``normalize: false``, ``rescale:
-true`` on a magnitude-trimming method) is an `InputError` naming it: never silently ignored. The
-one thing ignored is what mergekit ignores too: a parameter that some mergekit method takes but the
-config's method does not (``weight`` on slerp or model_stock, as mergekit's own test configs have
-it) is dropped with a warning naming it, its model and the method (`ConfigWarning`, or `to_spec`'s
-``warn``; `umerge run` prints ``umerge: warning:``). A name no mergekit method takes stays an error
-(mergekit would ignore ``wieght`` silently; here it is a typo caught).
+Anything else (other keys, ``modules``, ``tokenizer``, ``union`` tokenizers, other methods, LoRA
+``+`` references, ``rescale: true`` on a magnitude-trimming method) is an `InputError` naming it:
+never silently ignored. The one thing ignored is what mergekit ignores too: a parameter that some
+mergekit method takes but the config's method does not (``weight`` on slerp or model_stock, as
+mergekit's own test configs have it) is dropped with a warning naming it, its model and the method
+(`ConfigWarning`, or `to_spec`'s ``warn``; `umerge run` prints ``umerge: warning:``). A name no
+mergekit method takes stays an error (mergekit would ignore ``wieght`` silently; here it is a typo
+caught).
 
 Hostile or broken files fail in one line, quickly, before anything is built (`load_config`): only a
 regular file (a FIFO or directory is refused without blocking) of at most 16 MiB, UTF-8, nested at
@@ -44,6 +45,8 @@ mergekit's defaults are written into the spec explicitly where they differ from 
 DARE and DELLA, ``normalize: true`` for della. The random methods draw umerge's counter-based
 masks (``--seed``), not torch's generator: same distribution as mergekit, different draws.
 ``int8_mask`` only changes mergekit's mask storage type, not the result; it is accepted and dropped.
+As in mergekit, linear and karcher take ``base_model`` as one more input when it is not listed
+among the models (karcher has no base: it is the mean of all its inputs).
 
 Where parameters vary per tensor (gradients, slices) they are resolved here exactly as mergekit
 resolves them — layer i of L sits at t = i / (L - 1) within its slice, tensors outside the layers at
@@ -90,6 +93,10 @@ METHOD_PARAMS: dict[str, set[str]] = {
     "della_linear": {"weight", "density", "lambda", "normalize", "int8_mask", "rescale", "epsilon"},
     "slerp": {"t"},
     "model_stock": {"filter_wise"},
+    "nuslerp": {"weight", "nuslerp_flatten", "nuslerp_row_wise"},
+    "multislerp": {"weight", "normalize_weights", "eps"},
+    "karcher": {"max_iter", "tol"},
+    "nearswap": {"t"},
 }
 #: Every parameter name that some merge method of mergekit 0.1.5 takes (the parameters of each method
 #: in its registry). mergekit reads only the parameters of the config's method and ignores the rest,
@@ -101,6 +108,11 @@ MERGEKIT_PARAMS = frozenset({
     "normalize_weights", "nuslerp_flatten", "nuslerp_row_wise", "r", "rescale", "scale", "select_topk", "t", "tol",
     "weight",
 })
+#: Methods whose mergekit version merges the base as one more input when it is not listed.
+BASE_AS_INPUT = ("linear", "karcher")
+#: Parameters that are one true/false for the whole model, passed to the engine under these names.
+FLAGS = {"model_stock": ("filter_wise",), "nuslerp": ("nuslerp_flatten", "nuslerp_row_wise"),
+         "multislerp": ("normalize_weights",)}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
 
 
@@ -648,17 +660,19 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
     method = tr.method
     models = list(tr.models)
     base = tr.base
-    # linear: mergekit merges the base as one more input when it is not listed.
-    if method == "linear" and base is not None:
+    # linear, karcher: mergekit merges the base as one more input when it is not listed.
+    if method in BASE_AS_INPUT and base is not None:
         if _key(base) not in [_key(m.path) for m in models]:
             models.append(Source(base, ()))
         base = None
     elif base is not None:
         models = [m for m in models if _key(m.path) != _key(base)]  # the base listed among models is the base
-    if method in ("slerp", "model_stock", *TASK_VECTOR) and tr.base is None:
+    if method in ("slerp", "model_stock", "nearswap", *TASK_VECTOR) and tr.base is None:
         raise InputError(f"{method} needs base_model in the config")
-    if method == "slerp" and len(models) != 1:
-        raise InputError(f"slerp takes base_model and exactly one other model, got {len(models)} others")
+    if method in ("slerp", "nearswap") and len(models) != 1:
+        raise InputError(f"{method} takes base_model and exactly one other model, got {len(models)} others")
+    if method == "nuslerp" and len(models) != 2:
+        raise InputError(f"nuslerp takes exactly two models besides base_model, got {len(models)}")
 
     per_tensor = bool(tr.slices and (len(tr.slices) > 1 or any(s for _, _, ss, per in tr.slices
                                                                for s in (*ss, *[x for p in per.values() for x in p]))))
@@ -762,7 +776,7 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
             raise InputError(f"--seed applies to random methods ({', '.join(RANDOM_METHODS)}), not {method}")
         global_params["seed"] = int(seed)
     out_dtype = options.pop("out_dtype", None) or tr.out_dtype  # the command line wins over the config
-    spec = build_spec(method, [m.path for m in models], base=base if method != "linear" else None,
+    spec = build_spec(method, [m.path for m in models], base=base if method not in BASE_AS_INPUT else None,
                       params=global_params, model_params=model_params, out=out, out_dtype=out_dtype, **options)
     if out_shard_params is not None:
         spec["max_shard_size"] = shard_bytes(out_shard_params, spec)
@@ -810,7 +824,7 @@ def _map_method(method: str, g: dict[str, Any], mps: list[dict[str, Any]]) -> tu
 
     if method == "ties":
         if not flag("normalize", True):
-            raise InputError("ties with normalize: false is not supported (umerge's ties divides by the agreeing weights, as mergekit's default)")
+            g["normalize"] = False  # the agreeing sum, not divided by the agreeing weights
         if flag("rescale", False):
             raise InputError("ties with rescale: true is not supported")
         g["preset"] = "mergekit"
@@ -836,6 +850,10 @@ def _map_method(method: str, g: dict[str, Any], mps: list[dict[str, Any]]) -> tu
     if method == "linear":
         g["normalize"] = flag("normalize", True)
         return "linear", g, mps
+    # Flags for the whole model, passed on under mergekit's names once checked to be flags.
+    for key in FLAGS.get(method, ()):
+        if key in g:
+            g[key] = flag(key, False)
     return method, g, mps
 
 

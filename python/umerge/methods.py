@@ -178,14 +178,70 @@ def slerp(model: PathLike | Sequence[PathLike], base: PathLike | None = None, *,
     return merge("slerp", ms, base=base, params={"t": t}, **options)
 
 
-def model_stock(models: Sequence[PathLike], base: PathLike | None = None, **options: Any) -> MergeReport:
+def model_stock(models: Sequence[PathLike], base: PathLike | None = None, *, filter_wise: bool = False,
+                **options: Any) -> MergeReport:
     """Model Stock (Jang et al., 2024, arXiv:2403.19522; mergekit `model_stock`), at least 2 models.
 
     Per tensor: cos = mean pairwise cosine of the offsets w_i - base, t = N cos / (1 + (N-1) cos),
-    out = t * mean_i(w_i) + (1 - t) * base.
+    out = t * mean_i(w_i) + (1 - t) * base. With `filter_wise` (mergekit's option) one t per row
+    along the last dimension instead (a 1-D tensor is one row).
     """
     ms = _models(models)
-    return merge("model_stock", ms, base=base, **options)
+    params = {"filter_wise": True} if filter_wise else None
+    return merge("model_stock", ms, base=base, params=params, **options)
 
 
-__all__ = ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "slerp", "model_stock"]
+def nuslerp(models: Sequence[PathLike], base: PathLike | None = None, *, weights: Sequence[ParamValue] | None = None,
+            flatten: bool = True, row_wise: bool = False, **options: Any) -> MergeReport:
+    """NuSLERP of two models (mergekit `nuslerp`), or of their task vectors when `base` is given.
+
+    t = w_1 / (w_0 + w_1) (0.5 when the weights sum to about 0; default weights 1.0 each). For
+    each pair of vectors v_0, v_1 (the models, or model - base): cos = <v_0, v_1> / (|v_0| |v_1|),
+    out = (sin((1-t) theta) v_0 + sin(t theta) v_1) / sin(theta), theta = acos(cos), or
+    (1-t) v_0 + t v_1 when they are collinear; the base is added back. The vectors are the whole
+    tensor (`flatten`, the default), else its rows, or with `row_wise` its columns (vectors along
+    the first dimension, mergekit's dim 0).
+    """
+    ms = _models(models)
+    params = {"nuslerp_flatten": bool(flatten), "nuslerp_row_wise": bool(row_wise)}
+    return merge("nuslerp", ms, base=base, params=params, model_params=weight_params(weights, len(ms)), **options)
+
+
+def multislerp(models: Sequence[PathLike], base: PathLike | None = None, *,
+               weights: Sequence[ParamValue] | None = None, normalize_weights: bool = True, eps: float = 1e-8,
+               **options: Any) -> MergeReport:
+    """Multi-SLERP (mergekit `multislerp`): the weighted spherical barycentre of the models (or task vectors).
+
+    Per tensor, v_i = model_i (- base): the direction of M = sum_i w_i v_i / (|v_i| + eps), scaled
+    by sum_i w_i |v_i|, plus the base (weights divided by their sum when `normalize_weights`).
+    mergekit's tangent-space step is identically zero, so this is its result exactly (see
+    `docs/METHODS.md`). When |M| < eps, two models give w_0 v_0 + w_1 v_1; three or more are an error.
+    """
+    ms = _models(models)
+    params = {"normalize_weights": bool(normalize_weights), "eps": float(eps)}
+    return merge("multislerp", ms, base=base, params=params, model_params=weight_params(weights, len(ms)), **options)
+
+
+def karcher(models: Sequence[PathLike], *, max_iter: int = 10, tol: float = 1e-5, **options: Any) -> MergeReport:
+    """Karcher mean (mergekit `karcher`): the Riemannian mean of the models' directions, times their mean norm.
+
+    Per tensor, with u_i = x_i / |x_i|, iterate from the normalised mean of the u_i: mu moves along
+    T = mean_i theta_i / sin(theta_i) (u_i - <mu, u_i> mu) (theta_i = the angle from mu to u_i) by
+    the exponential map, at most `max_iter` times, until |T| < `tol`; out = mean_i |x_i| * mu. No
+    base: every model is an input (`umerge run` adds mergekit's base_model as one).
+    """
+    return merge("karcher", _models(models), params={"max_iter": int(max_iter), "tol": float(tol)}, **options)
+
+
+def nearswap(model: PathLike | Sequence[PathLike], base: PathLike | None = None, *, t: ParamValue,
+             **options: Any) -> MergeReport:
+    """NearSwap (mergekit `nearswap`): per element, the model's value where it is within t of the base's.
+
+    w = clamp(t / max(|base - model|, 1e-6), 0, 1), out = w * model + (1 - w) * base: a difference
+    of at most t takes the model's value, a larger difference d moves t/d of the way to it.
+    """
+    return merge("nearswap", _models(model), base=base, params={"t": t}, **options)
+
+
+__all__ = ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "slerp", "model_stock",
+           "nuslerp", "multislerp", "karcher", "nearswap"]

@@ -55,7 +55,12 @@ def merge_arrays(
         base_b, bs = _f32_bytes(base, "base")
         if bs != shape:
             raise InputError(f"base has shape {list(bs)} but the models have {list(shape)}")
-    payload = json.dumps({"global": dict(params or {}), "models": [dict(p) for p in (model_params or [])]})
+    if model_params is not None and len(model_params) != len(models):
+        raise InputError(f"{len(model_params)} per-model parameter sets given for {len(models)} arrays")
+    # One (possibly empty) parameter set per array, so that methods which count their models
+    # (slerp, nearswap, nuslerp, model_stock) see them all.
+    per_model = [dict(p) for p in model_params] if model_params is not None else [{} for _ in models]
+    payload = json.dumps({"global": dict(params or {}), "models": per_model})
     out = _core.merge_arrays(method, payload, base_b, blobs, threads)
     return np.frombuffer(out, dtype="<f4").reshape(shape).copy()
 

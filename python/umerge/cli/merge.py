@@ -36,6 +36,9 @@ def _print_summary(report: object, quiet: bool) -> None:
                    "paper: trim over the whole model at once, zero signs take the model's majority, mean over the count.")
 @click.option("--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
               help="peft preset (and adapters): elect the sign of the sum (total, default) or of the vote (frequency).")
+@click.option("--normalize/--no-normalize", default=True, show_default=True,
+              help="mergekit preset: divide the agreeing sum by the agreeing weights; --no-normalize adds "
+                   "lambda times the agreeing sum itself (mergekit's normalize: false).")
 @click.option("--delta", type=click.Choice(["factors", "full"]), default="factors", show_default=True,
               help="LoRA adapter inputs only: factors merges lora_A and lora_B separately (PEFT add_weighted_adapter); "
                    "full merges each module's update scaling * B @ A (then --base writes a full model, else --svd-rank truncates).")
@@ -59,6 +62,7 @@ def ties(
     lambda_: float,
     preset: str | None,
     majority_sign: str | None,
+    normalize: bool,
     delta: str,
     svd_rank: int | None,
     out: str,
@@ -103,6 +107,7 @@ def ties(
         lambda_=lambda_,
         preset=preset,
         majority_sign=majority_sign,
+        normalize=normalize,
         delta=delta,
         svd_rank=svd_rank,
         out=out,

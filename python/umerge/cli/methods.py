@@ -273,8 +273,10 @@ def slerp(model: str, base: str | None, t: float, **kw: Any) -> None:
 @click.command(context_settings=_CTX)
 @_models_arg
 @_base_opt
+@click.option("--filter-wise", is_flag=True,
+              help="One interpolation factor per row (along the last dimension) instead of per tensor (mergekit's filter_wise).")
 @output_options
-def model_stock(models: tuple[str, ...], base: str | None, **kw: Any) -> None:
+def model_stock(models: tuple[str, ...], base: str | None, filter_wise: bool, **kw: Any) -> None:
     """Model Stock: interpolate between the base and the models' average by their offsets' mean cosine.
 
     \b
@@ -284,7 +286,97 @@ def model_stock(models: tuple[str, ...], base: str | None, **kw: Any) -> None:
     from umerge.methods import model_stock as api
 
     quiet = kw["quiet"]
-    _finish(api(list(models), base, **_opts(kw)), quiet)
+    _finish(api(list(models), base, filter_wise=filter_wise, **_opts(kw)), quiet)
+
+
+@click.command(context_settings=_CTX)
+@click.argument("models", nargs=2, type=opt.ModelPath())
+@click.option("--base", type=opt.ModelPath("base"),
+              help="Optional: interpolate the task vectors (model - base) and add the base back.")
+@click.option("--weight", "weights", type=float, multiple=True,
+              help="Weight of each of the two models, given twice in order: t = w1 / (w0 + w1) (default 1.0 each).")
+@click.option("--flatten/--no-flatten", default=True, show_default=True,
+              help="One vector per tensor; --no-flatten: one per row (or per column with --row-wise).")
+@click.option("--row-wise", is_flag=True,
+              help="With --no-flatten: vectors along the first dimension (mergekit's nuslerp_row_wise, dim 0).")
+@output_options
+def nuslerp(models: tuple[str, ...], base: str | None, weights: tuple[float, ...], flatten: bool, row_wise: bool,
+            **kw: Any) -> None:
+    """NuSLERP: spherical interpolation between two MODELS (or their task vectors with --base).
+
+    \b
+    Example:
+        umerge nuslerp ft1/ ft2/ --base base/ --weight 0.4 --weight 0.6 -o merged/
+    """
+    from umerge.methods import nuslerp as api
+
+    quiet = kw["quiet"]
+    _finish(api(list(models), base, weights=_weights(weights, models), flatten=flatten, row_wise=row_wise,
+                **_opts(kw)), quiet)
+
+
+@click.command(context_settings=_CTX)
+@_models_arg
+@click.option("--base", type=opt.ModelPath("base"),
+              help="Optional: average the task vectors (model - base) on the sphere and add the base back.")
+@_weights_opt
+@click.option("--normalize-weights/--no-normalize-weights", default=True, show_default=True,
+              help="Divide the weights by their sum.")
+@click.option("--eps", type=float, default=1e-8, show_default=True,
+              help="Added to each norm before dividing; the smallest norm of the weighted mean.")
+@output_options
+def multislerp(models: tuple[str, ...], base: str | None, weights: tuple[float, ...], normalize_weights: bool,
+               eps: float, **kw: Any) -> None:
+    """Multi-SLERP: the weighted barycentre of MODELS on the sphere, scaled by their weighted mean norm.
+
+    \b
+    Example:
+        umerge multislerp ft1/ ft2/ ft3/ --base base/ -o merged/
+    """
+    from umerge.methods import multislerp as api
+
+    quiet = kw["quiet"]
+    _finish(api(list(models), base, weights=_weights(weights, models), normalize_weights=normalize_weights, eps=eps,
+                **_opts(kw)), quiet)
+
+
+@click.command(context_settings=_CTX)
+@_models_arg
+@click.option("--max-iter", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Most Riemannian gradient steps.")
+@click.option("--tol", type=click.FloatRange(min=0.0), default=1e-5, show_default=True,
+              help="Stop when a step is shorter; norms and angles below it are left out.")
+@output_options
+def karcher(models: tuple[str, ...], max_iter: int, tol: float, **kw: Any) -> None:
+    """Karcher mean: the Riemannian mean of MODELS' directions on the sphere, times their mean norm.
+
+    \b
+    Example:
+        umerge karcher ft1/ ft2/ ft3/ -o merged/
+    """
+    from umerge.methods import karcher as api
+
+    quiet = kw["quiet"]
+    _finish(api(list(models), max_iter=max_iter, tol=tol, **_opts(kw)), quiet)
+
+
+@click.command(context_settings=_CTX)
+@click.argument("model", type=opt.ModelPath())
+@_base_opt
+@click.option("--t", "t", type=float, required=True,
+              help="Distance below which MODEL's value is taken whole (>= 0; 0 gives the base).")
+@output_options
+def nearswap(model: str, base: str | None, t: float, **kw: Any) -> None:
+    """NearSwap: per element, MODEL's value where it is within t of --base's, else t/|diff| of the way to it.
+
+    \b
+    Example:
+        umerge nearswap ft/ --base base/ --t 0.001 -o merged/
+    """
+    from umerge.methods import nearswap as api
+
+    quiet = kw["quiet"]
+    _finish(api(model, base, t=t, **_opts(kw)), quiet)
 
 
 @click.command(name="methods", context_settings=_CTX)
@@ -320,8 +412,8 @@ def run_cmd(ctx: click.Context, config: str, out_path: str | None, seed: int | N
     \b
     Supports models: or slices: (each slice taking every model once, in layer order),
     merge_method linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
-    breadcrumbs_ties, della, della_linear, slerp, model_stock; base_model; global and
-    per-model parameters, filter rules,
+    breadcrumbs_ties, della, della_linear, slerp, model_stock, nuslerp, multislerp,
+    karcher, nearswap; base_model; global and per-model parameters, filter rules,
     gradients; dtype, out_dtype; tokenizer_source base or a model. Anything else is an error,
     except a mergekit parameter the method does not use (weight on slerp): ignored with a
     warning, as mergekit ignores it.

@@ -143,6 +143,29 @@ pub enum Error {
         /// Where (model / tensor), starting with " (" or empty.
         place: String,
     },
+    /// A method is undefined for a tensor's values (not its parameters): multislerp's weighted
+    /// mean of unit vectors is zero, a Karcher mean's input is antipodal to the mean.
+    #[error("{method} cannot merge tensor {tensor}: {reason}")]
+    Undefined {
+        /// The method.
+        method: String,
+        /// Tensor name.
+        tensor: String,
+        /// Why, and what to change.
+        reason: String,
+    },
+    /// A tensor needs more memory than the budget allows (a method's per-tensor statistics).
+    #[error("tensor {tensor} needs {need} bytes for {what}, more than the memory budget allows ({allowed} bytes): raise --memory-budget")]
+    Budget {
+        /// Tensor name.
+        tensor: String,
+        /// What the memory is for.
+        what: String,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes the budget allows for it.
+        allowed: u64,
+    },
     /// The merge specification itself is wrong (unknown method, bad option, missing base).
     #[error("{0}")]
     Spec(String),

@@ -213,12 +213,14 @@ impl<'a> Engine<'a> {
     }
 
     /// Runs `f` on each item's trimmed inputs (and base), in parallel; results in item order.
-    /// A cache not yet trimmed is trimmed here, item by item, just before `f` reads it (one
-    /// sweep over memory instead of two); `f` must then be the only pass after selection.
+    /// `items` are the tensor's items from index `first` on (the trim's tie counts are per item
+    /// index). A cache not yet trimmed is trimmed here, item by item, just before `f` reads it
+    /// (one sweep over memory instead of two); `f` must then be the only pass after selection.
     pub(super) fn for_trimmed<R: Send>(
         &self,
         job: &Job<'_>,
         items: &[Item],
+        first: usize,
         cache: Option<&mut Cache>,
         cuts: &Cuts<'_>,
         f: &(dyn Fn(&Item, &Chunk<'_>) -> Result<R> + Sync),
@@ -229,6 +231,7 @@ impl<'a> Engine<'a> {
             .par_iter()
             .enumerate()
             .map(|(ii, it)| -> Result<R> {
+                let ii = first + ii;
                 match &cache_ptrs {
                     Some((ptrs, trimmed)) => {
                         let s = it.start as usize;
@@ -303,12 +306,13 @@ impl<'a> Engine<'a> {
                 if let Some(c) = cache.as_mut() {
                     self.trim_cache(job, self.layout(job).1, c, &cuts);
                 }
-                self.block_reduce(job, items, cache.as_mut(), &cuts, Reduction::Tensor)?
+                let sums = self.block_reduce(job, items, cache.as_mut(), &cuts, Reduction::Tensor)?;
+                self.method.derive(job.recipe, job.name, sums)?
             } else {
                 Vec::new()
             };
             let stats = Stats { tensor: &tensor_acc, global: &global_acc };
-            self.for_trimmed(job, items, cache.as_mut(), &cuts, &|it, c| {
+            self.for_trimmed(job, items, 0, cache.as_mut(), &cuts, &|it, c| {
                 let mut out = self.pool.take(it.len);
                 self.method.apply(job.recipe, &stats, c, &mut out);
                 let r = sink.write(it.job, it.start, &out);

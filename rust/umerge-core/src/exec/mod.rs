@@ -15,7 +15,8 @@
 //!    the threshold are kept and no lists were kept, a tie-counting pass. Whole-model trims
 //!    (`TrimScope::Model`) run over every tensor before any output is computed.
 //! 2. reductions (`reduce`), when the method asks for them, on fixed blocks summed in block
-//!    order.
+//!    order (the blocks' partial sums held for a window of chunks at a time, within the budget),
+//!    then the method's `derive` once per tensor.
 //! 3. apply (`engine`): decode, subtract the base, trim (`trim`), [`Method::apply`], encode,
 //!    positioned write ([`Sink`]).
 //!

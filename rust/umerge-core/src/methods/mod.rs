@@ -10,8 +10,10 @@
 //!    this pass over every tensor before any apply pass);
 //! 2. **reductions** — optional f64 sums the method accumulates ([`Method::reduce`], e.g. norms
 //!    and dot products for slerp or model_stock), computed on fixed 64 Ki-element blocks and
-//!    added in block order so they do not depend on chunk size or threads; and
-//!    [`Method::reduce_global`] for sums over the whole merge (after trimming);
+//!    added in block order so they do not depend on chunk size or threads, then turned once per
+//!    tensor into what the apply pass reads ([`Method::derive`]: coefficients, or an error that
+//!    depends on the values); and [`Method::reduce_global`] for sums over the whole merge (after
+//!    trimming);
 //! 3. **apply** — [`Method::apply`] gets the chunk's inputs (deltas already trimmed) and writes
 //!    the merged f32 values.
 //!
@@ -23,9 +25,14 @@
 pub mod breadcrumbs;
 pub mod dare;
 pub mod della;
+pub mod gram;
+pub mod karcher;
 pub mod linear;
 pub mod magnitude_prune;
 pub mod model_stock;
+pub mod multislerp;
+pub mod nearswap;
+pub mod nuslerp;
 pub mod rng;
 pub mod slerp;
 pub mod task_vector;
@@ -209,7 +216,7 @@ impl Chunk<'_> {
 /// Statistics handed to the apply pass.
 #[derive(Debug, Clone, Copy)]
 pub struct Stats<'a> {
-    /// This tensor's reductions (length `recipe.reductions`).
+    /// This tensor's reductions (length `recipe.reductions`), as [`Method::derive`] left them.
     pub tensor: &'a [f64],
     /// The whole merge's reductions (length [`Method::global_reductions`]).
     pub global: &'a [f64],
@@ -237,6 +244,14 @@ pub trait Method: Send + Sync {
     fn reduce_global(&self, _r: &TensorRecipe, _c: &Chunk<'_>, _acc: &mut [f64]) {}
     /// Adds one block's contribution to the tensor's reductions (inputs trimmed).
     fn reduce(&self, _r: &TensorRecipe, _c: &Chunk<'_>, _acc: &mut [f64]) {}
+    /// Turns a tensor's finished reductions into what its apply pass reads as
+    /// [`Stats::tensor`] (coefficients, say), once per tensor (default: the sums unchanged). A
+    /// failure that depends on the tensor's values, not on the parameters (multislerp's weighted
+    /// mean of unit vectors being zero), is reported here, naming `tensor`, before anything of
+    /// the tensor is written.
+    fn derive(&self, _r: &TensorRecipe, _tensor: &str, sums: Vec<f64>) -> Result<Vec<f64>> {
+        Ok(sums)
+    }
     /// Merges one chunk into `out` (same length as the chunk).
     fn apply(&self, r: &TensorRecipe, s: &Stats<'_>, c: &Chunk<'_>, out: &mut [f32]);
     /// The method's global options as recorded in the report and recipe (preset etc.).
@@ -259,6 +274,10 @@ pub const METHODS: &[&str] = &[
     "della_linear",
     "slerp",
     "model_stock",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "nearswap",
 ];
 
 /// Builds a method by name from the merge's parameters (checks unknown parameter names).
@@ -276,6 +295,10 @@ pub fn build(name: &str, params: &Params) -> Result<Box<dyn Method>> {
         "della_linear" => Box::new(della::della_linear(params)?),
         "slerp" => Box::new(slerp::Slerp::from_params(params)?),
         "model_stock" => Box::new(model_stock::ModelStock::from_params(params)?),
+        "nuslerp" => Box::new(nuslerp::NuSlerp::from_params(params)?),
+        "multislerp" => Box::new(multislerp::MultiSlerp::from_params(params)?),
+        "karcher" => Box::new(karcher::Karcher::from_params(params)?),
+        "nearswap" => Box::new(nearswap::NearSwap::from_params(params)?),
         other => {
             return Err(Error::Spec(format!("unknown merge method {other:?} (known: {})", METHODS.join(", "))));
         }

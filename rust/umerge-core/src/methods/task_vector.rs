@@ -454,9 +454,18 @@ fn weigh(d: &[f32], w: f32, v: &mut [f32]) {
 }
 
 /// The TIES merge of one chunk of trimmed task vectors `deltas` (the `ties` method's apply):
-/// `out = base + lambda * m`, with m the consensus mean of the deltas weighted by `weights`.
-pub fn merge_with_consensus(consensus: Consensus, lambda: f32, weights: &[f32], base: Option<&[f32]>, deltas: &[&[f32]], out: &mut [f32]) {
-    let rule = Combine { w: weights, consensus: Some(consensus), normalize: true, lambda };
+/// `out = base + lambda * m`, with m the consensus mean of the deltas weighted by `weights`
+/// (with `normalize` false: their agreeing sum, not divided).
+pub fn merge_with_consensus(
+    consensus: Consensus,
+    normalize: bool,
+    lambda: f32,
+    weights: &[f32],
+    base: Option<&[f32]>,
+    deltas: &[&[f32]],
+    out: &mut [f32],
+) {
+    let rule = Combine { w: weights, consensus: Some(consensus), normalize, lambda };
     let m = weights.len();
     let wsum: f32 = weights.iter().fold(0.0f32, |a, &b| a + b);
     // Weighted elections see w_i * d_i, the others d_i; multiplying by 1.0 changes no bit.

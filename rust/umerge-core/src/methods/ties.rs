@@ -58,6 +58,9 @@ pub struct Ties {
     pub preset: Preset,
     /// PEFT's majority-sign method (used by the peft preset).
     pub majority: MajoritySign,
+    /// Divide the agreeing sum by the agreeing weights (mergekit's `normalize`, default true);
+    /// false only with the mergekit preset.
+    pub normalize: bool,
 }
 
 const PARAMS: &[ParamSpec] = &[
@@ -80,6 +83,13 @@ const PARAMS: &[ParamSpec] = &[
         per_model: false,
         default: "total",
         doc: "peft preset: total (sign of the sum) or frequency (sign of the vote)",
+    },
+    ParamSpec {
+        name: "normalize",
+        per_model: false,
+        default: "true",
+        doc:
+            "mergekit preset: divide the agreeing sum by the agreeing weights (false: the plain agreeing sum, mergekit's normalize: false)",
     },
 ];
 
@@ -105,20 +115,22 @@ pub fn consensus(preset: Preset, majority: MajoritySign, model_majority: f32) ->
 }
 
 /// The apply pass: `out = base + lambda * merged_delta` over trimmed deltas, by the task-vector
-/// kernel ([`task_vector::merge_with_consensus`]) with the preset's [`consensus`]. The tests
-/// check it bit for bit against per-element definitions of the three presets.
+/// kernel ([`task_vector::merge_with_consensus`]) with the preset's [`consensus`] (the agreeing
+/// sum divided as the preset says, or not divided when `normalize` is false). The tests check it
+/// bit for bit against per-element definitions of the three presets.
 #[allow(clippy::too_many_arguments)]
 pub fn apply_tiled(
     preset: Preset,
     majority: MajoritySign,
     model_majority: f32,
+    normalize: bool,
     lambda: f32,
     weights: &[f32],
     base: Option<&[f32]>,
     inputs: &[&[f32]],
     out: &mut [f32],
 ) {
-    task_vector::merge_with_consensus(consensus(preset, majority, model_majority), lambda, weights, base, inputs, out);
+    task_vector::merge_with_consensus(consensus(preset, majority, model_majority), normalize, lambda, weights, base, inputs, out);
 }
 
 impl Ties {
@@ -139,6 +151,13 @@ impl Ties {
         if majority == MajoritySign::Frequency && preset != Preset::Peft {
             return Err(perr("majority_sign", "only the peft preset takes majority_sign".into()));
         }
+        let normalize = params.flag("normalize", true).map_err(|r| perr("normalize", r))?;
+        if !normalize && preset != Preset::Mergekit {
+            return Err(perr(
+                "normalize",
+                "false is mergekit's variant: only the mergekit preset takes it (PEFT and the paper always average)".into(),
+            ));
+        }
         if preset == Preset::Paper {
             // Global trimming needs one density per model, not one per tensor.
             for (i, m) in params.models.iter().enumerate() {
@@ -153,7 +172,7 @@ impl Ties {
                 }
             }
         }
-        Ok(Ties { preset, majority })
+        Ok(Ties { preset, majority, normalize })
     }
 }
 
@@ -214,12 +233,13 @@ impl Method for Ties {
 
     fn apply(&self, r: &TensorRecipe, s: &Stats<'_>, c: &Chunk<'_>, out: &mut [f32]) {
         let model_majority = s.global.first().map(|&g| sign(g as f32)).unwrap_or(0.0);
-        apply_tiled(self.preset, self.majority, model_majority, r.scalars[0], &r.scalars[1..], c.base, c.inputs, out);
+        apply_tiled(self.preset, self.majority, model_majority, self.normalize, r.scalars[0], &r.scalars[1..], c.base, c.inputs, out);
     }
 
     fn describe(&self) -> String {
         match self.preset {
-            Preset::Mergekit => "ties (preset mergekit)".into(),
+            Preset::Mergekit if self.normalize => "ties (preset mergekit)".into(),
+            Preset::Mergekit => "ties (preset mergekit, normalize false)".into(),
             Preset::Peft => {
                 format!("ties (preset peft, majority_sign {})", if self.majority == MajoritySign::Total { "total" } else { "frequency" })
             }
@@ -360,7 +380,7 @@ mod tests {
             (Preset::Paper, MajoritySign::Total),
         ] {
             let mut out = vec![0f32; n];
-            apply_tiled(preset, maj, -1.0, 0.7, &w, Some(&base), &views, &mut out);
+            apply_tiled(preset, maj, -1.0, true, 0.7, &w, Some(&base), &views, &mut out);
             for j in 0..n {
                 let d: Vec<f32> = xs.iter().map(|x| x[j]).collect();
                 let delta = match preset {
@@ -377,6 +397,22 @@ mod tests {
     }
 
     #[test]
+    fn mergekit_without_normalize_is_the_agreeing_weighted_sum() {
+        // wd = [2, -1, 1.5] (d = [2, -1, 3], w = [1, 1, 0.5]): + elected, 2 + 1.5 not divided.
+        let (d0, d1, d2) = ([2.0f32], [-1.0f32], [3.0f32]);
+        let (w, base) = ([1.0f32, 1.0, 0.5], [0.25f32]);
+        let mut out = [0f32];
+        apply_tiled(Preset::Mergekit, MajoritySign::Total, 0.0, false, 0.5, &w, Some(&base), &[&d0, &d1, &d2], &mut out);
+        assert_eq!(out, [0.25 + 0.5 * 3.5]);
+        let mut p = Params::default();
+        p.global.insert("normalize".into(), crate::params::ParamValue::Bool(false));
+        assert!(Ties::from_params(&p).is_ok_and(|t| !t.normalize));
+        p.global.insert("preset".into(), crate::params::ParamValue::Text("peft".into()));
+        let err = Ties::from_params(&p).unwrap_err().to_string();
+        assert!(err.contains("only the mergekit preset"), "{err}");
+    }
+
+    #[test]
     fn a_nan_sum_elects_no_sign_in_the_mergekit_and_peft_presets() {
         // Only reachable with allow_nonfinite. The presets keep none of the element's values;
         // mergekit's own rule (Consensus::MERGEKIT, the `*_ties` methods) elects - instead.
@@ -384,11 +420,11 @@ mod tests {
         let (w, base) = ([1.0f32, 1.0], [0.5f32]);
         for (preset, maj) in [(Preset::Mergekit, MajoritySign::Total), (Preset::Peft, MajoritySign::Total)] {
             let mut out = [0f32];
-            apply_tiled(preset, maj, 0.0, 1.0, &w, Some(&base), &[&d0, &d1], &mut out);
+            apply_tiled(preset, maj, 0.0, true, 1.0, &w, Some(&base), &[&d0, &d1], &mut out);
             assert_eq!(out, [0.5], "{preset:?}");
         }
         let mut out = [0f32];
-        task_vector::merge_with_consensus(Consensus::MERGEKIT, 1.0, &w, Some(&base), &[&d0, &d1], &mut out);
+        task_vector::merge_with_consensus(Consensus::MERGEKIT, true, 1.0, &w, Some(&base), &[&d0, &d1], &mut out);
         assert_eq!(out, [-1.5]);
     }
 
