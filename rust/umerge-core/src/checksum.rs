@@ -69,7 +69,7 @@ impl Frontier {
     /// Hashes every shard of `out` as its tensors complete (run it on its own thread). Returns
     /// each shard's digest (hex), `None` for a shard left unfinished or unreadable: the writer
     /// then hashes that file itself. With `forget`, each hashed range is then dropped from the
-    /// page cache once on disk ([`Output::forget_range`]): hashing first means the bytes are
+    /// page cache once on disk (`Output::forget_range`): hashing first means the bytes are
     /// read from memory, never back from storage.
     pub fn hash_shards(&self, out: &Output, forget: bool) -> Vec<Option<String>> {
         let layout = &out.layout;

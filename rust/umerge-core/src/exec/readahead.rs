@@ -21,7 +21,7 @@
 //!   ([`Checkpoint::will_need`]) and the engine reads it through the map.
 //!
 //! The buffers of unfinished steps hold at most `window` bytes (half the memory budget, see
-//! [`super::prepare::Workers`]); the next step is always prepared. Buffers are reused from step
+//! `exec::prepare::Workers`); the next step is always prepared. Buffers are reused from step
 //! to step, so their pages fault in once. The engine asks for a step's buffers through
 //! [`ReadAhead::loaded`]: it waits for the step it is working on (the oldest unfinished one,
 //! which the read-ahead always reaches), and reads any other step through the map, so a pass
