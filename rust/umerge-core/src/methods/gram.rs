@@ -83,6 +83,17 @@ pub fn combine(c: &[f32], base: Option<&[f32]>, inputs: &[&[f32]], out: &mut [f3
     }
 }
 
+/// The apply pass of a method whose reduction gave one f64 coefficient per input (`coef`):
+/// [`combine`] with them rounded to f32, except that a single input passes through unchanged.
+pub fn apply_coefficients(coef: &[f64], base: Option<&[f32]>, inputs: &[&[f32]], out: &mut [f32]) {
+    if inputs.len() == 1 {
+        out.copy_from_slice(inputs[0]);
+        return;
+    }
+    let c: Vec<f32> = coef.iter().map(|&x| x as f32).collect();
+    combine(&c, base, inputs, out);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

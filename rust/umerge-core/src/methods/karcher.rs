@@ -168,12 +168,7 @@ impl Method for Karcher {
     }
 
     fn apply(&self, _r: &TensorRecipe, s: &Stats<'_>, c: &Chunk<'_>, out: &mut [f32]) {
-        if c.inputs.len() == 1 {
-            out.copy_from_slice(c.inputs[0]);
-            return;
-        }
-        let coef: Vec<f32> = s.tensor.iter().map(|&x| x as f32).collect();
-        gram::combine(&coef, None, c.inputs, out);
+        gram::apply_coefficients(s.tensor, None, c.inputs, out);
     }
 }
 

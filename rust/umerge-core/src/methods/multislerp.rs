@@ -154,12 +154,7 @@ impl Method for MultiSlerp {
     }
 
     fn apply(&self, _r: &TensorRecipe, s: &Stats<'_>, c: &Chunk<'_>, out: &mut [f32]) {
-        if c.inputs.len() == 1 {
-            out.copy_from_slice(c.inputs[0]);
-            return;
-        }
-        let coef: Vec<f32> = s.tensor.iter().map(|&x| x as f32).collect();
-        gram::combine(&coef, c.base, c.inputs, out);
+        gram::apply_coefficients(s.tensor, c.base, c.inputs, out);
     }
 
     fn describe(&self) -> String {
