@@ -13,6 +13,12 @@ and peak RSS (rusage of the child; CPU time is the steadier figure on a shared m
          save_pretrained.
 
     .venv/bin/python benches/bench_adapters.py            # prints a Markdown table for the README
+    sudo .venv/bin/python benches/bench_adapters.py --cold   # page cache dropped before each job
+
+Each job's wall time is also printed as a ratio to the disk's floor for it, measured in the same
+run (benches/disk.py): warm, the O_DIRECT write + fsync of the output's size (the durable-write
+floor); --cold, that plus the O_DIRECT read of every input byte (base and adapters), with the bytes
+the job read from storage (/proc/<pid>/io) over the input size.
 
 This is a benchmark, not a test: nothing here asserts (it checks that the two folded outputs
 agree to one bf16 ulp on a few tensors, and prints the fraction).
@@ -30,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ties import ensure_family, machine, umerge_executable  # noqa: E402
-from measure import Measurement, run_measured, warm_page_cache  # noqa: E402
+import disk  # noqa: E402
+from bench_ties import FloorCells, dir_bytes, disk_floor, ensure_family, machine, start_state, umerge_executable  # noqa: E402
+from measure import Measurement, run_measured  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -106,13 +113,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dir", type=Path, default=Path("bench-out"))
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before each job (needs root) and compare with the disk floor")
     args = ap.parse_args(argv)
+    if args.cold and not disk.can_drop_page_cache():
+        sys.exit("bench_adapters: --cold needs root to drop the page cache")
     root = args.dir.resolve()
     base, _ = ensure_family(root, 22, 3, 0)
     ads = [write_adapter(base, root / f"lora-r{args.rank}-{i}", args.rank, 2 * args.rank, seed=100 + i) for i in range(2)]
-    warm_page_cache([base, *ads])
     exe = umerge_executable()
     rows = []
+    floors = []
 
     def umerge(*a: object) -> Measurement:
         m = run_measured([exe, *a, "--quiet", "--overwrite"])
@@ -120,32 +131,53 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"umerge failed: {m.stderr_tail}")
         return m
 
+    def peft(out: Path, mode: str, inputs: list[Path]) -> Measurement | None:
+        if args.skip_peft:
+            return None
+        start_state([base, *inputs], args.cold)
+        return run_peft(base, out, mode, inputs)
+
     out_u, out_p = root / "fold-umerge", root / "fold-peft"
+    start_state([base, ads[0]], args.cold)
     mu = umerge("fold", ads[0], "--base", base, "-o", out_u)
-    mp = None if args.skip_peft else run_peft(base, out_p, "fold", [ads[0]])
-    rows.append(("fold 1 adapter", [mu], mp, None if mp is None or mp.returncode else agreement(out_u, out_p)))
+    floor = disk_floor([base, ads[0]], out_u, args.cold)
+    floors.append(f"fold: {floor.describe()}")
+    mp = peft(out_p, "fold", [ads[0]])
+    rows.append(("fold 1 adapter", [mu], mp, None if mp is None or mp.returncode else agreement(out_u, out_p),
+                 floor, dir_bytes([base, ads[0]])))
 
     ab = root / "ties-adapter-umerge"
+    start_state([base, *ads], args.cold)
     m1 = umerge("merge-adapters", *ads, "--method", "ties", "--density", "0.8", "-o", ab)
     m2 = umerge("fold", ab, "--base", base, "-o", out_u)
-    mp = None if args.skip_peft else run_peft(base, out_p, "ties", ads)
-    rows.append(("ties 2 adapters + fold", [m1, m2], mp, None if mp is None or mp.returncode else agreement(out_u, out_p)))
+    floor = disk_floor([base, *ads], out_u, args.cold)
+    floors.append(f"ties + fold: {floor.describe()}")
+    mp = peft(out_p, "ties", ads)
+    rows.append(("ties 2 adapters + fold", [m1, m2], mp, None if mp is None or mp.returncode else agreement(out_u, out_p),
+                 floor, dir_bytes([base, *ads])))
 
     print(f"\nmachine: {machine()}")
-    print(f"base: TinyLlama-1.1B shapes, bf16, 3 shards; adapters: r={args.rank}, alpha={2 * args.rank}, all linear layers, f32\n")
+    print(f"base: TinyLlama-1.1B shapes, bf16, 3 shards; adapters: r={args.rank}, alpha={2 * args.rank}, all linear "
+          f"layers, f32; page cache {'dropped before each job' if args.cold else 'warm'}")
+    for line in floors:
+        print(f"disk floor, {line}")
+    print(f"command: .venv/bin/python benches/bench_adapters.py {' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    ratio_head, ratio_rule = FloorCells.header(args.cold), FloorCells.rule(args.cold)
     print("| job | umerge wall s (CPU s) | umerge peak RSS MiB | PEFT wall s (CPU s) | PEFT peak RSS MiB "
-          "| speed-up wall (CPU) | outputs within 1 bf16 ulp |")
-    print("|---|---|---|---|---|---|---|")
-    for name, ums, mp, agree in rows:
+          f"| speed-up wall (CPU) | outputs within 1 bf16 ulp | umerge {ratio_head} |")
+    print(f"|---|---|---|---|---|---|---|{ratio_rule}|")
+    for name, ums, mp, agree, floor, inputs in rows:
         uw = sum(m.seconds for m in ums)
         uc = sum(m.cpu_seconds for m in ums)
         ur = max(m.peak_rss_mib for m in ums)
+        whole = Measurement([], uw, uc, max(m.peak_rss_bytes for m in ums), 0, "", sum(m.read_bytes for m in ums))
+        cells = floor.cells(whole, inputs)
         if mp is None or mp.returncode:
             tail = "" if mp is None else mp.stderr_tail.strip().splitlines()[-1:]
-            print(f"| {name} | {uw:.1f} ({uc:.1f}) | {ur:.0f} | failed {tail} | | | |")
+            print(f"| {name} | {uw:.1f} ({uc:.1f}) | {ur:.0f} | failed {tail} | | | | {cells} |")
         else:
             print(f"| {name} | {uw:.1f} ({uc:.1f}) | {ur:.0f} | {mp.seconds:.1f} ({mp.cpu_seconds:.1f}) | {mp.peak_rss_mib:.0f} "
-                  f"| {mp.seconds / uw:.1f}x ({mp.cpu_seconds / max(uc, 1e-9):.1f}x) | {agree:.4%} |")
+                  f"| {mp.seconds / uw:.1f}x ({mp.cpu_seconds / max(uc, 1e-9):.1f}x) | {agree:.4%} | {cells} |")
     for p in (out_u, out_p):
         shutil.rmtree(p, ignore_errors=True)
 

@@ -13,6 +13,11 @@ with mergekit's defaults (L1 rescale), so both tools do the same work. Reports w
     .venv/bin/python benches/bench_methods.py --methods linear ties # a subset
     .venv/bin/python benches/bench_methods.py --methods della_linear --skip-mergekit
     .venv/bin/python benches/bench_methods.py --methods nuslerp multislerp karcher nearswap
+    sudo .venv/bin/python benches/bench_methods.py --cold   # page cache dropped before each tool
+
+Each umerge run is also compared with the disk's floor for that job, measured in the same run
+(benches/disk.py): warm, the O_DIRECT write + fsync of the output's size; --cold, that plus the
+O_DIRECT read of every input the method reads, with the bytes read from storage over that size.
 
 Inputs: the base and two fine-tuned checkpoints of benches/bench_ties.py (generated once under
 --dir, default ./bench-out, and reused). Needs the peer venv (benches/make_peer_venv.sh) for
@@ -28,16 +33,20 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import disk  # noqa: E402
 from bench_ties import (  # noqa: E402
+    FloorCells,
     _human_bytes,
     _load,
     dir_bytes,
+    disk_floor,
     ensure_family,
     machine,
     peer_venv,
+    start_state,
     umerge_executable,
 )
-from measure import Measurement, run_measured, warm_page_cache  # noqa: E402
+from measure import Measurement, run_measured  # noqa: E402
 
 TABLE2 = ("linear", "dare_linear", "dare_ties", "magnitude_prune", "ties")
 #: Also available with --methods (not in the paper's table): mergekit's defaults (epsilon 0.15, L1 rescale);
@@ -75,6 +84,15 @@ def config_text(method: str, base: Path, fts: list[Path], density: float) -> str
     return f"merge_method: {mk}\nbase_model: {base}\nmodels:\n{models}dtype: bfloat16\n"
 
 
+def inputs_read(method: str, base: Path, fts: list[Path]) -> list[Path]:
+    """The checkpoints a method reads (config_text's models and base)."""
+    if method == "linear":
+        return fts
+    if method == "nearswap":
+        return [base, fts[0]]
+    return [base, *fts]
+
+
 def run_umerge(config: Path, out: Path, threads: int | None) -> Measurement:
     cmd: list[str | Path] = [umerge_executable(), "run", config, "-o", out, "--overwrite", "--quiet"]
     if threads:
@@ -103,7 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="umerge --threads (default: all cores)")
     p.add_argument("--mergekit-threads", type=int, default=2, help="mergekit-yaml -j (default 2)")
     p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the page cache before each tool (needs root) and compare with the disk floor")
     args = p.parse_args(argv)
+    if args.cold and not disk.can_drop_page_cache():
+        sys.exit("bench_methods: --cold needs root to drop the page cache")
 
     args.dir.mkdir(parents=True, exist_ok=True)
     load_before = _load()
@@ -114,20 +136,27 @@ def main(argv: list[str] | None = None) -> None:
         print("note: no peer venv with mergekit (benches/make_peer_venv.sh); timing umerge only", file=sys.stderr)
     threads = args.threads or os.cpu_count()
     rows: list[str] = []
+    floors: list[str] = []
     for method in args.methods:
         config = args.dir / f"bench-{method}.yml"
         config.write_text(config_text(method, base, fts, args.density))
-        warm_page_cache([base, *fts])
+        used = inputs_read(method, base, fts)
+        start_state(used, args.cold)
         out_u = args.dir / f"out-umerge-{method}"
         print(f"umerge run ({method}) ...", flush=True)
         mu = run_umerge(config, out_u, args.threads)
         u_txt = _fail(mu, "umerge") if mu.returncode else f"{mu.seconds:.1f} s | {mu.cpu_seconds:.1f} s | {mu.peak_rss_mib:.0f} MiB"
         print(f"  {u_txt}", flush=True)
+        f_txt = ""
+        if not mu.returncode:
+            floor = disk_floor(used, out_u, args.cold)
+            floors.append(f"{method}: {floor.describe()}")
+            f_txt = floor.cells(mu, dir_bytes(used))
         shutil.rmtree(out_u, ignore_errors=True)
         if peers is None:
-            rows.append(f"| {method} | {u_txt} | | | | |")
+            rows.append(f"| {method} | {u_txt} | | | | | {f_txt} |")
             continue
-        warm_page_cache([base, *fts])
+        start_state(used, args.cold)
         out_m = args.dir / f"out-mergekit-{method}"
         print(f"mergekit-yaml ({method}, -j {args.mergekit_threads}) ...", flush=True)
         mm = run_mergekit(peers, config, out_m, args.mergekit_threads)
@@ -136,18 +165,21 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out_m, ignore_errors=True)
         ratio = f"{mm.seconds / mu.seconds:.1f}x ({mm.cpu_seconds / max(mu.cpu_seconds, 1e-9):.1f}x CPU)" \
             if not (mu.returncode or mm.returncode) else "n/a"
-        rows.append(f"| {method} | {u_txt} | {m_txt} | {ratio} |")
+        rows.append(f"| {method} | {u_txt} | {m_txt} | {ratio} | {f_txt} |")
 
     print()
     print(f"Machine: {machine()}; load average before/after: {load_before} / {_load()}. Inputs: base + 2 fine-tuned, "
           f"TinyLlama-1.1B shapes ({args.layers} layers), bf16, 3 shards each, 3 x {_human_bytes(inputs / 3)}; "
           f"density {args.density}; umerge --threads {threads}, default --memory-budget (512MiB); mergekit 0.1.5 "
-          f"-j {args.mergekit_threads}; page cache warm; CPU time = user + system; peak RSS from wait4.")
+          f"-j {args.mergekit_threads}; page cache {'dropped before each tool' if args.cold else 'warm'}; CPU time = "
+          "user + system; peak RSS from wait4.")
+    for line in floors:
+        print(f"Disk floor, {line}")
     print(f"Command: .venv/bin/python benches/bench_methods.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print()
     print("| method | umerge wall | umerge CPU | umerge peak RSS | mergekit wall | mergekit CPU | mergekit peak RSS "
-          "| speed-up (wall) |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"| speed-up (wall) | umerge {FloorCells.header(args.cold)} |")
+    print(f"|---|---|---|---|---|---|---|---|{FloorCells.rule(args.cold)}|")
     print("\n".join(rows))
 
 
