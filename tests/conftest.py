@@ -66,6 +66,7 @@ class Family:
     spec: CheckpointSpec
     base: Path
     finetuned: list[Path]
+    cold: bool = False  # its inputs are evicted from the page cache before each run (test_reliability_crash)
 
     @property
     def all(self) -> list[Path]:

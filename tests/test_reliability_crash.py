@@ -13,8 +13,10 @@ Promises checked (ARCHITECTURE.md, "Writing" and "Errors"; issue 8):
 - An input shard truncated or rewritten while the merge has it mapped gives an error naming the
   file, never a SIGBUS crash.
 
-The kill test works on tmpfs (/dev/shm) when there is one, so that timings are CPU-bound and the
-kill points spread evenly over the merge.
+The kill test runs twice: on tmpfs (/dev/shm) when there is one, so that timings are CPU-bound and
+the kill points spread evenly over the merge; and on disk with every input's pages evicted from
+the page cache before each run (posix_fadvise DONTNEED), so the engine reads them around the cache
+(O_DIRECT into its buffers) as in a cold-cache merge. The input-change tests run both ways too.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ import pytest
 
 from conftest import Family, run_umerge, umerge_command
 from umerge.synthetic import CheckpointSpec, LlamaShape, make_family
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benches"))
+import disk  # noqa: E402  (page-cache residency via mincore, independent of the engine)
 
 #: About 110 M parameters (220 MB per bf16 model): a merge takes about 1 s on one thread here, so
 #: the ~0.1 s interpreter start is a small part of it and the kill points land inside the merge.
@@ -57,14 +62,33 @@ def fast_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     return tmp_path_factory.mktemp(name)
 
 
-@pytest.fixture(scope="module")
-def kill_family(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Family]:
-    root = fast_dir(tmp_path_factory, "kill")
+def evict(dirs: list[Path]) -> None:
+    """Drop every safetensors file under `dirs` from the page cache (clean pages: fsync first)."""
+    files = disk.safetensors_files(dirs)
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    assert disk.cached_fraction(files) < 0.05, "the inputs could not be evicted from the page cache"
+
+
+@pytest.fixture(scope="module", params=["tmpfs", "disk-evicted"])
+def kill_family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Family]:
+    cold = request.param == "disk-evicted"
+    root = tmp_path_factory.mktemp("kill-disk") if cold else fast_dir(tmp_path_factory, "kill")
     spec = CheckpointSpec(KILL_SHAPE, dtype="BF16", shards=3, seed=3)
     base, fts = make_family(root / "models", spec, 2)
-    yield Family(spec, base, fts)
+    yield Family(spec, base, fts, cold=cold)
     if str(root).startswith("/dev/shm"):
         shutil.rmtree(root, ignore_errors=True)
+
+
+def before_run(fam: Family) -> None:
+    if fam.cold:
+        evict([fam.base, *fam.finetuned])
 
 
 def digest_tree(d: Path) -> dict[str, str]:
@@ -91,6 +115,7 @@ def test_sigkill_at_many_points_never_leaves_a_partial_output(kill_family: Famil
     ref = root / "reference"
     timings = []
     for _ in range(REFERENCE_RUNS):
+        before_run(kill_family)
         t0 = time.monotonic()
         r = run_umerge(merge_args(kill_family, ref))
         timings.append(time.monotonic() - t0)
@@ -98,6 +123,10 @@ def test_sigkill_at_many_points_never_leaves_a_partial_output(kill_family: Famil
     t_ref = min(timings)
     expected = digest_tree(ref)
     assert any(name.endswith(".safetensors") for name in expected)
+    if kill_family.cold:  # the bytes do not depend on how the inputs were read
+        warm = root / "warm-reference"
+        assert run_umerge(merge_args(kill_family, warm)).returncode == 0
+        assert digest_tree(warm) == expected, "reading around the page cache changed the output"
 
     out_parent = root / "targets"
     out_parent.mkdir()
@@ -106,6 +135,7 @@ def test_sigkill_at_many_points_never_leaves_a_partial_output(kill_family: Famil
     while kills < KILL_POINTS and runs < MAX_RUNS:
         runs += 1
         at = t_ref * (0.02 + 0.93 * kills / (KILL_POINTS - 1))
+        before_run(kill_family)
         t0 = time.monotonic()
         proc = subprocess.Popen([*umerge_command(), *merge_args(kill_family, target)], env=env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -221,10 +251,13 @@ CHANGE_WHILE_MAPPED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.parametrize("cache", ["cached", "evicted"])
 @pytest.mark.parametrize("mode", ["truncate", "rewrite"])
-def test_input_changed_while_mapped_is_an_error_not_a_crash(tmp_path: Path, mode: str) -> None:
+def test_input_changed_while_mapped_is_an_error_not_a_crash(tmp_path: Path, mode: str, cache: str) -> None:
     shape = LlamaShape(hidden=128, intermediate=352, layers=4, heads=4, kv_heads=2, vocab=2000)
     base, fts = make_family(tmp_path / "models", CheckpointSpec(shape, "F32", shards=3, seed=6), 2)
+    if cache == "evicted":  # read around the page cache (O_DIRECT), as a cold merge does
+        evict([base, *fts])
     victim = fts[1] / "model-00003-of-00003.safetensors"
     out = tmp_path / "merged"
     r = subprocess.run([sys.executable, "-c", CHANGE_WHILE_MAPPED, mode, str(victim), str(base), str(out), *map(str, fts)],
