@@ -25,6 +25,10 @@ one that looks like a Hub id (``owner/name``) says how to download it (`umerge.m
 mergekit-yaml's command-line flags are the CLI's business (`umerge.cli.mergekit_flags`); two reach
 here as keywords: ``random_seed`` (``--random-seed``) and ``out_shard_params`` (``--out-shard-size``).
 
+A config whose ``models:`` are all PEFT LoRA adapter directories is an adapter recipe
+(`umerge.adapters.recipe`): merged factor-wise with PEFT's semantics and folded into ``base_model``,
+as ``umerge ties A/ B/ --base BASE`` does.
+
 Anything else (other keys, ``modules``, ``tokenizer``, ``union`` tokenizers, other methods, LoRA
 ``+`` references, ``rescale: true`` on a magnitude-trimming method) is an `InputError` naming it:
 never silently ignored. The one thing ignored is what mergekit ignores too: a parameter that some
@@ -876,9 +880,12 @@ def run(config_path: str | os.PathLike[str], out: str | os.PathLike[str], *, see
     warnings start with the config's (parameters the method does not use).
 
     `options` go to `to_spec` (random_seed, out_shard_params) and `umerge.merge.build_spec`."""
+    from umerge.adapters.recipe import is_adapter_config, run_recipe
     from umerge.merge import MergeReport, run_spec
 
     config = load_config(config_path)
+    if is_adapter_config(config):  # models: that are all LoRA adapters: merged factor-wise, not by the engine
+        return run_recipe(config, out, where=str(config_path), seed=seed, progress=progress, **options)
     config_warnings: list[str] = []
     spec, tok = to_spec(config, out, where=str(config_path), seed=seed, warn=config_warnings.append, **options)
     if tok is not None and not Path(tok).is_dir():

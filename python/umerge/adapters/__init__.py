@@ -7,7 +7,8 @@ the full updates), and fold them into their base model, without torch.
 
 Submodules: `config` (adapter_config.json), `lora` (factors in memory, writing an adapter),
 `combine` (PEFT's combination formulas), `merge` (`merge_adapters`), `fold` (the Rust fold),
-`routing` (the hook that sends adapter inputs of `umerge ties` / `umerge.merge` here).
+`routing` (the hook that sends adapter inputs of `umerge ties` / `umerge.merge` here),
+`recipe` (adapter merges as YAML configs: what `umerge run` reads and `umerge search` writes).
 The numpy-based parts load on first use, so detecting adapters costs nothing.
 """
 

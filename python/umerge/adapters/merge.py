@@ -182,8 +182,47 @@ def merge_adapters(
         # PEFT: "if there is only one adapter, we can only use linear merging".
         warnings.append(f"one adapter: {combination} becomes linear, as in PEFT")
         combination = "linear"
-    ranks = [a.config.r for a in loaded]
+    tensors, rank = merged_tensors(loaded, combination, w, density=density, majority_sign=majority_sign,
+                                   svd_rank=svd_rank, svd_clamp=svd_clamp, seed=seed, threads=threads)
+    cfg = new_config(loaded, rank)
+    if cfg.get("use_rslora"):
+        warnings.append(
+            f"the first adapter uses rsLoRA, so the merged adapter (r = lora_alpha = {rank}, as PEFT sets them) "
+            f"is scaled by sqrt({rank}) when loaded, exactly as PEFT's own merged adapter is"
+        )
+    dtype = canonical_dtype(out_dtype) if out_dtype else loaded[0].dtype
+    recipe = {
+        "umerge_adapter_merge": {
+            "combination": combination, "adapters": [str(Path(a).absolute()) for a in adapters], "weights": w,
+            "density": density, "majority_sign": majority_sign, "svd_rank": svd_rank, "seed": seed,
+        }
+    }
+    write_adapter(target, cfg, tensors, dtype, extra_files={"umerge.yml": json.dumps(recipe, indent=2) + "\n"})
+    return AdapterMergeReport(
+        combination=combination, output=target, modules=len(loaded[0].modules), rank=rank,
+        lora_alpha=float(rank), seconds=time.perf_counter() - t0, warnings=tuple(warnings),
+    )
+
+
+def merged_tensors(
+    loaded: Sequence[LoraAdapter],
+    combination: str,
+    weights: Sequence[float],
+    *,
+    density: float | None,
+    majority_sign: str = "total",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+) -> tuple[dict[str, np.ndarray], int]:
+    """The merged adapter's factors (float32, in file order) and rank, in memory: the arithmetic of
+    `merge_adapters` without reading or writing anything, for callers that hold the adapters
+    already (`umerge.search` scores many combinations of the same adapters). `combination` is a
+    PEFT combination type (see `peft_combination`); arguments are checked by the caller."""
+    w = [float(x) for x in weights]
     scalings = [a.config.scaling for a in loaded]
+    ranks = [a.config.r for a in loaded]
     tensors: dict[str, np.ndarray] = {}
     if combination in FACTORWISE:
         if len(set(ranks)) != 1:
@@ -218,25 +257,7 @@ def merge_adapters(
             except InputError as e:
                 raise InputError(f"{e} (module {mod})") from None
     order = [n for mod in loaded[0].modules for n in factor_names(mod)]
-    tensors = {n: tensors[n] for n in order}
-    cfg = new_config(loaded, rank)
-    if cfg.get("use_rslora"):
-        warnings.append(
-            f"the first adapter uses rsLoRA, so the merged adapter (r = lora_alpha = {rank}, as PEFT sets them) "
-            f"is scaled by sqrt({rank}) when loaded, exactly as PEFT's own merged adapter is"
-        )
-    dtype = canonical_dtype(out_dtype) if out_dtype else loaded[0].dtype
-    recipe = {
-        "umerge_adapter_merge": {
-            "combination": combination, "adapters": [str(Path(a).absolute()) for a in adapters], "weights": w,
-            "density": density, "majority_sign": majority_sign, "svd_rank": svd_rank, "seed": seed,
-        }
-    }
-    write_adapter(target, cfg, tensors, dtype, extra_files={"umerge.yml": json.dumps(recipe, indent=2) + "\n"})
-    return AdapterMergeReport(
-        combination=combination, output=target, modules=len(loaded[0].modules), rank=rank,
-        lora_alpha=float(rank), seconds=time.perf_counter() - t0, warnings=tuple(warnings),
-    )
+    return {n: tensors[n] for n in order}, rank
 
 
 def _merge_then_fold(adapters: Sequence[PathLike], base: PathLike, out: PathLike, *, out_dtype: str | None,
@@ -259,4 +280,4 @@ def _merge_then_fold(adapters: Sequence[PathLike], base: PathLike, out: PathLike
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["AdapterMergeReport", "DELTAS", "merge_adapters", "new_config", "peft_combination"]
+__all__ = ["AdapterMergeReport", "DELTAS", "merge_adapters", "merged_tensors", "new_config", "peft_combination"]

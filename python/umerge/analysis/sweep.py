@@ -62,20 +62,30 @@ def score_row(result: Any) -> dict[str, float | None]:
     raise InputError(f"cannot read scores from a {type(result).__name__} (expected an EvalReport or a mapping)")
 
 
-def parse_densities(text: str) -> list[float]:
-    """``"0.1,0.5,1"`` or ``"0.1:1.0:0.1"`` (start:stop:step, inclusive) -> densities in (0, 1]."""
+def parse_numbers(text: str, what: str = "values") -> list[float]:
+    """``"0.1,0.5,1"`` or ``"0.1:1.0:0.1"`` (start:stop:step, inclusive) -> numbers; `what` names them in errors."""
     text = text.strip()
     try:
         if ":" in text:
             start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0:
+                raise ValueError(text)
             n = int(round((stop - start) / step)) + 1
             values = [round(start + i * step, 10) for i in range(n)]
         else:
             values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise InputError(f"densities {text!r}: expected a comma list (0.1,0.5,1) or start:stop:step") from None
+        raise InputError(f"{what} {text!r}: expected a comma list (0.1,0.5,1) or start:stop:step") from None
+    if not values:
+        raise InputError(f"{what} {text!r}: no values")
+    return values
+
+
+def parse_densities(text: str) -> list[float]:
+    """``"0.1,0.5,1"`` or ``"0.1:1.0:0.1"`` (start:stop:step, inclusive) -> densities in (0, 1]."""
+    values = parse_numbers(text, "densities")
     bad = [v for v in values if not 0.0 < v <= 1.0]
-    if not values or bad:
+    if bad:
         raise InputError(f"densities must lie in (0, 1]: got {values}")
     return values
 

@@ -50,6 +50,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("umerge.cli.train", "train"),
     "presets": ("umerge.cli.train", "presets"),
     "eval": ("umerge.cli.eval", "eval_cmd"),
+    "search": ("umerge.cli.search", "search_cmd"),
     "analyze": ("umerge.cli.analyze", "analyze"),
     "demo": ("umerge.cli.demo", "demo"),
     "world": ("umerge.cli.demo", "world"),

@@ -25,10 +25,7 @@ Examples:
 @click.argument("reports", nargs=-1, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", type=click.Path(file_okay=False, path_type=Path), help="Model directory to evaluate.")
 @click.option("--adapter", type=click.Path(file_okay=False, path_type=Path), help="PEFT adapter on top of --model.")
-@click.option("--data", type=click.Path(path_type=Path), help="Directory with forget.* and retain.* (LUME layout).")
-@click.option("--mia-members", type=click.Path(dir_okay=False, path_type=Path), help="JSON-lines MIA members.")
-@click.option("--mia-nonmembers", type=click.Path(dir_okay=False, path_type=Path), help="JSON-lines MIA nonmembers.")
-@click.option("--mmlu-dir", type=click.Path(file_okay=False, path_type=Path), help="MMLU CSV layout: dev/ and test/.")
+@opt.eval_data_options()
 @click.option("--score-only", "score_only_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Score a GENERATIONS.jsonl without a model.")
 @click.option("--mia-losses", type=click.Path(dir_okay=False, path_type=Path),
@@ -38,14 +35,8 @@ Examples:
 @click.option("--names", help="With --compare: comma-separated display names, one per report.")
 @opt.out_option(None, "report.json path, or a directory for report.json, report.md, generations.jsonl, "
                 "mia_losses.jsonl.", hidden_aliases=("--output",), type=click.Path(path_type=Path))
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-rows", type=click.IntRange(min=1), help="Keep the first N rows of each task and kind per split.")
-@click.option("--mmlu-k-shot", default=5, show_default=True, type=click.IntRange(min=0))
-@click.option("--min-k", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Fraction of tokens for the Min-K% and Min-K%++ attacks.")
+@opt.eval_settings_options()
 @click.option("--name", help="Display name of the model in reports.")
-@click.option("--device", help="torch device (default: cuda when available, else cpu).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(
     reports: tuple[Path, ...],

@@ -418,6 +418,9 @@ def run_cmd(ctx: click.Context, config: str, out_path: str | None, seed: int | N
     except a mergekit parameter the method does not use (weight on slerp): ignored with a
     warning, as mergekit ignores it.
     Models are local directories (a Hub id: hf download ID --local-dir DIR first).
+    models: that are all PEFT LoRA adapters are merged factor-wise (PEFT semantics, as
+    `umerge ties A/ B/ --base BASE`) and folded into base_model; such a recipe also takes
+    majority_sign (total|frequency) and seed (DARE) parameters: `umerge search` writes them.
 
     \b
     mergekit-yaml's command line works as it is: OUT as the second argument,
@@ -443,6 +446,12 @@ def run_cmd(ctx: click.Context, config: str, out_path: str | None, seed: int | N
     kw["threads"] = mapped.pop("threads", kw["threads"])
     quiet = kw["quiet"]
     if print_spec:
+        from umerge.adapters.recipe import is_adapter_config, request_of
+
+        loaded = mergekit_yaml.load_config(config)
+        if is_adapter_config(loaded):
+            click.echo(json.dumps(request_of(loaded, config), indent=2))
+            return
         opts = _opts(dict(kw))
         opts.pop("progress")
         out = opts.pop("out")

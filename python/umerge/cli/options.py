@@ -1,5 +1,5 @@
 """Click options that several commands share (`ties`, the other method commands, `fold`,
-`merge-adapters`, `run`, `eval`, `analyze`): one definition of each option's name, type and default.
+`merge-adapters`, `run`, `eval`, `search`, `analyze`): one definition of each option's name, type and default.
 
 Each factory returns a decorator; `help` defaults to the wording of the merge commands and may be
 given where a command says something more specific (e.g. `fold`'s output dtype). Every command that
@@ -11,6 +11,7 @@ the long ones (bfloat16, float16, float32; see `umerge.merge.DTYPE_NAMES`). Inpu
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -110,6 +111,40 @@ def strict_option(help: str) -> Decorator:
 
 def quiet_option(help: str = "No progress bar and no summary.") -> Decorator:
     return click.option("--quiet", "-q", is_flag=True, help=help)
+
+
+def eval_data_options(data_help: str = "Directory with forget.* and retain.* (LUME layout).",
+                      data_required: bool = False) -> Decorator:
+    """`--data`, `--mia-members`, `--mia-nonmembers`, `--mmlu-dir`: the evaluation data of `umerge eval`
+    (and of `umerge search`, which scores every candidate on it)."""
+    def decorate(f: F) -> F:
+        return apply(
+            f,
+            click.option("--data", type=click.Path(path_type=Path), required=data_required, help=data_help),
+            click.option("--mia-members", type=click.Path(dir_okay=False, path_type=Path), help="JSON-lines MIA members."),
+            click.option("--mia-nonmembers", type=click.Path(dir_okay=False, path_type=Path),
+                         help="JSON-lines MIA nonmembers."),
+            click.option("--mmlu-dir", type=click.Path(file_okay=False, path_type=Path),
+                         help="MMLU CSV layout: dev/ and test/."),
+        )
+    return decorate
+
+
+def eval_settings_options() -> Decorator:
+    """How `umerge.evaluate.evaluate` runs: batch size, generation length, row cap, MMLU shots,
+    Min-K% fraction, torch device (`umerge eval`, `umerge search`)."""
+    def decorate(f: F) -> F:
+        return apply(
+            f,
+            click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1)),
+            click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1)),
+            click.option("--max-rows", type=click.IntRange(min=1), help="Keep the first N rows of each task and kind per split."),
+            click.option("--mmlu-k-shot", default=5, show_default=True, type=click.IntRange(min=0)),
+            click.option("--min-k", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+                         help="Fraction of tokens for the Min-K% and Min-K%++ attacks."),
+            click.option("--device", help="torch device (default: cuda when available, else cpu)."),
+        )
+    return decorate
 
 
 def apply(f: F, *decorators: Decorator) -> F:
