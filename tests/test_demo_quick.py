@@ -143,6 +143,7 @@ def test_table_numbers_equal_report_json(demo_run: tuple[Path, str]) -> None:
         mia_score, mia_auc = _mia(cells[2])
         assert _same(_num(cells[1]), s["task_aggregate"]) and _same(mia_score, s["mia_score"])
         assert _same(mia_auc, s["mia_auc"]) and _same(_num(cells[3]), s["mmlu"]) and _same(_num(cells[4]), s["aggregate"])
+        assert _same(_num(cells[5]), s["forget_knowledge_int4"])
     for cells, name in zip(t1[len(names):], names):
         s = rep["scores"][name]
         keys = ("forget_regurgitation", "forget_knowledge", "retain_regurgitation", "retain_knowledge")
@@ -173,6 +174,24 @@ def test_table_numbers_equal_report_json(demo_run: tuple[Path, str]) -> None:
         ev = json.loads((out / rep["scores"][name]["report"]).read_text(encoding="utf-8"))
         assert rep["scores"][name]["task_aggregate"] == ev["harmonic-mean-task-aggregate"]
         assert rep["scores"][name]["mia_auc"] == ev["mia_loss_acc"]
+
+
+def test_table1_has_the_forget_knowledge_after_int4(demo_run: tuple[Path, str]) -> None:
+    """The quantization probe: a number for every model, from the forget split's QA rows, with the
+    group size capped at the tiny model's 64 input features and stated in the report."""
+    out, _ = demo_run
+    md = (out / "report.md").read_text(encoding="utf-8")
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    p = rep["quantization_probe"]
+    assert (p["scheme"], p["bits"], p["group_size"], p["group_size_cap"]) == ("int4", 4, 64, 128)
+    assert p["tensors"] == 2 * 7 and p["forget_qa_rows"] > 0
+    for name in rep["table1"]:
+        v = rep["scores"][name]["forget_knowledge_int4"]
+        assert isinstance(v, float) and 0.0 <= v <= 1.0 and p["forget_knowledge_int4"][name] == v, name
+    section = _section(md, "Table 1")
+    assert "| Model | Task Aggregate | MIA score / AUC | MMLU | Aggregate | forget knowledge after int4 |" in section
+    assert "groups of 64 input columns, not 128" in section and "arXiv:2410.16454" in section
+    assert "quantization probe (forget knowledge after int4)" in rep["timings_s"]
 
 
 def test_calibration_holds_and_findings_are_stated(demo_run: tuple[Path, str]) -> None:

@@ -33,12 +33,14 @@ from umerge.methods import (
     slerp,
     task_arithmetic,
 )
+from umerge.quantization import quantize
 
 __all__ = ["__version__", "InputError", "UmergeError", "MergeReport", "inspect", "merge", "ties", "ops"]
 __all__ += ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs",
             "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "nuslerp", "multislerp", "karcher",
             "nearswap"]
 __all__ += ["adapters", "fold"]
+__all__ += ["quantize"]
 
 
 def __getattr__(name: str) -> Any:

@@ -7,6 +7,7 @@ __all__ = [
     "InputError",
     "merge",
     "fold",
+    "quantize",
     "inspect",
     "verify",
     "merge_arrays",
@@ -28,6 +29,10 @@ def merge(spec_json: str, progress: Callable[[int, int, int, int], None] | None 
 def fold(spec_json: str, progress: Callable[[int, int, int, int], None] | None = None) -> str:
     """Folds LoRA adapters into their base (W + scaling * B @ A per targeted module) as described by
     the JSON fold spec (see umerge.adapters.folding); returns the report as JSON. Progress as in merge."""
+
+def quantize(spec_json: str, progress: Callable[[int, int, int, int], None] | None = None) -> str:
+    """Fake-quantizes the tensors the JSON quantize spec lists (int4/int8, round to nearest, group-wise
+    symmetric, written back in their dtype; see umerge.quantization); returns the report as JSON."""
 
 def verify(path: str, scan_nonfinite: bool = False, hash: bool = True) -> str:
     """Verifies a checkpoint (headers, index, sizes, NaN/Inf scan, sha256 against the recipe); returns

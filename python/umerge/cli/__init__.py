@@ -46,6 +46,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     # Checking checkpoints
     "inspect": ("umerge.cli.inspect", "inspect_cmd"),
     "verify": ("umerge.cli.verify", "verify"),
+    "quantize": ("umerge.cli.quantize", "quantize_cmd"),
     # Unlearning workbench (the `train` extra)
     "train": ("umerge.cli.train", "train"),
     "presets": ("umerge.cli.train", "presets"),

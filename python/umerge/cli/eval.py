@@ -17,6 +17,7 @@ Examples:
   umerge eval --model base/ --adapter runs/model1/ --data lume/ -o runs/model1/
   umerge eval --score-only runs/model1/generations.jsonl --mia-losses runs/model1/mia_losses.jsonl \\
               --mmlu runs/model1/mmlu.json -o rescored.json
+  umerge eval --model base/ --adapter runs/model1/ --data lume/ --quantize int4 -o runs/model1-int4/
   umerge eval --compare runs/*/report.json
 """
 
@@ -37,6 +38,12 @@ Examples:
                 "mia_losses.jsonl.", hidden_aliases=("--output",), type=click.Path(path_type=Path))
 @opt.eval_settings_options()
 @click.option("--name", help="Display name of the model in reports.")
+@click.option("--quantize", type=click.Choice(["int4", "int8"]), default=None,
+              help="Score the model fake-quantized (the adapter folded in first): its linear weights rounded to "
+                   "int4/int8, symmetric round to nearest (see umerge quantize --help), in a temporary directory "
+                   "removed afterwards. Does forgetting survive quantization?")
+@click.option("--group-size", type=int, default=128, show_default=True,
+              help="With --quantize: input columns sharing one scale; -1: one per row.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def eval_cmd(
     reports: tuple[Path, ...],
@@ -59,6 +66,8 @@ def eval_cmd(
     min_k: float,
     name: str | None,
     device: str | None,
+    quantize: str | None,
+    group_size: int,
     quiet: bool,
 ) -> None:
     """Score a model with the SemEval-2025 Task 4 metrics (regurgitation, knowledge, Task Aggregate,
@@ -66,6 +75,8 @@ def eval_cmd(
     modes = [m for m, on in (("--model", model), ("--score-only", score_only_path), ("--compare", compare_flag)) if on]
     if len(modes) != 1:
         raise InputError("give exactly one of --model, --score-only or --compare (see umerge eval --help)")
+    if quantize is not None and model is None:
+        raise InputError("--quantize goes with --model (it quantizes the model before scoring it)")
     if reports and not compare_flag:
         raise InputError(f"unexpected arguments {' '.join(map(str, reports))} (report files go with --compare)")
     if compare_flag:
@@ -103,7 +114,7 @@ def eval_cmd(
             model, data, adapter=adapter, mia_members=mia_members, mia_nonmembers=mia_nonmembers,
             mmlu_dir=mmlu_dir, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens,
             progress=not quiet, max_rows=max_rows, mmlu_k_shot=mmlu_k_shot, min_k=min_k, name=name,
-            device=device,
+            device=device, quantize=quantize, group_size=group_size,
         )
     click.echo(report.to_markdown(), nl=False)  # warnings (MMLU < 0.371, left-out groups) are in it
     from umerge.evaluate.run import output_paths

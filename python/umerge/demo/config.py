@@ -68,6 +68,11 @@ class DemoConfig:
     # threads and 1.25 s with 1.
     torch_threads: int = 1  # 0: leave torch's default
     mmlu_k_shot: int = 1  # 1-shot keeps the prompts short enough to train on (see pipeline docstring)
+    # the quantization probe: every evaluated model's forget knowledge after int4 fake quantization
+    # (umerge.quantize, groups of this many input columns, capped at the smallest in-features of the
+    # quantized weights: 64 for the tiny OLMo, whose projections are 64 wide)
+    quantize_probe: bool = True
+    quantize_group_size: int = 128
     # False: Table 1 and the criteria only (the scale study): no NPO-only run, curves, angles,
     # density sweep or method comparison (so the "TIES best method" criterion is not judged)
     analyses: bool = True

@@ -15,7 +15,8 @@ Stages (each one call into the package's own pieces; this module only orchestrat
 4. merge: TIES at density 0.8 factor-wise on the adapters (PEFT ``add_weighted_adapter`` semantics,
    as the paper's system) and TIES on the full updates with the umerge engine (`umerge.demo.merging`);
 5. evaluate vanilla, model1, model2 and both merges (`umerge.evaluate.evaluate`: regurgitation,
-   knowledge, Task Aggregate, MIA, MMLU-format utility, final aggregate);
+   knowledge, Task Aggregate, MIA, MMLU-format utility, final aggregate), and each one's forget
+   knowledge again after int4 fake quantization (`_quantization_probe`);
 6. analyses (`umerge.analysis`): loss curves beside an NPO-only run (Figure 3), scores per task from
    epoch 0 (Figure 2), parameter-change angles against a random-direction null (Figure 4), the
    density sweep (Figure 5), the merge-method comparison (Table 2); each figure's numbers are in
@@ -220,6 +221,47 @@ class _Evaluator:
         from umerge.evaluate import evaluate
 
         return evaluate(str(model), out=str(out) if out else None, name=name, **self.kwargs())
+
+
+def probe_group_size(model: str | Path, cap: int) -> int:
+    """The quantization probe's group size: `cap` (128, the usual 4-bit setting), or, when a quantized
+    weight has fewer input features, the largest power of two not above the smallest (64 for the
+    tiny OLMo, whose attention projections take 64 inputs), so that no group spans a whole row by
+    accident of size alone."""
+    from umerge import _core
+    from umerge.quantization import select_tensors
+
+    chosen = set(select_tensors(model))
+    widths = [t["shape"][1] for t in json.loads(_core.inspect(str(model)))["tensors"] if t["name"] in chosen]
+    if not widths:
+        raise InputError(f"{model}: no linear weight to quantize")
+    return min(cap, 1 << (min(widths).bit_length() - 1))
+
+
+def _quantization_probe(cfg: DemoConfig, data: _Data, models: dict[str, Path]) -> dict[str, Any]:
+    """Each model's forget knowledge after int4 fake quantization (Zhang et al. 2025, arXiv:2410.16454:
+    unlearned knowledge came back after 4-bit quantization).
+
+    Only what that score needs: the forget split's QA rows (knowledge is their exact match), greedy
+    generation with the evaluation's settings, through `umerge.evaluate.evaluate(..., quantize="int4")`
+    (the model quantized into a temporary directory, scored, removed). No MIA, no MMLU."""
+    from umerge.evaluate import evaluate
+    from umerge.evaluate.data import load_eval_data
+    from umerge.evaluate.metrics import row_kind
+
+    rows = [r for r in load_eval_data(str(data.dir))["forget"] if row_kind(r["id"]) == "qa"]
+    group = probe_group_size(models["vanilla"], cfg.quantize_group_size)
+    knowledge: dict[str, float | None] = {}
+    tensors = None
+    for name, path in models.items():
+        rep = evaluate(str(path), {"forget": rows}, quantize="int4", group_size=group, name=name,
+                       batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, progress=False)
+        knowledge[name] = rep.forget_set.get("overall-knowledge-score")
+        tensors = rep.meta["quantized"]["tensors"]
+    return {"scheme": "int4", "bits": 4, "group_size": group, "group_size_cap": cfg.quantize_group_size,
+            "tensors": tensors, "forget_qa_rows": len(rows), "forget_knowledge_int4": knowledge,
+            "rule": "round to nearest (ties to even), symmetric, scale = max|w| / 7 per group; linear weights only "
+                    "(embeddings and lm_head kept)"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,6 +515,12 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
         return res
 
     scores = log.stage("evaluation", evaluate_all)
+    probe: dict[str, Any] | None = None
+    if cfg.quantize_probe:
+        probe = log.stage("quantization probe (forget knowledge after int4)",
+                          lambda: _quantization_probe(cfg, data, models))
+        for name, value in probe["forget_knowledge_int4"].items():
+            scores[name]["forget_knowledge_int4"] = value
 
     figures_dir = out / "figures"
     figures: dict[str, str] = {}
@@ -538,6 +586,7 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
         "unlearning_note": UNLEARN_SCALING_NOTE if opts.model_dir is None else None,
         "models": {n: str(p) for n, p in models.items()},
         "scores": scores,
+        "quantization_probe": probe,
         "table1": ["vanilla", "model1", "model2", "merge-ties-factorwise", "merge-ties-full"],
         "table2": method_rows,
         "sweep": sweep_rows,

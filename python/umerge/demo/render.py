@@ -49,6 +49,19 @@ def _angle_sentence(angles: dict[str, Any] | None) -> str:
     return ("At the chosen s: " + "; ".join(parts) + ".") if parts else ""
 
 
+def _probe_sentence(p: dict[str, Any] | None) -> str:
+    """What the "forget knowledge after int4" column is, from report.json's quantization_probe."""
+    if not p:
+        return " Forget knowledge after int4: not measured in this run (n/a)."
+    cap = "" if p["group_size"] == p["group_size_cap"] else (
+        f", not {p['group_size_cap']}: the smallest input width of a quantized weight is below it")
+    return (f" Forget knowledge after int4: the forget split's knowledge score (exact match on its {p['forget_qa_rows']} "
+            f"QA rows) after the {p['tensors']} linear weights are quantized to int4 and back (`umerge quantize`: round "
+            f"to nearest, symmetric, groups of {p['group_size']} input columns{cap}; embeddings and lm_head kept); "
+            "compare it with the full-precision forget knowledge below: a rise towards vanilla's means the "
+            "forgetting does not survive quantization (Zhang et al. 2025, arXiv:2410.16454).")
+
+
 def _real_data_line(data: dict[str, Any]) -> str:
     sub = data.get("subset")
     if not sub:
@@ -123,12 +136,14 @@ def render_report(r: dict[str, Any]) -> str:
           "Task Aggregate: harmonic mean of the 12 regurgitation/knowledge values (forget values as 1 - v); "
           "MIA score = 1 - 2|AUC - 0.5| of the loss attack on forget-set members vs nonmembers; "
           "MMLU: accuracy on the multiple-choice utility set (questions about retain-set facts, which the vanilla "
-          "model also learnt in this format, standing in for general knowledge); Aggregate: mean of the three.", "",
-          "| Model | Task Aggregate | MIA score / AUC | MMLU | Aggregate |", "|---|---|---|---|---|"]
+          "model also learnt in this format, standing in for general knowledge); Aggregate: mean of the three."
+          + _probe_sentence(r.get("quantization_probe")), "",
+          "| Model | Task Aggregate | MIA score / AUC | MMLU | Aggregate | forget knowledge after int4 |",
+          "|---|---|---|---|---|---|"]
     for name in r["table1"]:
         s = scores[name]
         L.append(f"| {DISPLAY.get(name, name).format(d=d)} | {fmt(s['task_aggregate'])} | {_mia(s)} | "
-                 f"{fmt(s['mmlu'])} | {fmt(s['aggregate'])} |")
+                 f"{fmt(s['mmlu'])} | {fmt(s['aggregate'])} | {fmt(s.get('forget_knowledge_int4'))} |")
     L += ["", "Overall scores per split (regurgitation: ROUGE-L recall on sentence completions; knowledge: exact "
           "match on QA):", "",
           "| Model | forget regurgitation | forget knowledge | retain regurgitation | retain knowledge |",

@@ -14,7 +14,8 @@
 
 Our extra keys: ``format``, ``aggregated-term-labels``, ``mia`` (every attack's AUC and score,
 counts), ``mmlu`` (accuracy, question count, per subject, shots), ``warnings`` and ``meta``
-(model, adapter, data, row counts, timings, throughput).
+(model, adapter, data, row counts, timings, throughput, and ``quantized`` when the model was
+scored after ``--quantize``: scheme, bits, group size, tensors).
 """
 
 from __future__ import annotations
@@ -155,6 +156,11 @@ class EvalReport:
     def to_markdown(self) -> str:
         """A Markdown summary: headline numbers, then the 12 task values, then the MIA attacks."""
         lines = [f"# Evaluation: {self.name}", ""]
+        q = self.meta.get("quantized")
+        if q:
+            group = "one scale per row" if q.get("group_size") == -1 else f"groups of {q.get('group_size')} input columns"
+            lines += [f"Scored after {q.get('scheme')} quantization of {q.get('tensors')} linear weights (round to "
+                      f"nearest, symmetric, {group}; `umerge quantize`).", ""]
         lines += ["| Task Aggregate | MIA score / AUC | MMLU | Aggregate |", "|---|---|---|---|"]
         lines.append("| " + " | ".join(_headline(self)) + " |")
         lines += ["", "| split | task | regurgitation | knowledge |", "|---|---|---|---|"]

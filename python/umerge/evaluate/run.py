@@ -11,6 +11,13 @@ MMLU accuracy when asked, scores everything with `umerge.evaluate.metrics`, and 
 * ``mmlu.json``: the MMLU result (``average_acc`` included, the key the official scorer read);
 * ``scores.png`` and ``mia_losses.png``: the report's figures.
 
+With ``quantize="int4"`` (or ``"int8"``) the model directory is first fake-quantized
+(`umerge.quantize`: the linear weights rounded to the integer grid, group-wise, and written back in
+full precision; with an adapter, the adapter is folded into the model first, `umerge.fold`) into
+a temporary directory, that model is scored, and the directory is removed; ``meta["quantized"]``
+records how. This checks whether unlearning survives quantization (Zhang et al. 2025,
+arXiv:2410.16454, saw forgotten knowledge come back after 4-bit quantization).
+
 `score_only` reads the two jsonl files (and optionally an MMLU result) and produces the same
 report, so any run can be re-scored, and scoring is testable without torch.
 
@@ -22,6 +29,8 @@ fixed names.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -199,6 +208,8 @@ def evaluate(
     min_k: float = DEFAULT_MIN_K,
     name: str | None = None,
     device: str | None = None,
+    quantize: str | None = None,
+    group_size: int | None = 128,
 ) -> EvalReport:
     """Evaluate a model with the SemEval-2025 Task 4 metrics and return the report.
 
@@ -206,7 +217,9 @@ def evaluate(
     `umerge.evaluate.data.load_eval_data` takes (a directory with forget/retain files, or
     ``{"forget": rows, "retain": rows}``). ``mia_members``/``mia_nonmembers``: JSON-lines files or
     lists of rows/strings (both or neither). ``max_rows`` keeps, in each split, the first N rows of
-    each task and kind (so a quick run still scores all 12 values).
+    each task and kind (so a quick run still scores all 12 values). ``quantize`` (``"int4"`` or
+    ``"int8"``, with ``group_size`` input columns per scale, -1 for one per row) scores the model
+    fake-quantized (see the module docstring); it needs a model directory.
     Writes the files listed in the module docstring when ``out`` is given.
     """
     if (mia_members is None) != (mia_nonmembers is None):
@@ -221,7 +234,21 @@ def evaluate(
 
         load_mmlu(mmlu_dir)  # fail on a bad directory before the slow work
     start = time.perf_counter()
-    m, tok, meta, cleanup = load_model(model, adapter, device)
+    quantized_dir, quantized = None, None
+    if quantize is not None:  # score the quantized copy, the adapter folded into it
+        quantized_dir, quantized = _quantized_copy(model, adapter, quantize, group_size, out, progress)
+    try:
+        if quantized_dir is not None:
+            m, tok, meta, cleanup = load_model(quantized_dir / "model", None, device)
+            meta.update(model=str(model), quantized=quantized)
+            if adapter is not None:
+                meta["adapter"] = str(adapter)
+        else:
+            m, tok, meta, cleanup = load_model(model, adapter, device)
+    except BaseException:
+        if quantized_dir is not None:
+            shutil.rmtree(quantized_dir, ignore_errors=True)
+        raise
     try:
         from umerge.evaluate.generate import generate
 
@@ -248,6 +275,8 @@ def evaluate(
     finally:
         if cleanup is not None:
             cleanup.unload()
+        if quantized_dir is not None:
+            shutil.rmtree(quantized_dir, ignore_errors=True)
     if name:
         meta["name"] = name
     meta.update(
@@ -272,6 +301,51 @@ def evaluate(
     if out is not None:
         write_outputs(report, out, generations, losses, mmlu)
     return report
+
+
+def _quantized_copy(model: Any, adapter: str | Path | None, quantize: str, group_size: int | None,
+                    out: str | Path | None, progress: bool) -> tuple[Path, dict[str, Any]]:
+    """A temporary directory holding ``model/``: `model` (with `adapter` folded in) fake-quantized;
+    and what was done, for the report's meta. The directory lies beside the report when there is an
+    output (the same disk as the user chose), else in the system's temporary directory; the caller
+    removes it."""
+    import umerge
+    from umerge.quantization import BITS, group_size_value, select_tensors
+
+    if quantize not in BITS:
+        raise InputError(f"--quantize {quantize!r} is not one of {', '.join(BITS)}")
+    g = group_size_value(group_size)
+    if not isinstance(model, (str, Path)):
+        raise InputError("--quantize needs a model directory (an in-memory model cannot be quantized by the engine)")
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: not a model directory (no config.json)")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise InputError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
+    parent = None
+    if out is not None:  # nearest existing directory of the report: nothing is created for a failed run
+        parent = output_paths(out)["report"].parent.absolute()
+        while not parent.is_dir():
+            parent = parent.parent
+    tmp = Path(tempfile.mkdtemp(prefix=".umerge-eval-quantized-", dir=parent))
+    try:
+        source = path
+        if adapter is not None:
+            umerge.fold(str(adapter), base=str(path), out=str(tmp / "folded"), progress=progress)
+            source = tmp / "folded"
+        tensors = select_tensors(source)
+        report = umerge.quantize(source, tmp / "model", bits=BITS[quantize], group_size=group_size, progress=progress)
+        if adapter is not None:
+            shutil.rmtree(tmp / "folded")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info: dict[str, Any] = {
+        "scheme": quantize, "bits": BITS[quantize], "group_size": -1 if g is None else g,
+        "rounding": "round to nearest, ties to even; symmetric, scale = max|w| / (2^(bits-1) - 1) per group",
+        "tensors": len(tensors), "adapter_folded_first": adapter is not None, "seconds": round(report.seconds, 3),
+    }
+    return tmp, info
 
 
 def per_task_scores(rep: Any) -> dict[str, float | None]:

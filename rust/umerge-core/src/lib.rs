@@ -10,6 +10,7 @@ pub mod fold;
 pub mod methods;
 pub mod params;
 pub mod plan;
+pub mod quantize;
 pub mod report;
 pub mod select;
 pub mod simd;

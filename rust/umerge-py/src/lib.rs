@@ -97,6 +97,16 @@ fn fold(py: Python<'_>, spec_json: &str, progress: Option<Py<PyAny>>) -> PyResul
     run_reported(py, progress, |cb| umerge_core::fold::fold(&spec, Some(cb)))
 }
 
+/// Fake-quantizes a checkpoint (int4/int8 round to nearest, group-wise symmetric, dequantized in
+/// its own dtype) from a JSON spec (`umerge_core::quantize::QuantizeSpec`); returns the report as
+/// JSON. Progress and cancellation as in `merge`.
+#[pyfunction]
+#[pyo3(signature = (spec_json, progress=None))]
+fn quantize(py: Python<'_>, spec_json: &str, progress: Option<Py<PyAny>>) -> PyResult<String> {
+    let spec = umerge_core::quantize::QuantizeSpec::from_json(spec_json).map_err(|e| to_py(py, e))?;
+    run_reported(py, progress, |cb| umerge_core::quantize::quantize(&spec, Some(cb)))
+}
+
 /// Verifies a checkpoint (headers, index, sizes, optional NaN/Inf scan, sha256 against the
 /// recipe); returns the report as JSON (see `umerge_core::verify`).
 #[pyfunction]
@@ -209,6 +219,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("InputError", input_error(py)?)?;
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(fold, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(merge_arrays, m)?)?;

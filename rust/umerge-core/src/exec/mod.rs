@@ -31,7 +31,8 @@
 //! Modules: `source` and `sink` (where values come from and go), `buffers` (the hot loop's
 //! reusable buffers), `engine` (the pass loop), `selection` and `trim` (computing and applying
 //! thresholds), `reduce`, `copy` (tensors written unchanged), `prepare` and `recipe` (shared
-//! with [`crate::fold`]), `merge` ([`run_merge`]) and `in_memory` ([`merge_in_memory`]).
+//! with [`crate::fold`] and [`crate::quantize`]), `merge` ([`run_merge`]) and `in_memory`
+//! ([`merge_in_memory`]).
 //!
 //! [`Method::apply`]: crate::methods::Method::apply
 
@@ -54,8 +55,8 @@ pub use engine::{Engine, Job};
 pub use in_memory::merge_in_memory;
 pub use merge::run_merge;
 pub use readahead::{PagePolicy, ReadAhead, Span};
-pub(crate) use recipe::fold_recipe_yaml;
 pub use recipe::recipe_yaml;
+pub(crate) use recipe::{fold_recipe_yaml, quantize_recipe_yaml};
 pub use sink::{Sink, SliceSink};
 pub use source::{first_nonfinite, MappedSource, SliceSource, Source, ZeroSource};
 

@@ -1,6 +1,7 @@
-//! Preparing a run, shared by [`super::run_merge`] and [`crate::fold::fold`]: the checks of the
-//! options every run has, opening the inputs (every failure collected into one error), the
-//! output's shard layout, the worker pool and chunk size, and progress counting.
+//! Preparing a run, shared by [`super::run_merge`], [`crate::fold::fold`] and
+//! [`crate::quantize::quantize`]: the checks of the options every run has, opening the inputs
+//! (every failure collected into one error), the output's shard layout, the worker pool and chunk
+//! size, and progress counting.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

@@ -1,4 +1,4 @@
-//! The recipe written beside the weights (`umerge.yml`) by merges and folds: JSON-compatible
+//! The recipe written beside the weights (`umerge.yml`) by merges, folds and quantizations: JSON-compatible
 //! YAML, one `key: value` a line, flow values written as JSON.
 
 use std::fmt::Display;
@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::fold::FoldSpec;
 use crate::methods::Method;
+use crate::quantize::QuantizeSpec;
 use crate::spec::MergeSpec;
 
 /// Builds a recipe line by line.
@@ -94,6 +95,19 @@ pub(crate) fn fold_recipe_yaml(spec: &FoldSpec) -> String {
     }
     y.field("params", json(&spec.params));
     y.field("model_params", json(&spec.model_params));
+    y.field("out_dtype", text_or_null(spec.output.out_dtype.as_deref()));
+    y.0
+}
+
+/// The recipe of a quantization (`crate::quantize`): the model, the grid and the tensors quantized.
+pub(crate) fn quantize_recipe_yaml(spec: &QuantizeSpec) -> String {
+    let mut y = RecipeWriter::new("quantization");
+    y.field("operation", "quantize");
+    y.field("model", path(&spec.model));
+    y.field("bits", spec.bits);
+    y.field("group_size", json(&spec.group_size));
+    y.field("rounding", text("round to nearest, ties to even; scale = max|w| / (2^(bits-1) - 1) per group"));
+    y.field("tensors", json(&spec.tensors));
     y.field("out_dtype", text_or_null(spec.output.out_dtype.as_deref()));
     y.0
 }
