@@ -1,17 +1,25 @@
-"""The unlearning loop: LoRA on the starting model, NPO + KLR + GDR, per-epoch adapters, resumable.
+"""The unlearning loop: LoRA (or every weight) on the starting model, per-epoch checkpoints, resumable.
 
-What one optimizer step does (see `losses.py` for the formulas):
+What one optimizer step does (see `losses.py` and `methods.py` for the formulas):
 
 1. a micro-batch holds `batch_size` forget rows and their paired retain rows;
 2. `umerge.unlearn.step.step_terms` gives its loss, the function researchers can call themselves:
-   the rows tokenised as the reference trainer did, forget and retain through the model in one
-   forward pass, the reference logits from the same model with the LoRA adapter switched off
-   (`PeftModel.disable_adapter()`), in eval mode under no_grad, so the reference is exactly the
-   starting model and no second copy of the weights is held;
-3. loss = npo_weight * NPO(forget) + kl_weight * KL(p_ref || p_theta)(retain) + retain_weight * NLL(retain),
-   backpropagated into the LoRA factors only; gradients accumulate over `grad_accum` micro-batches,
-   are clipped to `max_grad_norm`, and AdamW steps; the learning rate warms up linearly over
-   `warmup_epochs` epochs and decays linearly to 0 at the end.
+   the rows tokenised as the reference trainer did, all of a step's rows through the model in one
+   forward pass, the reference logits (for the methods that use them) from the same model with the
+   LoRA adapter switched off (`PeftModel.disable_adapter()`), in eval mode under no_grad, so the
+   reference is exactly the starting model and no second copy of the weights is held;
+3. the loss of `config.method`: by default ZJUKLAB's npo_weight * NPO(forget) + kl_weight *
+   KL(p_ref || p_theta)(retain) + retain_weight * NLL(retain); or grad_ascent, grad_diff, npo, simnpo,
+   dpo, rmu, undial (`umerge.unlearn.methods`). It is backpropagated into the trained parameters
+   only; gradients accumulate over `grad_accum` micro-batches, are clipped to `max_grad_norm`, and
+   AdamW steps; the learning rate warms up linearly over `warmup_epochs` epochs and decays linearly
+   to 0 at the end.
+
+What is trained (config `finetune`): "lora" (the default), LoRA factors on every linear layer but
+lm_head (or `lora_targets`); "full", every weight of the model, beside a frozen copy of the starting
+model as the reference (held only for the methods that use one; it doubles the weights' memory).
+`rmu` trains only the layers it names (`rmu_trainable_layers`): with LoRA, adapters on those layers
+alone (PEFT's `layers_to_transform`); in full fine-tuning, only those layers' weights require grad.
 
 Precision: bf16 weights on CUDA, float32 on CPU (config `dtype`); LoRA factors stay float32 (PEFT's
 default). Optimizer: `bitsandbytes.optim.PagedAdamW` when bitsandbytes is installed and the run is on
@@ -37,14 +45,19 @@ adapter, the schedule and the counters, and AdamW restarts its moments (with a w
 
 Output directory:
     OUT/train_config.json           the resolved config
-    OUT/train_log.jsonl             {"type": "step", ...} per optimizer step, {"type": "eval", ...} per epoch hook
-    OUT/epoch-{k}/                  adapter after epoch k (adapter_config.json, adapter_model.safetensors)
+    OUT/train_log.jsonl             {"type": "step", ...} per optimizer step (the loss, each of the
+                                    method's terms and its monitors), {"type": "eval", ...} per epoch hook
+    OUT/epoch-{k}/                  adapter after epoch k (adapter_config.json, adapter_model.safetensors);
+                                    with finetune "full", the whole model (config.json, model.safetensors,
+                                    tokenizer files), loadable as a model directory
     OUT/epoch-{k}/trainer_state.pt  optimizer, scheduler, RNG and counters (kept for the last epoch only)
     OUT/adapter_config.json, OUT/adapter_model.safetensors, tokenizer files: the final adapter
+                                    (with finetune "full": the final model)
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -57,6 +70,7 @@ from typing import Any
 import torch
 
 from umerge.errors import InputError
+from umerge.unlearn import methods
 from umerge.unlearn.data import TaskData, load_task_data
 from umerge.unlearn.losses import token_nll
 from umerge.unlearn.presets import UnlearnConfig, resolve_config
@@ -77,7 +91,7 @@ class TrainResult:
     """Where a run put its outputs, and a summary of it."""
 
     out_dir: Path
-    adapter_dir: Path  # the final adapter (== out_dir)
+    adapter_dir: Path  # the final adapter, or with finetune "full" the final model (== out_dir)
     epoch_dirs: list[Path]  # OUT/epoch-1 .. OUT/epoch-K that exist
     log_path: Path
     config: UnlearnConfig
@@ -137,8 +151,9 @@ def _params_sharded(accelerator: Any) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def _save_adapter(accelerator: Any, model: Any, unwrapped: Any, path: Path) -> None:
-    """Write the LoRA adapter (adapter_config.json, adapter_model.safetensors) from the main process.
+def _save_adapter(accelerator: Any, model: Any, unwrapped: Any, path: Path, tokenizer: Any = None) -> None:
+    """Write the LoRA adapter (adapter_config.json, adapter_model.safetensors) from the main process;
+    with full fine-tuning the whole model (and `tokenizer`, so the directory loads as a model).
 
     Under FSDP/DeepSpeed the full state dict is first gathered by every process
     (`accelerator.get_state_dict`, a collective); PEFT keeps only the adapter's tensors from it.
@@ -149,6 +164,8 @@ def _save_adapter(accelerator: Any, model: Any, unwrapped: Any, path: Path) -> N
             unwrapped.save_pretrained(str(path), state_dict=state)
         else:
             unwrapped.save_pretrained(str(path))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(path))
 
 
 def _make_optimizer(cfg: UnlearnConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -218,10 +235,12 @@ def train(
     resume: bool = False,
     gradient_checkpointing: bool | None = None,
 ) -> TrainResult:
-    """Unlearn the forget set of `data` from the model in `model_dir` with LoRA; write adapters to `out`.
+    """Unlearn the forget set of `data` from the model in `model_dir` with LoRA (or, with finetune
+    "full", every weight); write adapters (or models) to `out`.
 
-    `preset_or_config`: a preset name (zjuklab-model1, zjuklab-model2), a JSON/YAML config file, an
-    `UnlearnConfig` or a dict; `overrides` ("key=value" strings or a dict) are applied on top.
+    `preset_or_config`: a preset name (zjuklab-model1, zjuklab-model2, npo-only, or a method's preset:
+    grad-ascent, grad-diff, simnpo, dpo, rmu, undial), a JSON/YAML config file, an `UnlearnConfig` or
+    a dict; `overrides` ("key=value" strings, e.g. "method=simnpo", or a dict) are applied on top.
     `eval_hook(model, tokenizer, epoch) -> dict` runs before training (epoch 0, the starting model;
     not again on resume) and after each epoch (on the main process, model in
     eval mode with the adapter active); its result is logged as {"type": "eval", "epoch": k, ...}.
@@ -289,25 +308,46 @@ def train(
 
     # -- model --------------------------------------------------------------------------------
     dtype = _resolve_dtype(cfg, device)
-    base = load_causal_lm(model_dir, dtype)
+    full = cfg.finetune == "full"
+    # A resumed full fine-tune continues from its last saved weights; the reference stays the start.
+    base = load_causal_lm(out / f"epoch-{start_epoch}" if full and state is not None else model_dir, dtype)
+    rmu_train = None
+    if cfg.method == "rmu":
+        _, rmu_train = methods.rmu_layers(len(methods.decoder_layers(base)), cfg.rmu_layer, cfg.rmu_trainable_layers)
+    reference = None
+    if full and cfg.method in methods.NEEDS_REFERENCE:
+        # disable_adapter is a LoRA device: full fine-tuning compares with a frozen copy of the start.
+        reference = load_causal_lm(model_dir, dtype) if state is not None else copy.deepcopy(base)
+        reference.requires_grad_(False)
+        reference.eval()
+        reference.to(device)
     if cfg.gradient_checkpointing:
         _enable_checkpointing(base)
-    targets = cfg.lora_targets or lora_target_modules(base)
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    with warnings.catch_warnings():
-        # PEFT probes `is_gradient_checkpointing`, which transformers 5 deprecates noisily.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(base, lora)
-    if state is not None:
-        adapter_file = out / f"epoch-{start_epoch}" / "adapter_model.safetensors"
-        set_peft_model_state_dict(model, load_file(str(adapter_file)))
+    if full:
+        model = base
+        if rmu_train is not None:  # only the layers RMU names are trained
+            model.requires_grad_(False)
+            layers = methods.decoder_layers(model)
+            for i in rmu_train:
+                layers[i].requires_grad_(True)
+    else:
+        targets = cfg.lora_targets or lora_target_modules(base)
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+            layers_to_transform=rmu_train,  # None: every layer
+        )
+        with warnings.catch_warnings():
+            # PEFT probes `is_gradient_checkpointing`, which transformers 5 deprecates noisily.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(base, lora)
+        if state is not None:
+            adapter_file = out / f"epoch-{start_epoch}" / "adapter_model.safetensors"
+            set_peft_model_state_dict(model, load_file(str(adapter_file)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(cfg, params, device)
 
@@ -334,7 +374,12 @@ def train(
     if progress and is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, initial=global_step, desc=f"unlearn {cfg.preset or ''}".strip(), unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=global_step, desc=f"unlearn {cfg.preset or cfg.method}".strip(), unit="step",
+                   dynamic_ncols=True)
+    # What each step row holds beside the loss: the method's terms, then its monitors.
+    logged = [t for t, _ in methods.OBJECTIVES[cfg.method]]
+    logged += [m for m in ("forget_nll", "retain_nll", "forget_nll_ref") if m not in logged]
+    saved_tokenizer = tokenizer if full else None
 
     last: dict[str, float] = {}
     log_fh = open(log_path, "a", encoding="utf-8") if is_main else None
@@ -357,7 +402,7 @@ def train(
             t_window = time.perf_counter()
             for batch in loader:
                 with accelerator.accumulate(model):
-                    terms = step_terms(model, None, batch["forget"], batch["retain"], tokenizer, cfg)
+                    terms = step_terms(model, reference, batch["forget"], batch["retain"], tokenizer, cfg)
                     tokens += int(terms.pop("tokens"))
                     accelerator.backward(terms["total"])
                     grad_norm = None
@@ -387,11 +432,7 @@ def train(
                         "epoch": epoch + 1,
                         "epoch_progress": round(epoch + (global_step - epoch * steps_per_epoch) / steps_per_epoch, 6),
                         "loss": means["total"],
-                        "npo": means["npo"],
-                        "kl": means["kl"],
-                        "gdr": means["gdr"],
-                        "forget_nll": means["forget_nll"],
-                        "forget_nll_ref": means["forget_nll_ref"],
+                        **{k: means[k] for k in logged if k in means},
                         "lr": lr_used,
                         "grad_norm": float(grad_norm) if grad_norm is not None else None,
                         "micro_batches": n_micro,
@@ -407,7 +448,8 @@ def train(
                         log_fh.flush()
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=_fmt(rec["loss"]), npo=_fmt(rec["npo"]), kl=_fmt(rec["kl"]), gdr=_fmt(rec["gdr"]), epoch=epoch + 1)
+                        shown = {"loss": _fmt(rec["loss"]), **{t: _fmt(rec[t]) for t, _ in methods.OBJECTIVES[cfg.method]}}
+                        bar.set_postfix(ordered_dict={**shown, "epoch": epoch + 1})
                     acc, n_micro, tokens = {}, 0, 0
                     t_window = time.perf_counter()
 
@@ -416,7 +458,7 @@ def train(
             k = epoch + 1
             if cfg.save_every_epoch or k == cfg.epochs:
                 edir = out / f"epoch-{k}"
-                _save_adapter(accelerator, model, unwrapped, edir)
+                _save_adapter(accelerator, model, unwrapped, edir, saved_tokenizer)
             if is_main and (cfg.save_every_epoch or k == cfg.epochs):
                 trainer_state = {
                     "epoch": k,
