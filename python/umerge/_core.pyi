@@ -7,6 +7,7 @@ __all__ = [
     "InputError",
     "merge",
     "fold",
+    "extract_lora",
     "inspect",
     "verify",
     "merge_arrays",
@@ -28,6 +29,11 @@ def merge(spec_json: str, progress: Callable[[int, int, int, int], None] | None 
 def fold(spec_json: str, progress: Callable[[int, int, int, int], None] | None = None) -> str:
     """Folds LoRA adapters into their base (W + scaling * B @ A per targeted module) as described by
     the JSON fold spec (see umerge.adapters.folding); returns the report as JSON. Progress as in merge."""
+
+def extract_lora(spec_json: str, progress: Callable[[int, int, int, int], None] | None = None) -> str:
+    """Extracts a PEFT LoRA adapter from a fine-tune and its base (truncated SVD of each task vector)
+    as described by the JSON extraction spec (see umerge.adapters.extract); returns the report as JSON
+    (the merge report's fields plus `modules` and `skipped`). Progress as in merge."""
 
 def verify(path: str, scan_nonfinite: bool = False, hash: bool = True) -> str:
     """Verifies a checkpoint (headers, index, sizes, NaN/Inf scan, sha256 against the recipe); returns

@@ -54,8 +54,8 @@ pub use engine::{Engine, Job};
 pub use in_memory::merge_in_memory;
 pub use merge::run_merge;
 pub use readahead::{PagePolicy, ReadAhead, Span};
-pub(crate) use recipe::fold_recipe_yaml;
 pub use recipe::recipe_yaml;
+pub(crate) use recipe::{extract_recipe_yaml, fold_recipe_yaml};
 pub use sink::{Sink, SliceSink};
 pub use source::{first_nonfinite, MappedSource, SliceSource, Source, ZeroSource};
 

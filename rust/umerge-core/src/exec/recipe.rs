@@ -4,6 +4,7 @@
 use std::fmt::Display;
 use std::path::Path;
 
+use crate::extract::ExtractSpec;
 use crate::fold::FoldSpec;
 use crate::methods::Method;
 use crate::spec::MergeSpec;
@@ -94,6 +95,23 @@ pub(crate) fn fold_recipe_yaml(spec: &FoldSpec) -> String {
     }
     y.field("params", json(&spec.params));
     y.field("model_params", json(&spec.model_params));
+    y.field("out_dtype", text_or_null(spec.output.out_dtype.as_deref()));
+    y.0
+}
+
+/// The recipe of a LoRA extraction.
+pub(crate) fn extract_recipe_yaml(spec: &ExtractSpec) -> String {
+    let mut y = RecipeWriter::new("LoRA extraction");
+    y.field("operation", "extract_lora");
+    y.field("finetuned", path(&spec.finetuned));
+    y.field("base", path(&spec.base));
+    y.field("rank", spec.rank);
+    y.field("distribute_scale", spec.distribute_scale);
+    y.field("sv_epsilon", json(&spec.sv_epsilon));
+    y.field("oversample", spec.oversample);
+    y.field("power_iters", spec.power_iters);
+    y.field("seed", spec.seed);
+    y.field("modules", json(&spec.modules));
     y.field("out_dtype", text_or_null(spec.output.out_dtype.as_deref()));
     y.0
 }
