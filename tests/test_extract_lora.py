@@ -234,6 +234,25 @@ def test_same_bytes_for_any_thread_count_and_budget(tmp_path: Path) -> None:
     assert np.abs(ba0 - ba1).max() <= 1e-5 * np.abs(ba0).max()  # ... the same approximation
 
 
+def test_large_tensors_saved_at_full_size_are_copied_whole(tmp_path: Path) -> None:
+    from umerge.safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits
+
+    rng = np.random.default_rng(2)
+    # 12 MB of float32: copied in several steps of 8 MiB, raw or re-encoded.
+    base = {"model.embed_tokens.weight": rng.standard_normal((3000, 1000)).astype(np.float32),
+            "model.layers.0.mlp.up_proj.weight": rng.standard_normal((30, 20)).astype(np.float32)}
+    ft = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in base.items()}
+    b, f = write_model(tmp_path / "base", base), write_model(tmp_path / "ft", ft)
+    for out_dtype in (None, "bf16"):
+        out = tmp_path / f"out-{out_dtype}"
+        umerge.extract_lora(f, base=b, out=out, rank=4, out_dtype=out_dtype, progress=False)
+        got = load_checkpoint(out / "adapter_model.safetensors")[P + "model.embed_tokens.weight"]
+        want = ft["model.embed_tokens.weight"]
+        if out_dtype == "bf16":
+            want = bf16_bits_to_f32(f32_to_bf16_bits(want)).reshape(want.shape)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_bad_inputs_fail_in_one_line_and_write_nothing(family: dict[str, Path], tmp_path: Path) -> None:
     base = load_checkpoint(family["base"])
     wrong = dict(base)
@@ -258,6 +277,11 @@ def test_bad_inputs_fail_in_one_line_and_write_nothing(family: dict[str, Path], 
     assert (out / "keep").read_text() == "x"
     r = run_umerge(["extract-lora", family["ft"], "--base", family["base"], "-o", tmp_path / "x", "-i", "("])
     assert r.returncode == 2 and "not a regular expression" in r.stderr, r.stderr
+    nan = load_checkpoint(family["ft"])
+    nan[L0 + "mlp.up_proj.weight"][3, 7] = np.nan
+    r = run_umerge(["extract-lora", write_model(tmp_path / "nan", nan), "--base", family["base"], "-o", tmp_path / "y"])
+    assert r.returncode == 2 and "contains NaN or Inf at element 607" in r.stderr, r.stderr
+    assert not (tmp_path / "y").exists()
 
 
 def test_cli_writes_the_adapter_and_takes_mergekit_spellings(family: dict[str, Path], tmp_path: Path) -> None:

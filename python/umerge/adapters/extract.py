@@ -59,7 +59,8 @@ _FLOATS = ("BF16", "F16", "F32", "F64")
 @dataclass(frozen=True)
 class ExtractedModule:
     """One module of the adapter: decomposed (`lora`, `embedding`) at `rank`, with the relative
-    Frobenius error of its update before rounding, or saved at full size (`save`)."""
+    Frobenius error ||delta - B @ A|| / ||delta|| before rounding to the output dtype (estimated from
+    the singular values, so reliable down to about 1e-3), or saved at full size (`save`)."""
 
     module: str
     kind: str
@@ -94,7 +95,8 @@ class ExtractReport(MergeReport):
         lora = [m for m in self.modules if m.kind != "save"]
         saved = len(self.modules) - len(lora)
         errs = sorted(m.relative_error for m in lora if m.relative_error is not None)
-        median = f", median relative error {errs[len(errs) // 2]:.3g}" if errs else ""
+        mid = errs[len(errs) // 2] if errs else None
+        median = "" if mid is None else f", median relative error {mid:.3g}" if mid >= 1e-3 else ", median relative error below 1e-3"
         rank = max((m.rank for m in lora), default=0)
         return (f"extracted {len(lora)} modules at rank <= {rank}{median}; {saved} saved at full size, "
                 f"{len(self.skipped)} unchanged left out ({self.bytes_read / 1e9:.2f} GB read) in {self.seconds:.1f} s, "

@@ -55,7 +55,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::checkpoint::{Checkpoint, TensorInfo};
-use crate::dtype::{decode, elem_bytes, encode, header_name, is_float, Dtype};
+use crate::dtype::{elem_bytes, encode, header_name, is_float, Dtype};
 use crate::error::{Error, Result, ShapeMismatch};
 use crate::exec::prepare::{self, Ticker, Workers};
 use crate::exec::{MappedSource, Source};
@@ -171,7 +171,8 @@ pub struct ModuleReport {
     pub kind: ModuleKind,
     /// Rank written (0 for `save`).
     pub rank: usize,
-    /// ‖Δ − B·A‖_F / ‖Δ‖_F before rounding to the output dtype (`None` for `save`).
+    /// ‖Δ − B·A‖_F / ‖Δ‖_F before rounding to the output dtype, from the singular values
+    /// ([`Truncated::relative_error`]: reliable down to about 1e-3); `None` for `save`.
     pub relative_error: Option<f64>,
     /// True when the SVD was exact rather than randomized.
     pub exact: bool,
@@ -362,15 +363,26 @@ impl AdapterOut {
         8 + self.header_len as u64
     }
 
-    /// Appends one tensor's encoded bytes.
-    fn append(&mut self, name: String, dtype: Dtype, shape: Vec<usize>, bytes: &[u8]) -> Result<()> {
+    /// Appends bytes to the data of the tensor being written.
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let p = self.tmp.join(WEIGHTS_NAME);
         self.file
             .write_all_at(bytes, self.data_start() + self.pos)
             .map_err(|e| write::werr_out("adapter weights", &p, e, 0, &self.target))?;
-        let begin = self.pos;
         self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Records the tensor whose data were written since byte `begin` of the data.
+    fn record(&mut self, name: String, dtype: Dtype, shape: Vec<usize>, begin: u64) {
         self.entries.push(Entry { name, dtype, shape, begin, end: self.pos });
+    }
+
+    /// Appends one tensor's encoded bytes.
+    fn append(&mut self, name: String, dtype: Dtype, shape: Vec<usize>, bytes: &[u8]) -> Result<()> {
+        let begin = self.pos;
+        self.write(bytes)?;
+        self.record(name, dtype, shape, begin);
         Ok(())
     }
 
@@ -658,20 +670,36 @@ fn factors(t: &Truncated, r: usize, m: usize, n: usize, kind: ModuleKind, distri
     }
 }
 
-/// Copies one tensor of the fine-tune into the adapter (converted when `dtype` differs).
+/// Copies one tensor of the fine-tune into the adapter, in steps of 8 MiB so that memory stays
+/// bounded whatever its size: the raw bytes when `dtype` is its own, else decoded and re-encoded;
+/// a float tensor is checked for NaN and infinity on the way (as every tensor the engine reads).
 fn copy_tensor(ft: &Checkpoint, t: &TensorInfo, dtype: Dtype, name: &str, out: &mut AdapterOut) -> Result<()> {
-    if dtype == t.dtype {
-        let bytes = ft.tensor_bytes(t)?.to_vec();
-        ft.release(t.shard, t.start, t.end - t.start);
-        return out.append(format!("{PEFT_PREFIX}{name}"), dtype, t.shape.clone(), &bytes);
+    const STEP: usize = 8 << 20;
+    let begin = out.pos;
+    let eb = elem_bytes(t.dtype).unwrap_or(1);
+    let total = t.end - t.start;
+    let step = STEP / eb * eb;
+    let src = MappedSource::new(ft, t, None, name, true);
+    let (mut values, mut bytes) = (Vec::new(), Vec::new());
+    let mut off = 0usize;
+    while off < total {
+        let n = step.min(total - off);
+        if is_float(t.dtype) {
+            values.resize(n / eb, 0f32);
+            src.read((off / eb) as u64, &mut values)?;
+        }
+        if dtype == t.dtype || !is_float(t.dtype) {
+            out.write(ft.bytes(t.shard, t.start + off, n)?)?;
+        } else {
+            bytes.resize(values.len() * elem_bytes(dtype).unwrap_or(4), 0u8);
+            encode(dtype, &values, &mut bytes);
+            out.write(&bytes)?;
+        }
+        ft.release(t.shard, t.start + off, n);
+        off += n;
     }
-    let mut values = vec![0f32; t.numel() as usize];
-    decode(t.dtype, ft.tensor_bytes(t)?, &mut values);
-    ft.release(t.shard, t.start, t.end - t.start);
-    if let Some(p) = crate::exec::first_nonfinite(&values) {
-        return Err(Error::NonFinite { tensor: name.to_string(), index: p as u64, path: ft.file_of(t) });
-    }
-    out.append(format!("{PEFT_PREFIX}{name}"), dtype, t.shape.clone(), &encoded(dtype, &values))
+    out.record(format!("{PEFT_PREFIX}{name}"), dtype, t.shape.clone(), begin);
+    Ok(())
 }
 
 /// What one module's decomposition gave.
@@ -907,6 +935,7 @@ pub fn extract(spec: &ExtractSpec, progress: Option<Progress<'_>>) -> Result<Ext
 mod tests {
     use super::*;
     use crate::checkpoint::tests::write_st;
+    use crate::dtype::decode;
 
     fn f32s(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
