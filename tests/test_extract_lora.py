@@ -192,6 +192,24 @@ def test_filters_and_skip_undecomposable(family: dict[str, Path]) -> None:
     assert not any("embed" in k or "norm" in k for k in t) and cfg["modules_to_save"] is None
 
 
+def test_save_module_and_a_resized_vocabulary(family: dict[str, Path], tmp_path: Path) -> None:
+    t, cfg, _ = _extract(family, "save-q", rank=4, save_modules=["q_proj"])
+    ft = load_checkpoint(family["ft"])
+    np.testing.assert_array_equal(t[P + L0 + "self_attn.q_proj.weight"], ft[L0 + "self_attn.q_proj.weight"])
+    assert "q_proj" in cfg["modules_to_save"] and "q_proj" not in cfg["target_modules"]
+    # A fine-tune with 10 more tokens: --embed-lora is turned off, as mergekit does, and the
+    # embedding is saved at the fine-tune's size.
+    grown = dict(ft)
+    grown["model.embed_tokens.weight"] = np.concatenate([ft["model.embed_tokens.weight"],
+                                                         np.ones((10, 64), np.float32)])
+    out = tmp_path / "grown"
+    report = umerge.extract_lora(write_model(tmp_path / "ft", grown), base=family["base"], out=out, rank=4,
+                                 embed_lora=True, progress=False)
+    assert any("vocabulary differs" in w and "60 rows" in w for w in report.warnings), report.warnings
+    saved = load_checkpoint(out / "adapter_model.safetensors")[P + "model.embed_tokens.weight"]
+    assert saved.shape == (60, 64)
+
+
 def test_bf16_inputs_give_bf16_factors_near_the_optimum(family: dict[str, Path], tmp_path: Path) -> None:
     base, ft = load_checkpoint(family["base"]), load_checkpoint(family["ft"])
     bb, fb = write_model(tmp_path / "base", base, dtype="BF16"), write_model(tmp_path / "ft", ft, dtype="BF16")
