@@ -18,7 +18,7 @@ from umerge.safetensors_io import checkpoint_dtypes
 #: Commands that read only; every other command writes and so takes -o/--out.
 READERS = {"methods", "inspect", "verify", "presets"}
 TWO_WORD = ["task-arithmetic", "magnitude-prune", "dare-linear", "dare-ties", "breadcrumbs-ties", "della-linear",
-            "model-stock", "merge-adapters"]
+            "model-stock", "merge-adapters", "extract-lora"]
 
 
 def _invoke(args: list[str]) -> click.testing.Result:

@@ -39,7 +39,7 @@ __all__ = ["__version__", "InputError", "UmergeError", "MergeReport", "inspect",
 __all__ += ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs",
             "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "nuslerp", "multislerp", "karcher",
             "nearswap"]
-__all__ += ["adapters", "fold"]
+__all__ += ["adapters", "fold", "extract_lora"]
 __all__ += ["quantize"]
 
 
@@ -57,4 +57,8 @@ def __getattr__(name: str) -> Any:
         from umerge.adapters.folding import fold
 
         return fold
+    if name == "extract_lora":
+        from umerge.adapters.extract import extract_lora
+
+        return extract_lora
     raise AttributeError(f"module 'umerge' has no attribute {name!r}")

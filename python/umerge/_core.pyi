@@ -8,6 +8,7 @@ __all__ = [
     "merge",
     "fold",
     "quantize",
+    "extract_lora",
     "inspect",
     "verify",
     "merge_arrays",
@@ -33,6 +34,11 @@ def fold(spec_json: str, progress: Callable[[int, int, int, int], None] | None =
 def quantize(spec_json: str, progress: Callable[[int, int, int, int], None] | None = None) -> str:
     """Fake-quantizes the tensors the JSON quantize spec lists (int4/int8, round to nearest, group-wise
     symmetric, written back in their dtype; see umerge.quantization); returns the report as JSON."""
+
+def extract_lora(spec_json: str, progress: Callable[[int, int, int, int], None] | None = None) -> str:
+    """Extracts a PEFT LoRA adapter from a fine-tune and its base (truncated SVD of each task vector)
+    as described by the JSON extraction spec (see umerge.adapters.extract); returns the report as JSON
+    (the merge report's fields plus `modules` and `skipped`). Progress as in merge."""
 
 def verify(path: str, scan_nonfinite: bool = False, hash: bool = True) -> str:
     """Verifies a checkpoint (headers, index, sizes, NaN/Inf scan, sha256 against the recipe); returns

@@ -43,6 +43,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     # LoRA adapters
     "fold": ("umerge.cli.fold", "fold"),
     "merge-adapters": ("umerge.cli.fold", "merge_adapters_cmd"),
+    "extract-lora": ("umerge.cli.extract", "extract_lora"),
     # Checking checkpoints
     "inspect": ("umerge.cli.inspect", "inspect_cmd"),
     "verify": ("umerge.cli.verify", "verify"),

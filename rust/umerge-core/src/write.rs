@@ -225,13 +225,13 @@ pub struct Output {
     notes: Vec<String>,
 }
 
-fn werr(what: &str, path: &Path, source: std::io::Error) -> Error {
+pub(crate) fn werr(what: &str, path: &Path, source: std::io::Error) -> Error {
     Error::Write { what: what.to_string(), path: path.to_path_buf(), source }
 }
 
 /// [`werr`], except that "no space left on device" becomes [`Error::DiskFull`] naming the
 /// output directory and the bytes the output needs.
-fn werr_out(what: &str, path: &Path, source: std::io::Error, need: u64, target: &Path) -> Error {
+pub(crate) fn werr_out(what: &str, path: &Path, source: std::io::Error, need: u64, target: &Path) -> Error {
     if source.raw_os_error() == Some(libc::ENOSPC) {
         let file = path.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
         let dir = target.parent().map(Path::to_path_buf).unwrap_or_else(|| target.to_path_buf());
@@ -287,13 +287,13 @@ pub fn clean_stale(parent: &Path, name: &str) -> Vec<String> {
 }
 
 /// The injected write limit of the fault-injection hook (`UMERGE_TEST_WRITE_LIMIT`), if set.
-fn test_write_limit() -> Option<u64> {
+pub(crate) fn test_write_limit() -> Option<u64> {
     std::env::var("UMERGE_TEST_WRITE_LIMIT").ok().and_then(|v| v.trim().parse().ok())
 }
 
 /// Reserves `size` bytes of blocks for `f` so that a full disk fails now, not mid-merge.
 /// Filesystems without `fallocate` keep the sparse file (later writes may then hit ENOSPC).
-fn reserve(f: &File, size: u64) -> std::io::Result<()> {
+pub(crate) fn reserve(f: &File, size: u64) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
@@ -318,7 +318,7 @@ fn reserve(f: &File, size: u64) -> std::io::Result<()> {
 }
 
 /// Writes a file and fsyncs it.
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut f = File::create(path)?;
     std::io::Write::write_all(&mut f, bytes)?;
     f.sync_all()
@@ -499,36 +499,43 @@ impl Output {
         if let Ok(d) = File::open(&self.tmp) {
             let _ = d.sync_all();
         }
-        // Replace an existing target without ever leaving it half-deleted: move it aside, rename
-        // the new output in, then delete the old one (see the module docs).
-        let parent = self.target.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
-        let name = self.target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-        let old = if self.target.exists() {
-            let old = parent.join(format!("{OLD_PREFIX}{name}-{}", std::process::id()));
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(|e| werr("stale replaced output", &old, e))?;
-            }
-            std::fs::rename(&self.target, &old).map_err(|e| werr("existing output (moving aside)", &self.target, e))?;
-            Some(old)
-        } else {
-            None
-        };
-        if let Err(e) = std::fs::rename(&self.tmp, &self.target) {
-            if let Some(old) = &old {
-                let _ = std::fs::rename(old, &self.target);
-            }
-            return Err(werr("output (renaming into place)", &self.target, e));
-        }
-        self.done = true;
-        if let Ok(d) = File::open(&parent) {
-            let _ = d.sync_all();
-        }
-        if let Some(old) = old {
-            let r = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
-            r.map_err(|e| werr("replaced output (removing)", &old, e))?;
-        }
-        Ok(())
+        rename_into_place(&self.tmp, &self.target, &mut self.done)
     }
+}
+
+/// Renames the finished temporary directory `tmp` to `target`, replacing an existing target
+/// without ever leaving it half-deleted: it is moved aside, the new output renamed in, then the
+/// old one deleted (see the module docs). `renamed` is set once `tmp` has become `target`, so
+/// that the caller no longer removes it. Shared by [`Output::finish`] and the adapter writer of
+/// [`crate::extract`].
+pub(crate) fn rename_into_place(tmp: &Path, target: &Path, renamed: &mut bool) -> Result<()> {
+    let parent = target.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
+    let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let old = if target.exists() {
+        let old = parent.join(format!("{OLD_PREFIX}{name}-{}", std::process::id()));
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| werr("stale replaced output", &old, e))?;
+        }
+        std::fs::rename(target, &old).map_err(|e| werr("existing output (moving aside)", target, e))?;
+        Some(old)
+    } else {
+        None
+    };
+    if let Err(e) = std::fs::rename(tmp, target) {
+        if let Some(old) = &old {
+            let _ = std::fs::rename(old, target);
+        }
+        return Err(werr("output (renaming into place)", target, e));
+    }
+    *renamed = true;
+    if let Ok(d) = File::open(&parent) {
+        let _ = d.sync_all();
+    }
+    if let Some(old) = old {
+        let r = if old.is_dir() { std::fs::remove_dir_all(&old) } else { std::fs::remove_file(&old) };
+        r.map_err(|e| werr("replaced output (removing)", &old, e))?;
+    }
+    Ok(())
 }
 
 impl Drop for Output {

@@ -45,9 +45,10 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
 /// Runs `work` with the GIL released, giving it a progress callback that calls `progress(
 /// tensors_done, tensors_total, bytes_done, bytes_total)` (when given) and checks for Ctrl-C; an
 /// exception raised there cancels the work and is re-raised. Returns the report as JSON.
-fn run_reported<F>(py: Python<'_>, progress: Option<Py<PyAny>>, work: F) -> PyResult<String>
+fn run_reported<R, F>(py: Python<'_>, progress: Option<Py<PyAny>>, work: F) -> PyResult<String>
 where
-    F: for<'a> FnOnce(umerge_core::Progress<'a>) -> Result<umerge_core::Report, Error> + Send,
+    R: serde::Serialize + Send,
+    F: for<'a> FnOnce(umerge_core::Progress<'a>) -> Result<R, Error> + Send,
 {
     let pending: Mutex<Option<PyErr>> = Mutex::new(None);
     let cb = |t: u64, tt: u64, b: u64, bt: u64| -> bool {
@@ -105,6 +106,16 @@ fn fold(py: Python<'_>, spec_json: &str, progress: Option<Py<PyAny>>) -> PyResul
 fn quantize(py: Python<'_>, spec_json: &str, progress: Option<Py<PyAny>>) -> PyResult<String> {
     let spec = umerge_core::quantize::QuantizeSpec::from_json(spec_json).map_err(|e| to_py(py, e))?;
     run_reported(py, progress, |cb| umerge_core::quantize::quantize(&spec, Some(cb)))
+}
+
+/// Extracts a LoRA adapter from a fine-tune and its base from a JSON spec
+/// (`umerge_core::extract::ExtractSpec`); returns the report as JSON (the merge report's fields,
+/// `modules` and `skipped`). Progress and cancellation as in `merge`.
+#[pyfunction]
+#[pyo3(signature = (spec_json, progress=None))]
+fn extract_lora(py: Python<'_>, spec_json: &str, progress: Option<Py<PyAny>>) -> PyResult<String> {
+    let spec = umerge_core::extract::ExtractSpec::from_json(spec_json).map_err(|e| to_py(py, e))?;
+    run_reported(py, progress, |cb| umerge_core::extract::extract(&spec, Some(cb)))
 }
 
 /// Verifies a checkpoint (headers, index, sizes, optional NaN/Inf scan, sha256 against the
@@ -220,6 +231,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(merge, m)?)?;
     m.add_function(wrap_pyfunction!(fold, m)?)?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
+    m.add_function(wrap_pyfunction!(extract_lora, m)?)?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(merge_arrays, m)?)?;

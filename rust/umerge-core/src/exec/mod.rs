@@ -56,7 +56,7 @@ pub use in_memory::merge_in_memory;
 pub use merge::run_merge;
 pub use readahead::{PagePolicy, ReadAhead, Span};
 pub use recipe::recipe_yaml;
-pub(crate) use recipe::{fold_recipe_yaml, quantize_recipe_yaml};
+pub(crate) use recipe::{extract_recipe_yaml, fold_recipe_yaml, quantize_recipe_yaml};
 pub use sink::{Sink, SliceSink};
 pub use source::{first_nonfinite, MappedSource, SliceSource, Source, ZeroSource};
 

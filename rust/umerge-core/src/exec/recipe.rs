@@ -4,6 +4,7 @@
 use std::fmt::Display;
 use std::path::Path;
 
+use crate::extract::ExtractSpec;
 use crate::fold::FoldSpec;
 use crate::methods::Method;
 use crate::quantize::QuantizeSpec;
@@ -108,6 +109,23 @@ pub(crate) fn quantize_recipe_yaml(spec: &QuantizeSpec) -> String {
     y.field("group_size", json(&spec.group_size));
     y.field("rounding", text("round to nearest, ties to even; scale = max|w| / (2^(bits-1) - 1) per group"));
     y.field("tensors", json(&spec.tensors));
+    y.field("out_dtype", text_or_null(spec.output.out_dtype.as_deref()));
+    y.0
+}
+
+/// The recipe of a LoRA extraction.
+pub(crate) fn extract_recipe_yaml(spec: &ExtractSpec) -> String {
+    let mut y = RecipeWriter::new("LoRA extraction");
+    y.field("operation", "extract_lora");
+    y.field("finetuned", path(&spec.finetuned));
+    y.field("base", path(&spec.base));
+    y.field("rank", spec.rank);
+    y.field("distribute_scale", spec.distribute_scale);
+    y.field("sv_epsilon", json(&spec.sv_epsilon));
+    y.field("oversample", spec.oversample);
+    y.field("power_iters", spec.power_iters);
+    y.field("seed", spec.seed);
+    y.field("modules", json(&spec.modules));
     y.field("out_dtype", text_or_null(spec.output.out_dtype.as_deref()));
     y.0
 }
