@@ -177,13 +177,38 @@ fn is_embedding_like(name: &str) -> bool {
     EMBEDDING_NAMES.iter().any(|p| name.contains(p))
 }
 
-/// Where one output tensor comes from: the name each input holds it under, `None` for an input
-/// that takes no part in it.
+/// Where one output tensor comes from: the name each input holds it under.
 #[derive(Debug)]
 struct Route {
     name: String,
-    base: Option<String>,
-    models: Vec<Option<String>>,
+    sources: Sources,
+}
+
+/// The names an output tensor's inputs hold it under.
+#[derive(Debug)]
+enum Sources {
+    /// Every input under the output's name (no slices).
+    Same,
+    /// Each input under its own name (slices), `None` for an input that takes no part.
+    Each { base: Option<String>, models: Vec<Option<String>> },
+}
+
+impl Route {
+    /// The name the base holds this tensor under, when it takes part.
+    fn base(&self) -> Option<&str> {
+        match &self.sources {
+            Sources::Same => Some(&self.name),
+            Sources::Each { base, .. } => base.as_deref(),
+        }
+    }
+
+    /// The name model `i` holds this tensor under, when it takes part.
+    fn model(&self, i: usize) -> Option<&str> {
+        match &self.sources {
+            Sources::Same => Some(&self.name),
+            Sources::Each { models, .. } => models.get(i)?.as_deref(),
+        }
+    }
 }
 
 /// Builds the plan; every problem found is returned at once.
@@ -226,11 +251,7 @@ fn plain_routes(inputs: &Inputs) -> Vec<Route> {
     for c in inputs.base.iter().chain(inputs.models.iter()) {
         for n in &c.order {
             if seen.insert(n.as_str()) {
-                routes.push(Route {
-                    name: n.clone(),
-                    base: inputs.base.as_ref().map(|_| n.clone()),
-                    models: vec![Some(n.clone()); inputs.models.len()],
-                });
+                routes.push(Route { name: n.clone(), sources: Sources::Same });
             }
         }
     }
@@ -344,15 +365,15 @@ fn sliced_routes(combine: Combine<'_>, inputs: &Inputs, slices: &[SliceSpec]) ->
             Some(l) => with_layer(name, l).unwrap_or_else(|| name.to_string()),
             None => name.to_string(),
         };
-        let mut r = Route { name: name.to_string(), base: None, models: vec![None; n_models] };
+        let (mut base, mut models) = (None, vec![None; n_models]);
         for i in ins {
             match i.input {
-                InputId::Base => r.base = Some(rename(i)),
-                InputId::Model(m) => r.models[m] = Some(rename(i)),
+                InputId::Base => base = Some(rename(i)),
+                InputId::Model(m) => models[m] = Some(rename(i)),
                 InputId::Zeros => {}
             }
         }
-        r
+        Route { name: name.to_string(), sources: Sources::Each { base, models } }
     };
     let outside = |ins: &[SliceInput], after: bool, seen: &mut BTreeSet<String>, routes: &mut Vec<Route>| {
         for i in ins {
@@ -438,10 +459,10 @@ fn plan_one(
     warnings: &mut Vec<String>,
 ) -> Result<Option<PlannedTensor>> {
     let name = route.name.as_str();
-    let base = route.base.as_deref().and_then(|n| inputs.base.as_ref()?.tensors.get(n));
-    let assigned: Vec<usize> = (0..inputs.models.len()).filter(|&i| route.models[i].is_some()).collect();
+    let base = route.base().and_then(|n| inputs.base.as_ref()?.tensors.get(n));
+    let assigned: Vec<usize> = (0..inputs.models.len()).filter(|&i| route.model(i).is_some()).collect();
     let have: Vec<(usize, &TensorInfo)> =
-        assigned.iter().filter_map(|&i| inputs.models[i].tensors.get(route.models[i].as_deref()?).map(|t| (i, t))).collect();
+        assigned.iter().filter_map(|&i| inputs.models[i].tensors.get(route.model(i)?).map(|t| (i, t))).collect();
     let missing: Vec<usize> = assigned.iter().copied().filter(|i| !have.iter().any(|(j, _)| j == i)).collect();
     let (ref_id, ref_info) = match (base, have.first()) {
         (Some(b), _) => (InputId::Base, b),
@@ -452,7 +473,7 @@ fn plan_one(
     if opts.strict {
         for &i in &missing {
             errors.push(Error::MissingTensor {
-                tensor: route.models[i].clone().unwrap_or_default(),
+                tensor: route.model(i).unwrap_or_default().to_string(),
                 path: inputs.models[i].path.clone(),
                 hint: format!(" but present in {} (strict mode)", file_of(inputs, ref_id, ref_info).display()),
             });
@@ -538,7 +559,7 @@ fn plan_one(
 
     if needs_base && base.is_none() && !inputs.zero_base {
         errors.push(Error::MissingTensor {
-            tensor: route.base.clone().unwrap_or_else(|| name.to_string()),
+            tensor: route.base().unwrap_or(name).to_string(),
             path: inputs.base.as_ref().map(|b| b.path.clone()).unwrap_or_default(),
             hint: format!(
                 " (the base) but present in {}: {} merges task vectors (model - base), so every merged tensor needs a base",
