@@ -13,6 +13,7 @@ with mergekit's defaults (L1 rescale), so both tools do the same work. Reports w
     .venv/bin/python benches/bench_methods.py --methods linear ties # a subset
     .venv/bin/python benches/bench_methods.py --methods della_linear --skip-mergekit
     .venv/bin/python benches/bench_methods.py --methods nuslerp multislerp karcher nearswap
+    .venv/bin/python benches/bench_methods.py --methods passthrough     # a frankenmerge (copies)
     sudo .venv/bin/python benches/bench_methods.py --cold   # page cache dropped before each tool
 
 Each umerge run is also compared with the disk's floor for that job, measured in the same run
@@ -51,8 +52,10 @@ from measure import Measurement, run_measured  # noqa: E402
 TABLE2 = ("linear", "dare_linear", "dare_ties", "magnitude_prune", "ties")
 #: Also available with --methods (not in the paper's table): mergekit's defaults (epsilon 0.15, L1 rescale);
 #: the spherical methods and nearswap (`SPHERICAL`), model_stock filter-wise and ties without normalize.
+#: `passthrough` is a frankenmerge: the first two thirds of ft1's layers, then the last two thirds of
+#: ft2's (overlapping), the second slice's o_proj and down_proj scaled to 0 (copies, no merging).
 EXTRA = ("della_linear", "della", "nuslerp", "nuslerp_columns", "multislerp", "karcher", "nearswap",
-         "model_stock_filter_wise", "ties_unnormalized")
+         "model_stock_filter_wise", "ties_unnormalized", "passthrough")
 
 #: method -> (mergekit method, parameters block, whether model weights apply): methods without density.
 SPHERICAL = {
@@ -65,8 +68,15 @@ SPHERICAL = {
 }
 
 
-def config_text(method: str, base: Path, fts: list[Path], density: float) -> str:
+def config_text(method: str, base: Path, fts: list[Path], density: float, layers: int = 22) -> str:
     """The mergekit YAML for one method (weights 1.0; linear: 0.5 each; bf16 arithmetic and output)."""
+    if method == "passthrough":
+        first, second = (0, max(1, 2 * layers // 3)), (layers // 3, layers)
+        scale = ("    parameters:\n      scale:\n        - {filter: o_proj, value: 0.0}\n"
+                 "        - {filter: down_proj, value: 0.0}\n        - {value: 1.0}\n")
+        return (f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {fts[0]}\n"
+                f"        layer_range: [{first[0]}, {first[1]}]\n  - sources:\n      - model: {fts[1]}\n"
+                f"        layer_range: [{second[0]}, {second[1]}]\n{scale}dtype: bfloat16\n")
     if method == "linear":
         models = "".join(f"  - model: {m}\n    parameters: {{weight: 0.5}}\n" for m in fts)
         return f"merge_method: linear\nmodels:\n{models}dtype: bfloat16\n"
@@ -86,7 +96,7 @@ def config_text(method: str, base: Path, fts: list[Path], density: float) -> str
 
 def inputs_read(method: str, base: Path, fts: list[Path]) -> list[Path]:
     """The checkpoints a method reads (config_text's models and base)."""
-    if method == "linear":
+    if method in ("linear", "passthrough"):
         return fts
     if method == "nearswap":
         return [base, fts[0]]
@@ -139,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     floors: list[str] = []
     for method in args.methods:
         config = args.dir / f"bench-{method}.yml"
-        config.write_text(config_text(method, base, fts, args.density))
+        config.write_text(config_text(method, base, fts, args.density, args.layers))
         used = inputs_read(method, base, fts)
         start_state(used, args.cold)
         out_u = args.dir / f"out-umerge-{method}"

@@ -99,7 +99,7 @@ HOSTILE: dict[str, tuple[str | bytes, str]] = {
     "only a comment": ("# nothing here\n", "config is empty"),
     "a list at the top": ("- merge_method: linear\n- models: []\n", "got a list"),
     "a scalar at the top": ("linear\n", "got a single value ('linear')"),
-    "two documents": ("merge_method: linear\n---\nmerge_method: ties\n", "expected a single document"),
+    "two documents": ("merge_method: linear\n---\nmerge_method: ties\n", "both have no name"),
     "a value PyYAML cannot build (!!int)": ("merge_method: linear\nmodels: [{model: m, parameters: {weight: !!int x}}]\n",
                                             "a value cannot be read"),
     "an impossible date": ("merge_method: linear\nbase_model: 2020-13-45\n", "a value cannot be read"),

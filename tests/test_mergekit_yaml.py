@@ -189,8 +189,25 @@ BAD_CONFIGS = {
     "karcher max_iter": ("merge_method: karcher\nmodels:\n  - model: {a}\n  - model: {c}\nparameters: {{max_iter: 2.5}}\n",
                          "max_iter"),
     "union tokenizer": ("merge_method: linear\nmodels:\n  - model: {a}\ntokenizer_source: union\n", "union"),
-    "layer remapping": ("merge_method: linear\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [1, 3]\n",
-                        "layer_range"),
+    "layer_range out of bounds": ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {a}\n"
+                                  "        layer_range: [1, 4]\n", "goes past the 3 layers"),
+    "reversed layer_range": ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {a}\n"
+                             "        layer_range: [2, 1]\n", "reversed or empty"),
+    "two models in a passthrough slice": ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {a}\n"
+                                          "        layer_range: [0, 2]\n      - model: {c}\n        layer_range: [0, 2]\n",
+                                          "passthrough copies each tensor from one model"),
+    "two models in passthrough models": ("merge_method: passthrough\nmodels:\n  - model: {a}\n  - model: {c}\n",
+                                         "passthrough copies one model, got 2"),
+    "passthrough with another base": ("merge_method: passthrough\nbase_model: {b}\nmodels:\n  - model: {a}\n",
+                                      "is not it"),
+    "slice sources of different lengths": ("merge_method: linear\nslices:\n  - sources:\n      - model: {a}\n"
+                                           "        layer_range: [0, 2]\n      - model: {c}\n        layer_range: [0, 3]\n",
+                                           "the same number of layers"),
+    "base missing from a slice": ("merge_method: ties\nbase_model: {b}\nparameters: {{density: 0.5}}\nslices:\n"
+                                  "  - sources:\n      - model: {a}\n        layer_range: [0, 3]\n",
+                                  "does not list base_model"),
+    "passthrough parameter typo": ("merge_method: passthrough\nmodels:\n  - model: {a}\n    parameters: {{scael: 0.5}}\n",
+                                   "has no parameter 'scael'"),
 }
 
 

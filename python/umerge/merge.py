@@ -19,9 +19,16 @@ Spec format (what `build_spec` returns; also recorded in `umerge.yml` beside eve
       "memory_budget": 536870912,              # bytes of working memory (null = 512 MiB)
       "max_shard_size": 5000000000,            # bytes per shard file, header included (null = 5 GB)
       "strict": false,                         # tensors missing from a model are errors
+      "slices": [                              # optional: layer stacking (mergekit's slices:), the
+        {"sources": [{"model": 0, "layer_range": [0, 16]}]},   # output's layers slice by slice:
+        {"sources": [{"model": 1, "layer_range": [8, 24]}]}    # 0-15 of model 0, then 8-23 of model 1
+      ],                                       # ("base_layer_range": [a, b] where the base is merged)
       "overwrite": false,                      # replace a non-empty output directory
       "allow_nonfinite": false                 # merge inputs holding NaN/Inf instead of refusing
     }
+
+Method ``passthrough`` (mergekit's) merges nothing: each tensor is copied from its one model (one
+model, or one source per slice), times the model's ``scale`` parameter where given.
 
 A parameter value (global or per model) is a number, a word (`preset`), a gradient (a list of
 numbers interpolated over the layer index, as in mergekit), or mergekit-style filter rules:

@@ -3,12 +3,18 @@
 Reads a mergekit configuration (mergekit 0.1.5 schema) and builds the engine's spec (see
 `umerge.merge`), so a config runs unchanged and gives mergekit's result. What is supported:
 
-- ``models:`` (each ``model: PATH`` with optional ``parameters``), or ``slices:`` whose slices
-  take every model once with the same ``layer_range`` and together cover the layers in order
-  (a whole-model merge written per slice: per-slice ``parameters`` and gradients are honoured);
+- ``models:`` (each ``model: PATH`` with optional ``parameters``), or ``slices:`` (layer
+  stacking): each slice lists sources, a model and a ``layer_range`` [start, end) each, the same
+  number of layers from every source of the slice; the output's layers are the slices' in order,
+  renumbered (ranges may overlap, repeat or leave layers out), the tensors outside the layers come
+  from the first slice's sources (embeddings) or the last's (final norm, lm_head), and config.json's
+  layer count becomes the sum (the engine's ``slices``, see `umerge.merge` and ``plan.rs``).
+  Per-source and per-slice ``parameters`` and gradients are honoured as mergekit resolves them;
+  a method that uses the base needs it among every slice's sources;
 - ``merge_method``: linear, task_arithmetic, ties (``normalize: false`` too), dare_linear,
   dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, model_stock (``filter_wise``
-  too), nuslerp, multislerp, karcher, nearswap;
+  too), nuslerp, multislerp, karcher, nearswap, passthrough (each tensor copied from its one model,
+  times ``scale`` where given: one model under ``models:`` or one source per slice);
 - ``base_model``; global ``parameters`` and per-model ``parameters``; filter lists
   (``- filter: mlp`` / ``value: 0.5``, then a default ``- value: ...``; ``filter: "*"`` matches
   everything); gradients (lists interpolated over the layer index);
@@ -54,8 +60,13 @@ among the models (karcher has no base: it is the mean of all its inputs).
 
 Where parameters vary per tensor (gradients, slices) they are resolved here exactly as mergekit
 resolves them — layer i of L sits at t = i / (L - 1) within its slice, tensors outside the layers at
-t = 0 — and written as filter rules on full tensor names (longest name first, so each tensor's own
-rule is its first match).
+t = 0; a model's own parameters matched against its own tensor names (the source layer), the shared
+ones against the output's — and written as filter rules on full output tensor names (longest name
+first, so each tensor's own rule is its first match). For that, a sliced config's output tensors are
+routed here as the engine's planner routes them (`_sliced_inputs`).
+
+Multi-document configs (mergekit-multi) are `umerge.mergekit_multi`'s: it runs each document
+through `run_config`.
 """
 
 from __future__ import annotations
@@ -101,6 +112,7 @@ METHOD_PARAMS: dict[str, set[str]] = {
     "multislerp": {"weight", "normalize_weights", "eps"},
     "karcher": {"max_iter", "tol"},
     "nearswap": {"t"},
+    "passthrough": {"scale"},
 }
 #: Every parameter name that some merge method of mergekit 0.1.5 takes (the parameters of each method
 #: in its registry). mergekit reads only the parameters of the config's method and ignores the rest,
@@ -114,10 +126,18 @@ MERGEKIT_PARAMS = frozenset({
 })
 #: Methods whose mergekit version merges the base as one more input when it is not listed.
 BASE_AS_INPUT = ("linear", "karcher")
+#: Methods that need base_model (mergekit's `BasePolicy.REQUIRED`), and those that use it when
+#: given (`OPTIONAL`); the others ignore it (in slices, a base listed among the sources is then
+#: merged as one more model, as mergekit does).
+BASE_REQUIRED = frozenset({*TASK_VECTOR, "slerp", "model_stock", "nearswap"})
+BASE_OPTIONAL = frozenset({"nuslerp", "multislerp"})
+#: Parameters that mergekit resolves per input model (the others are shared by all inputs).
+PER_MODEL_KEYS = frozenset({"weight", "density", "gamma", "epsilon", "scale"})
 #: Parameters that are one true/false for the whole model, passed to the engine under these names.
 FLAGS = {"model_stock": ("filter_wise",), "nuslerp": ("nuslerp_flatten", "nuslerp_row_wise"),
          "multislerp": ("normalize_weights",)}
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|block)\.(\d+)\.")
+#: The parts of a tensor name that precede its layer number (`model.layers.12.mlp...`).
+LAYER_WORDS = ("layers", "h", "blocks", "layer", "block")
 
 
 class ConfigWarning(UserWarning):
@@ -167,14 +187,25 @@ def _key(path: str) -> str:
 def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Reads a YAML config file into a dict; an InputError when it cannot be one (see `parse_config`)."""
     p = os.fspath(path)
+    return parse_config(_config_text(p), p)
+
+
+def load_documents(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Reads a YAML file of one or more documents (separated by ``---``, as mergekit-multi takes
+    them) into one dict each, with the checks of `parse_config`."""
+    p = os.fspath(path)
+    return parse_documents(_config_text(p), p)
+
+
+def _config_text(p: str) -> str:
+    """The text of a config file (`_read_config_file`), which must be UTF-8."""
     raw = _read_config_file(p)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise InputError(f"config is not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line} "
                          f"(save it as UTF-8, as mergekit reads it) ({p})") from None
-    return parse_config(text, p)
 
 
 def _read_config_file(p: str) -> bytes:
@@ -210,6 +241,15 @@ def _read_config_file(p: str) -> bytes:
 def parse_config(text: str, where: str = "config") -> dict[str, Any]:
     """A YAML config's text as a dict: an InputError for YAML that is invalid, too deep or too big
     (`_check_shape`, before anything is built), or that is not a mapping."""
+    docs = parse_documents(text, where)
+    if len(docs) != 1:
+        raise InputError(f"config has {len(docs)} YAML documents (separated by ---) where one is expected ({where})")
+    return docs[0]
+
+
+def parse_documents(text: str, where: str = "config") -> list[dict[str, Any]]:
+    """Every document of a YAML text (one, or several separated by ``---``) as a dict, with the
+    checks of `parse_config` (the shape limits count the whole text)."""
     import yaml
 
     # libyaml's parser when PyYAML has it: about 15 times faster than the pure-Python one, which
@@ -217,7 +257,7 @@ def parse_config(text: str, where: str = "config") -> dict[str, Any]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     _check_shape(text, where, loader)
     try:
-        data = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader (CSafeLoader or SafeLoader)
+        docs = list(yaml.load_all(text, Loader=loader))  # noqa: S506 - a safe loader (CSafeLoader or SafeLoader)
     except yaml.YAMLError as exc:
         raise InputError(f"invalid YAML: {_yaml_problem(exc)} ({where})") from None
     except Exception as exc:  # noqa: BLE001
@@ -226,14 +266,18 @@ def parse_config(text: str, where: str = "config") -> dict[str, Any]:
         # cause of any of them, so each is the user's error, said in one line.
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"invalid YAML: a value cannot be read ({first}) ({where})") from None
-    if data is None:
+    if not docs or all(d is None for d in docs):
         raise InputError(f"config is empty: a mergekit config is a YAML mapping with merge_method and models: "
                          f"or slices: ({where})")
-    if not isinstance(data, dict):
-        kind = "a list" if isinstance(data, list) else f"a single value ({_show(data)})"
-        raise InputError(f"a mergekit config must be a mapping of keys (merge_method: ..., models: ...), "
-                         f"got {kind} ({where})")
-    return data
+    for i, data in enumerate(docs):
+        which = f"document {i + 1} of " if len(docs) > 1 else ""
+        if data is None:
+            raise InputError(f"{which}{where} is empty: remove the extra --- or give it a config")
+        if not isinstance(data, dict):
+            kind = "a list" if isinstance(data, list) else f"a single value ({_show(data)})"
+            raise InputError(f"a mergekit config must be a mapping of keys (merge_method: ..., models: ...), "
+                             f"got {kind} ({which}{where})")
+    return docs
 
 
 def _yaml_problem(exc: Exception) -> str:
@@ -441,12 +485,55 @@ def tensor_names(paths: Sequence[str]) -> list[str]:
     return names
 
 
+def _layer_part(name: str) -> tuple[int, int] | None:
+    """(position among the dot-separated parts, value) of a tensor name's layer number: the first
+    part that is a number right after one of LAYER_WORDS (the engine's `params::layer_index`)."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1):
+        if parts[k] in LAYER_WORDS and parts[k + 1].isascii() and parts[k + 1].isdigit():
+            return k + 1, int(parts[k + 1])
+    return None
+
+
 def layer_of(name: str) -> int | None:
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
+    """The layer number of a tensor name (`model.layers.12.mlp.up_proj.weight` -> 12), or None."""
+    found = _layer_part(name)
+    return found[1] if found else None
+
+
+def with_layer(name: str, layer: int) -> str:
+    """The same tensor name in layer `layer` (the name itself when it is outside the layers)."""
+    found = _layer_part(name)
+    if found is None:
+        return name
+    parts = name.split(".")
+    parts[found[0]] = str(layer)
+    return ".".join(parts)
 
 
 # ---- the translation ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SliceSource:
+    """One source of a slice: layers [start, end) of a model, with its own parameter settings."""
+
+    path: str
+    start: int
+    end: int
+    settings: tuple[Mapping[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One output slice: its sources (the same number of layers each) and its own parameters."""
+
+    sources: tuple[SliceSource, ...]
+    settings: tuple[Mapping[str, Any], ...]
+
+    @property
+    def length(self) -> int:
+        return self.sources[0].end - self.sources[0].start
+
 
 @dataclass
 class Translation:
@@ -456,7 +543,7 @@ class Translation:
     base: str | None
     models: list[Source]
     global_params: dict[str, Any]
-    slices: list[tuple[int, int, tuple[Mapping[str, Any], ...], dict[str, tuple[Mapping[str, Any], ...]]]]
+    slices: list[Slice]
     out_dtype: str | None
     tokenizer_source: str | None
     #: One line per parameter of the config that the method does not use (dropped, as mergekit does).
@@ -548,12 +635,16 @@ def _check_count(n: int, what: str) -> None:
 
 
 def _translate_slices(slices: Any, base: str | None, method: str,
-                      ignored: list[str]) -> tuple[list[Source], list[Any]]:
+                      ignored: list[str]) -> tuple[list[Source], list[Slice]]:
+    """The slices of a config (mergekit's output slices) and every model they name, in order of
+    first appearance. Checked here without reading files: each source a model and a
+    ``layer_range`` [start, end) with 0 <= start < end, every source of a slice the same number
+    of layers and a different model, one source per slice for passthrough (mergekit's passthrough
+    merges a single input per tensor). Whether the ranges fit the models is `to_spec`'s check."""
     if not isinstance(slices, list) or not slices:
         raise InputError("slices: must be a non-empty list")
-    order: list[str] | None = None
-    out: list[Any] = []
-    expected_start = 0
+    out: list[Slice] = []
+    order: dict[str, str] = {}  # model key -> path, in order of first appearance
     for si, s in enumerate(slices):
         w = f"slices[{si}]"
         if not isinstance(s, dict):
@@ -565,36 +656,136 @@ def _translate_slices(slices: Any, base: str | None, method: str,
         if not isinstance(srcs, list) or not srcs:
             raise InputError(f"{w}.sources must be a non-empty list")
         _check_count(len(srcs), f"{w}.sources")
-        paths, ranges, settings = [], set(), []
+        if method == "passthrough" and len(srcs) != 1:
+            raise InputError(f"{w} has {len(srcs)} sources: passthrough copies each tensor from one model, so a "
+                             "slice takes one source (mergekit's passthrough takes a single input)")
+        sources = []
         for j, src in enumerate(srcs):
             ws = f"{w}.sources[{j}]"
             if not isinstance(src, dict):
                 raise InputError(f"{ws} must be a mapping")
             _check_keys(src, {"model", "layer_range", "parameters"}, ws)
-            paths.append(_model_ref(src.get("model"), ws))
+            path = _model_ref(src.get("model"), ws)
             lr = src.get("layer_range")
-            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) for x in lr) and lr[0] < lr[1]):
-                raise InputError(f"{ws}.layer_range must be [start, end) with start < end")
-            ranges.add(tuple(lr))
-            settings.append((_params_of(src.get("parameters"), ws, method, ignored, paths[-1]),))
-        if len(set(paths)) != len(paths):
+            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                  for x in lr)):
+                raise InputError(f"{ws}.layer_range must be [start, end), two layer numbers, got {_show(lr)}")
+            if lr[0] < 0 or lr[0] >= lr[1]:
+                raise InputError(f"{ws}.layer_range {_show(lr)} is reversed or empty: give [start, end) with "
+                                 "0 <= start < end (layers start to end - 1)")
+            settings = (_params_of(src.get("parameters"), ws, method, ignored, path),)
+            sources.append(SliceSource(path, lr[0], lr[1], settings))
+            order.setdefault(_key(path), path)
+        keys = [_key(x.path) for x in sources]
+        if len(set(keys)) != len(keys):
             raise InputError(f"{w}: a model appears twice in one slice (each slice takes each model once)")
-        if order is None:
-            order = paths
-        elif paths != order:
-            raise InputError(f"{w}: slices must take the same models in the same order (whole-model merges only)")
-        if len(ranges) != 1:
-            raise InputError(f"{w}: all sources of a slice must have the same layer_range (layer remapping is not supported)")
-        start, end = next(iter(ranges))
-        if start != expected_start:
-            raise InputError(f"{w}: layer_range starts at {start} but the previous slice ended at {expected_start} "
-                             "(slices must cover the layers in order)")
-        expected_start = end
-        out.append((start, end, (_params_of(s.get("parameters"), w, method, ignored),),
-                    {_key(p): st for p, st in zip(paths, settings)}))
-    assert order is not None
-    models = [Source(p, ()) for p in order]
-    return models, out
+        lengths = {x.end - x.start for x in sources}
+        if len(lengths) != 1:
+            raise InputError(f"{w}: its sources take {' and '.join(str(n) for n in sorted(lengths))} layers: every "
+                             "source of a slice must take the same number of layers (as mergekit requires)")
+        out.append(Slice(tuple(sources), (_params_of(s.get("parameters"), w, method, ignored),)))
+    return [Source(p, ()) for p in order.values()], out
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where one output tensor of a sliced merge comes from: its slice (whose parameters apply),
+    its position t there (mergekit's: layer i of a slice of L layers at i / (L - 1), 1 for a
+    slice of one layer, 0 outside the layers), and the name each model taking part (by index)
+    holds it under."""
+
+    slice: int
+    t: float
+    sources: dict[int, str]
+
+
+def _tensor_order(path: str) -> list[str]:
+    """The tensor names of a checkpoint (its header only)."""
+    from umerge.merge import inspect
+
+    info = inspect(path)
+    if not info.get("valid", False):
+        raise InputError(f"cannot read checkpoint: {info.get('error', 'invalid')} ({path})")
+    return [t["name"] for t in info["tensors"]]
+
+
+def _sliced_inputs(tr: Translation) -> tuple[list[Source], str | None, list[dict[str, Any]], dict[str, _Route]]:
+    """A sliced config in engine terms: the models (each once, in order of first appearance; the
+    base apart when the method uses one), the base, the spec's slices, and every output tensor's
+    route, worked out as the engine's planner does (`plan.rs`): output layer j of a slice takes
+    layer start + (j - the slice's first output layer) of each source; the tensors outside the
+    layers come from the first slice's sources, or from the last's when they sit after the layers."""
+    method = tr.method
+    base = tr.base if tr.base is not None and method in BASE_REQUIRED | BASE_OPTIONAL else None
+    base_key = _key(base) if base is not None else None
+    models: list[Source] = []
+    index: dict[str, int] = {}
+    orders: dict[str, list[str]] = {}
+    for sl in tr.slices:
+        for x in sl.sources:
+            k = _key(x.path)
+            if k != base_key and k not in index:
+                index[k] = len(models)
+                models.append(Source(x.path, ()))
+            if k not in orders:
+                orders[k] = _tensor_order(x.path)
+    by_layer: dict[str, dict[int, list[str]]] = {}
+    for k, order in orders.items():
+        layers: dict[int, list[str]] = {}
+        for n in order:
+            i = layer_of(n)
+            if i is not None:
+                layers.setdefault(i, []).append(n)
+        by_layer[k] = layers
+
+    spec_slices: list[dict[str, Any]] = []
+    for si, sl in enumerate(tr.slices):
+        if base_key is not None and base_key not in [_key(x.path) for x in sl.sources]:
+            why = "merges task vectors from the base" if method in BASE_REQUIRED else "uses the base_model given"
+            raise InputError(f"slices[{si}] does not list base_model {base} among its sources: {method} {why}, so "
+                             "the base must be in every slice (as mergekit requires)")
+        entry: dict[str, Any] = {"sources": []}
+        for j, x in enumerate(sl.sources):
+            have = max(by_layer[_key(x.path)], default=-1) + 1
+            if x.end > have:
+                raise InputError(f"slices[{si}].sources[{j}].layer_range [{x.start}, {x.end}] goes past the {have} "
+                                 f"layers of {x.path} (layers 0 to {have - 1})")
+            if _key(x.path) == base_key:
+                entry["base_layer_range"] = [x.start, x.end]
+            else:
+                entry["sources"].append({"model": index[_key(x.path)], "layer_range": [x.start, x.end]})
+        if not entry["sources"]:
+            raise InputError(f"slices[{si}] takes only the base: give it at least one other model")
+        spec_slices.append(entry)
+
+    routes: dict[str, _Route] = {}
+
+    def taking_part(sl: Slice) -> list[tuple[SliceSource, int | None]]:
+        """The slice's sources with their model index (None for the base)."""
+        return [(x, None if _key(x.path) == base_key else index[_key(x.path)]) for x in sl.sources]
+
+    def outside(si: int, after: bool) -> None:
+        ins = taking_part(tr.slices[si])
+        for x, _ in ins:
+            for n in orders[_key(x.path)]:
+                if layer_of(n) is None and _after_layers(n) == after and n not in routes:
+                    routes[n] = _Route(si, 0.0, {m: n for _, m in ins if m is not None})
+
+    outside(0, False)
+    out_layer = 0
+    for si, sl in enumerate(tr.slices):
+        ins = taking_part(sl)
+        for offset in range(sl.length):
+            t = offset / (sl.length - 1) if sl.length > 1 else 1.0
+            for x, _ in ins:
+                for n in by_layer[_key(x.path)].get(x.start + offset, []):
+                    out = with_layer(n, out_layer)
+                    if out not in routes:
+                        routes[out] = _Route(si, t, {m: with_layer(out, y.start + offset) for y, m in ins
+                                                     if m is not None})
+            out_layer += 1
+    outside(len(tr.slices) - 1, True)
+    return models, base, spec_slices, routes
 
 
 def _method_and_params(tr: Translation) -> tuple[str, dict[str, Any]]:
@@ -614,10 +805,10 @@ def _all_settings(tr: Translation) -> list[Mapping[str, Any]]:
     out: list[Mapping[str, Any]] = [tr.global_params]
     for m in tr.models:
         out.extend(m.settings)
-    for _, _, ss, per in tr.slices:
-        out.extend(ss)
-        for p in per.values():
-            out.extend(p)
+    for sl in tr.slices:
+        out.extend(sl.settings)
+        for src in sl.sources:
+            out.extend(src.settings)
     return out
 
 
@@ -662,67 +853,95 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
     keys = {k for s in _all_settings(tr) for k in s}  # translate kept only the method's parameters
 
     method = tr.method
-    models = list(tr.models)
-    base = tr.base
-    # linear, karcher: mergekit merges the base as one more input when it is not listed.
-    if method in BASE_AS_INPUT and base is not None:
-        if _key(base) not in [_key(m.path) for m in models]:
-            models.append(Source(base, ()))
-        base = None
-    elif base is not None:
-        models = [m for m in models if _key(m.path) != _key(base)]  # the base listed among models is the base
-    if method in ("slerp", "model_stock", "nearswap", *TASK_VECTOR) and tr.base is None:
+    if method in BASE_REQUIRED and tr.base is None:
         raise InputError(f"{method} needs base_model in the config")
-    if method in ("slerp", "nearswap") and len(models) != 1:
-        raise InputError(f"{method} takes base_model and exactly one other model, got {len(models)} others")
-    if method == "nuslerp" and len(models) != 2:
-        raise InputError(f"nuslerp takes exactly two models besides base_model, got {len(models)}")
+    # Per tensor: who takes part (model index -> the name it holds the tensor under), which slice
+    # gives its parameters and its position t (see `_Route`).
+    routes: dict[str, _Route] = {}
+    spec_slices: list[dict[str, Any]] = []
+    if tr.slices:
+        models, base, spec_slices, routes = _sliced_inputs(tr)
+        groups = [[x for x in sl.sources if base is None or _key(x.path) != _key(base)] for sl in tr.slices]
+        counts = [len(g) for g in groups]
+    else:
+        models = list(tr.models)
+        base = tr.base
+        # linear, karcher: mergekit merges the base as one more input when it is not listed.
+        if method in BASE_AS_INPUT and base is not None:
+            if _key(base) not in [_key(m.path) for m in models]:
+                models.append(Source(base, ()))
+            base = None
+        elif method == "passthrough" and base is not None:
+            # mergekit adds a base that is not listed as one more input, which passthrough refuses.
+            if _key(base) not in [_key(m.path) for m in models]:
+                raise InputError(f"passthrough copies one model, but base_model {base} is not it: mergekit would "
+                                 "merge it as a second input (drop base_model, or make it the model)")
+            base = None
+        elif base is not None:
+            models = [m for m in models if _key(m.path) != _key(base)]  # the base listed among models is the base
+        counts = [len(models)]
+    if method == "passthrough" and not tr.slices and len(models) != 1:
+        raise InputError(f"passthrough copies one model, got {len(models)} in models: (use slices: with one source "
+                         "each to stack the layers of several)")
+    for n in counts:
+        if method in ("slerp", "nearswap") and n != 1:
+            raise InputError(f"{method} takes base_model and exactly one other model, got {n} others"
+                             + (" in a slice" if tr.slices else ""))
+        if method == "nuslerp" and n != 2:
+            raise InputError(f"nuslerp takes exactly two models besides base_model, got {n}"
+                             + (" in a slice" if tr.slices else ""))
 
-    per_tensor = bool(tr.slices and (len(tr.slices) > 1 or any(s for _, _, ss, per in tr.slices
-                                                               for s in (*ss, *[x for p in per.values() for x in p]))))
-    per_tensor = per_tensor or any(_has_gradient(v) for s in _all_settings(tr) for v in s.values())
-    names: list[str] = []
+    per_tensor = bool(tr.slices) or any(_has_gradient(v) for s in _all_settings(tr) for v in s.values())
+    names: list[str] = list(routes)
     n_layers = 0
-    if per_tensor:
+    if per_tensor and not tr.slices:
         names = tensor_names([p for p in ([tr.base] if tr.base else []) + [m.path for m in models]])
         idx = [layer_of(n) for n in names]
         n_layers = max((i for i in idx if i is not None), default=-1) + 1
-        if tr.slices and tr.slices[-1][1] != n_layers:
-            raise InputError(f"slices cover layers [0, {tr.slices[-1][1]}) but the models have {n_layers} layers")
 
-    # Settings in precedence order for a model (or None = shared) and a tensor.
-    def chain(model: int | None, name: str) -> tuple[tuple[Mapping[str, Any], ...], float]:
-        layer = layer_of(name)
+    # Settings in precedence order for a model (or None = shared) and a tensor, the tensor's
+    # position t, and the name a filter is matched against: mergekit matches the parameters of
+    # an input against the input's own tensor name (its layer before renumbering), the shared
+    # ones against the output's. None when the model takes no part in the tensor.
+    def chain(model: int | None, name: str) -> tuple[tuple[Mapping[str, Any], ...], float, str] | None:
         if tr.slices:
-            if layer is None:
-                k = 0 if not _after_layers(name) else len(tr.slices) - 1
-                t = 0.0
-            else:
-                k = next(i for i, (a, b, _, _) in enumerate(tr.slices) if a <= layer < b)
-                a, b = tr.slices[k][0], tr.slices[k][1]
-                t = (layer - a) / (b - a - 1) if b - a > 1 else 1.0
-            _, _, ss, per = tr.slices[k]
-            mine = per.get(_key(models[model].path), ()) if model is not None else ()
-            return (*mine, *ss, tr.global_params), t
+            route = routes[name]
+            sl = tr.slices[route.slice]
+            if model is None:
+                return (*sl.settings, tr.global_params), route.t, name
+            at = route.sources.get(model)
+            if at is None:
+                return None
+            key = _key(models[model].path)
+            mine = next((x.settings for x in sl.sources if _key(x.path) == key), ())
+            return (*mine, *sl.settings, tr.global_params), route.t, at
+        layer = layer_of(name)
         t = 0.0 if layer is None else (layer / (n_layers - 1) if n_layers > 1 else 1.0)
         mine = models[model].settings if model is not None else ()
-        return (*mine, tr.global_params), t
+        return (*mine, tr.global_params), t, name
 
     def resolve(key: str, model: int | None) -> Any:
         """The engine value of `key` for a model (or shared), or None when nothing sets it."""
         if per_tensor:
             pairs = []
+            taking_part = 0
             for n in names:
-                settings, t = chain(model, n)
+                link = chain(model, n)
+                if link is None:
+                    continue
+                taking_part += 1
+                settings, t, at = link
                 for s in settings:
                     if key in s:
-                        v = evaluate(s[key], n, t)
+                        v = evaluate(s[key], at, t)
                         if v is not None:
                             pairs.append((n, v))
                             break
             if not pairs:
                 return None
-            if len({json.dumps(v) for _, v in pairs}) == 1 and len(pairs) == len(names):
+            # One value wherever the model takes part (the engine applies a model's parameters
+            # only to the tensors it takes part in): a scalar.
+            if len({json.dumps(v) for _, v in pairs}) == 1 and len(pairs) == taking_part:
                 return pairs[0][1]
             pairs.sort(key=lambda p: -len(p[0]))
             return [{"filter": n, "value": v} for n, v in pairs]
@@ -738,7 +957,7 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
         return _to_engine(v)
 
     method, defaults = _method_and_params(tr)
-    per_model_keys = {"weight", "density", "gamma", "epsilon"}
+    per_model_keys = PER_MODEL_KEYS
     global_params: dict[str, Any] = {}
     for k in sorted(keys - per_model_keys):
         v = resolve(k, None)
@@ -749,7 +968,9 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
         mp: dict[str, Any] = {}
         for k in sorted(keys & per_model_keys):
             v = resolve(k, i) if i < len(models) and (models[i].settings or tr.slices) else None
-            if v is None:
+            if v is None and not tr.slices:
+                # (a sliced model's chain already holds the slice's and the global settings, at the
+                # model's own tensor names; the shared ones would only add tensors it is not part of)
                 v = resolve(k, None)
             if v is not None:
                 mp[k] = v
@@ -782,6 +1003,8 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
     out_dtype = options.pop("out_dtype", None) or tr.out_dtype  # the command line wins over the config
     spec = build_spec(method, [m.path for m in models], base=base if method not in BASE_AS_INPUT else None,
                       params=global_params, model_params=model_params, out=out, out_dtype=out_dtype, **options)
+    if spec_slices:
+        spec["slices"] = spec_slices
     if out_shard_params is not None:
         spec["max_shard_size"] = shard_bytes(out_shard_params, spec)
     tok = tr.tokenizer_source if tr.tokenizer_source not in (None, "base") else None
@@ -811,8 +1034,14 @@ def shard_bytes(n_params: int, spec: Mapping[str, Any]) -> int:
     return n_params * max((_DTYPE_BYTES.get(d, 4) for d in info["elements_by_dtype"]), default=4)
 
 
+#: Name parts of the tensors outside the layers that sit after them (the engine's `params::after_layers`).
+AFTER_LAYERS = ("lm_head", "embed_out", "ln_f", "final_layer_norm", "model.norm", "norm.weight", "norm.bias")
+
+
 def _after_layers(name: str) -> bool:
-    return any(p in name for p in ("lm_head", "model.norm", "embed_out", "ln_f", "final_layer_norm"))
+    """True for a tensor after the layers (final norm, lm_head): in slices it comes from the last
+    slice, as mergekit's post-weights do; the other tensors outside the layers from the first."""
+    return layer_of(name) is None and any(p in name for p in AFTER_LAYERS)
 
 
 def _map_method(method: str, g: dict[str, Any], mps: list[dict[str, Any]]) -> tuple[str, dict[str, Any], list[dict[str, Any]]]:
@@ -881,13 +1110,20 @@ def run(config_path: str | os.PathLike[str], out: str | os.PathLike[str], *, see
 
     `options` go to `to_spec` (random_seed, out_shard_params) and `umerge.merge.build_spec`."""
     from umerge.adapters.recipe import is_adapter_config, run_recipe
-    from umerge.merge import MergeReport, run_spec
 
     config = load_config(config_path)
     if is_adapter_config(config):  # models: that are all LoRA adapters: merged factor-wise, not by the engine
         return run_recipe(config, out, where=str(config_path), seed=seed, progress=progress, **options)
+    return run_config(config, out, where=str(config_path), seed=seed, progress=progress, **options)
+
+
+def run_config(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: str = "config",
+               seed: int | None = None, progress: Any = True, **options: Any) -> Any:
+    """Runs one mergekit config (a dict, see `run`); `where` names it in error messages."""
+    from umerge.merge import MergeReport, run_spec
+
     config_warnings: list[str] = []
-    spec, tok = to_spec(config, out, where=str(config_path), seed=seed, warn=config_warnings.append, **options)
+    spec, tok = to_spec(config, out, where=where, seed=seed, warn=config_warnings.append, **options)
     if tok is not None and not Path(tok).is_dir():
         raise InputError(f"tokenizer_source is not a directory ({tok})")
     _check_readable([p for p in [spec.get("base"), *(m["path"] for m in spec["models"])] if p is not None])
@@ -927,5 +1163,5 @@ def _problems(problems: Sequence[str], what: str) -> None:
     raise InputError(f"{len(problems)} {what}: {shown}{more}")
 
 
-__all__ = ["ConfigWarning", "load_config", "parse_config", "translate", "to_spec", "run", "evaluate", "tensor_names",
-           "copy_tokenizer", "shard_bytes"]
+__all__ = ["ConfigWarning", "load_config", "load_documents", "parse_config", "parse_documents", "translate", "to_spec",
+           "run", "run_config", "evaluate", "tensor_names", "copy_tokenizer", "shard_bytes", "layer_of", "with_layer"]

@@ -401,50 +401,80 @@ def methods_cmd(as_json: bool) -> None:
 @click.argument("out_path", required=False, metavar="[OUT]")
 @click.option("--seed", type=click.IntRange(min=0), default=None,
               help="Seed of the random masks (dare_*, della*; default 0, recorded in the recipe).")
-@click.option("--print-spec", is_flag=True, help="Print the engine spec the config becomes, and exit without merging.")
+@click.option("--print-spec", is_flag=True,
+              help="Print the engine spec the config becomes (for a multi-document config: its stages, in the "
+                   "order they run), and exit without merging.")
+@click.option("-I", "--intermediate-dir", type=click.Path(file_okay=False), default=None,
+              help="Multi-document configs: where the named documents' outputs go, as DIR/NAME "
+                   "(default: OUT-intermediate beside OUT).")
+@click.option("--keep-intermediate", is_flag=True,
+              help="Multi-document configs: keep the named documents' outputs (default: removed once OUT is written).")
+@click.option("--out-path", "multi_out", default=None, hidden=True)  # mergekit-multi's name for OUT
 @output_options
 @mergekit_flags.add_options
 @click.pass_context
 def run_cmd(ctx: click.Context, config: str, out_path: str | None, seed: int | None, print_spec: bool,
-            **kw: Any) -> None:
+            intermediate_dir: str | None, keep_intermediate: bool, multi_out: str | None, **kw: Any) -> None:
     """Run a mergekit YAML CONFIG with the umerge engine, writing OUT (or -o).
 
     \b
-    Supports models: or slices: (each slice taking every model once, in layer order),
+    Supports models: or slices: (layer stacking: each slice takes a layer_range of
+    each of its sources, the same number of layers from each; the output's layers are
+    the slices' in order, renumbered, and config.json's layer count follows),
     merge_method linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
     breadcrumbs_ties, della, della_linear, slerp, model_stock, nuslerp, multislerp,
-    karcher, nearswap; base_model; global and per-model parameters, filter rules,
-    gradients; dtype, out_dtype; tokenizer_source base or a model. Anything else is an error,
-    except a mergekit parameter the method does not use (weight on slerp): ignored with a
-    warning, as mergekit ignores it.
+    karcher, nearswap, passthrough (copy, times its scale parameter: one model, or one
+    source per slice, as mergekit's frankenmerges); base_model; global, per-slice and
+    per-model parameters, filter rules, gradients; dtype, out_dtype; tokenizer_source
+    base or a model. Anything else is an error, except a mergekit parameter the method
+    does not use (weight on slerp): ignored with a warning, as mergekit ignores it.
     Models are local directories (a Hub id: hf download ID --local-dir DIR first).
     models: that are all PEFT LoRA adapters are merged factor-wise (PEFT semantics, as
     `umerge ties A/ B/ --base BASE`) and folded into base_model; such a recipe also takes
     majority_sign (total|frequency) and seed (DARE) parameters: `umerge search` writes them.
 
     \b
+    A multi-document CONFIG (mergekit-multi: documents separated by ---, each with
+    name:, later ones naming earlier ones as models) runs its documents in dependency
+    order: the named ones to --intermediate-dir/NAME (removed at the end unless
+    --keep-intermediate), the unnamed one (else the last) to OUT. Everything is
+    checked before the first merge starts: a cycle or a name that is neither a
+    document nor a path is an error, and nothing is written. --out-dtype sets
+    OUT's dtype only (the stages keep their configs' dtypes).
+
+    \b
     mergekit-yaml's command line works as it is: OUT as the second argument,
     bfloat16/float16/float32 for --out-dtype, and its flags (the table below):
     -j is --threads, --random-seed is --seed, --out-shard-size (parameters) sets
     --max-shard-size (bytes); --cuda, --lazy-unpickle, --copy-tokenizer and the
-    like are accepted with a note saying what umerge does instead.
+    like are accepted with a note saying what umerge does instead. mergekit-multi's
+    --intermediate-dir and --out-path work too.
 
     \b
     Examples:
         umerge run merge.yml -o merged/
         umerge run merge.yml merged/ --cuda -j 8     # as mergekit-yaml
+        umerge run frankenmerge.yml -o big/          # passthrough with slices
+        umerge run multi.yml -o final/ --keep-intermediate -I stages/
     """
-    from umerge import mergekit_yaml
+    from umerge import mergekit_multi, mergekit_yaml
     from umerge.errors import InputError
 
     mapped, notes = mergekit_flags.apply(kw)
-    if out_path is not None:
-        given = ctx.get_parameter_source("out") is click.core.ParameterSource.COMMANDLINE
-        if given and os.path.normpath(kw["out"]) != os.path.normpath(out_path):
-            raise InputError(f"two outputs given, {out_path} (the second argument) and -o {kw['out']}: give one")
-        kw["out"] = out_path
+    given = ctx.get_parameter_source("out") is click.core.ParameterSource.COMMANDLINE
+    for other, what in ((out_path, "the second argument"), (multi_out, "--out-path")):
+        if other is None:
+            continue
+        if given and os.path.normpath(kw["out"]) != os.path.normpath(other):
+            raise InputError(f"two outputs given, {other} ({what}) and -o {kw['out']}: give one")
+        kw["out"], given = other, True
     kw["threads"] = mapped.pop("threads", kw["threads"])
     quiet = kw["quiet"]
+    docs = mergekit_yaml.load_documents(config)
+    multi = mergekit_multi.is_multi(docs)
+    if not multi and (intermediate_dir is not None or keep_intermediate):
+        raise InputError(f"--intermediate-dir and --keep-intermediate apply to multi-document configs (several YAML "
+                         f"documents, each with name:), and {config} has one")
     if print_spec:
         from umerge.adapters.recipe import is_adapter_config, request_of
 
@@ -455,9 +485,13 @@ def run_cmd(ctx: click.Context, config: str, out_path: str | None, seed: int | N
         opts = _opts(dict(kw))
         opts.pop("progress")
         out = opts.pop("out")
+        if multi:
+            stages = mergekit_multi.check(docs, out, config, intermediate_dir)
+            _notes(notes)
+            click.echo(json.dumps(mergekit_multi.describe(stages), indent=2))
+            return
         ignored: list[str] = []  # parameters the method does not use, said after the spec is built
-        spec, _ = mergekit_yaml.to_spec(mergekit_yaml.load_config(config), out, where=config, seed=seed,
-                                        warn=ignored.append, **mapped, **opts)
+        spec, _ = mergekit_yaml.to_spec(docs[0], out, where=config, seed=seed, warn=ignored.append, **mapped, **opts)
         _notes(notes)
         for line in ignored:
             click.echo(f"umerge: warning: {line}", err=True)
@@ -465,7 +499,15 @@ def run_cmd(ctx: click.Context, config: str, out_path: str | None, seed: int | N
         return
     opts = _opts(kw)
     out = opts.pop("out")
-    report = mergekit_yaml.run(config, out, seed=seed, **mapped, **opts)
+    if multi:
+        def say(stage: mergekit_multi.Stage, k: int, n: int) -> None:
+            if not quiet:
+                click.echo(f"umerge: {stage.label} ({k} of {n}) -> {stage.out}", err=True)
+
+        report = mergekit_multi.run(docs, out, where=config, intermediate_dir=intermediate_dir,
+                                    keep_intermediate=keep_intermediate, seed=seed, on_stage=say, **mapped, **opts)
+    else:
+        report = mergekit_yaml.run_config(docs[0], out, where=config, seed=seed, **mapped, **opts)
     _notes(notes)  # once the merge is done, so that a failure stays one line
     _finish(report, quiet)
 

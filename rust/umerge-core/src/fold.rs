@@ -38,7 +38,7 @@ use crate::methods::{self, BaseUse, TensorCtx};
 use crate::params::{layer_index, layer_position, ParamMap, Params, TensorPos};
 use crate::report::{peak_rss_bytes, Report};
 use crate::spec::{self, OutputOptions};
-use crate::write::{OutTensor, Output};
+use crate::write::{ConfigEdits, OutTensor, Output};
 use crate::Progress;
 
 /// Suffix of a LoRA A factor.
@@ -450,7 +450,7 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
                 let Some(w) = base.tensors.get(name) else { continue };
                 let dtype = out_tensors[ti].dtype;
                 let Some(t) = targets.get(name) else {
-                    exec::copy_tensor_from(&base, w, dtype, name, ti, &out, check_finite, Some(beside.step(ti)))?;
+                    exec::copy_tensor_from(&base, w, dtype, name, ti, &out, check_finite, None, Some(beside.step(ti)))?;
                     beside.written(ti, w.nbytes())?;
                     continue;
                 };
@@ -509,7 +509,8 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
         Some(m) => format!("fold ({})", m.describe()),
         None => "fold".to_string(),
     };
-    out.finish(&out_tensors, Some(&base.dir), out_dtype.or(float_dtype), &exec::fold_recipe_yaml(spec), &digests)?;
+    let edits = ConfigEdits { float_dtype: out_dtype.or(float_dtype), num_layers: None };
+    out.finish(&out_tensors, Some(&base.dir), edits, &exec::fold_recipe_yaml(spec), &digests)?;
     Ok(Report {
         method: described,
         output: target,

@@ -145,17 +145,39 @@ impl Params {
     }
 }
 
-/// Layer index of a tensor name (`model.layers.12.mlp...` -> 12), for gradients.
-pub fn layer_index(name: &str) -> Option<usize> {
+/// The layer number of a tensor name: its position among the dot-separated parts and its value
+/// (`model.layers.12.mlp...` -> (2, 12)).
+fn layer_part(name: &str) -> Option<(usize, usize)> {
     let parts: Vec<&str> = name.split('.').collect();
-    for w in parts.windows(2) {
+    for (k, w) in parts.windows(2).enumerate() {
         if matches!(w[0], "layers" | "h" | "blocks" | "layer" | "block") {
             if let Ok(i) = w[1].parse::<usize>() {
-                return Some(i);
+                return Some((k + 1, i));
             }
         }
     }
     None
+}
+
+/// Layer index of a tensor name (`model.layers.12.mlp...` -> 12), for gradients.
+pub fn layer_index(name: &str) -> Option<usize> {
+    layer_part(name).map(|(_, i)| i)
+}
+
+/// The same tensor name in layer `layer` (`model.layers.12.mlp.w`, 3 -> `model.layers.3.mlp.w`);
+/// `None` for a name outside the layers. The part replaced is the one [`layer_index`] reads.
+pub fn with_layer(name: &str, layer: usize) -> Option<String> {
+    let (k, _) = layer_part(name)?;
+    let mut parts: Vec<String> = name.split('.').map(str::to_string).collect();
+    parts[k] = layer.to_string();
+    Some(parts.join("."))
+}
+
+/// True for a tensor outside the layers that sits after them (final norm, lm_head), false for
+/// one before them (embeddings) and for layer tensors.
+pub fn after_layers(name: &str) -> bool {
+    let after = ["lm_head", "embed_out", "ln_f", "final_layer_norm", "model.norm", "norm.weight", "norm.bias"];
+    layer_index(name).is_none() && after.iter().any(|p| name.contains(p))
 }
 
 /// Position `t` of a tensor in the layer stack, given the number of layers.
@@ -163,14 +185,8 @@ pub fn layer_position(name: &str, num_layers: usize) -> f64 {
     match layer_index(name) {
         Some(i) if num_layers > 1 => i as f64 / (num_layers - 1) as f64,
         Some(_) => 0.0,
-        None => {
-            let after = ["lm_head", "embed_out", "ln_f", "final_layer_norm", "model.norm", "norm.weight", "norm.bias"];
-            if after.iter().any(|p| name.contains(p)) {
-                1.0
-            } else {
-                0.0
-            }
-        }
+        None if after_layers(name) => 1.0,
+        None => 0.0,
     }
 }
 
@@ -208,5 +224,14 @@ mod tests {
         assert_eq!(layer_position("model.layers.3.mlp.up_proj.weight", 4), 1.0);
         assert_eq!(layer_position("model.embed_tokens.weight", 4), 0.0);
         assert_eq!(layer_position("lm_head.weight", 4), 1.0);
+    }
+
+    #[test]
+    fn layers_renumber_and_outside_tensors_sit_before_or_after() {
+        assert_eq!(with_layer("model.layers.12.mlp.up_proj.weight", 3).as_deref(), Some("model.layers.3.mlp.up_proj.weight"));
+        assert_eq!(with_layer("transformer.h.0.attn.c_attn.weight", 10).as_deref(), Some("transformer.h.10.attn.c_attn.weight"));
+        assert_eq!(with_layer("model.embed_tokens.weight", 1), None);
+        assert!(after_layers("model.norm.weight") && after_layers("lm_head.weight") && after_layers("transformer.ln_f.bias"));
+        assert!(!after_layers("model.embed_tokens.weight") && !after_layers("model.layers.1.input_layernorm.weight"));
     }
 }

@@ -48,7 +48,7 @@ use crate::exec::readahead::{PagePolicy, ReadAhead, Span};
 use crate::exec::{self, MappedSource, Source};
 use crate::report::{peak_rss_bytes, Report};
 use crate::spec::{self, OutputOptions};
-use crate::write::{OutTensor, Output};
+use crate::write::{ConfigEdits, OutTensor, Output};
 use crate::Progress;
 
 /// The bit widths the quantizer takes.
@@ -260,7 +260,7 @@ pub fn quantize(spec: &QuantizeSpec, progress: Option<Progress<'_>>) -> Result<R
                     pool.install(|| quantize_tensor(&src, w.shape[0], w.shape[1], spec.group_size, qmax, dtype, &out, ti, chunk))?;
                     out.start_writeback(ti, out_tensors[ti].nbytes());
                 } else {
-                    exec::copy_tensor_from(&model, w, dtype, name, ti, &out, check_finite, Some(beside.step(ti)))?;
+                    exec::copy_tensor_from(&model, w, dtype, name, ti, &out, check_finite, None, Some(beside.step(ti)))?;
                 }
                 beside.written(ti, w.nbytes())?;
             }
@@ -275,7 +275,8 @@ pub fn quantize(spec: &QuantizeSpec, progress: Option<Progress<'_>>) -> Result<R
     let shards = out.layout.shards.len();
     let group = spec.group_size.map_or("per row".to_string(), |g| format!("group {g}"));
     let described = format!("quantize (int{}, {group}, {} of {} tensors)", spec.bits, spec.tensors.len(), out_tensors.len());
-    out.finish(&out_tensors, Some(&model.dir), out_dtype.or(float_dtype), &exec::quantize_recipe_yaml(spec), &digests)?;
+    let edits = ConfigEdits { float_dtype: out_dtype.or(float_dtype), num_layers: None };
+    out.finish(&out_tensors, Some(&model.dir), edits, &exec::quantize_recipe_yaml(spec), &digests)?;
     Ok(Report {
         method: described,
         output: target,

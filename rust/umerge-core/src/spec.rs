@@ -16,6 +16,13 @@
 //!
 //! Only `method`, `models` and `out` are required. Parameter values follow `params` (scalars,
 //! gradients, filter rules).
+//!
+//! `slices` stacks layers (mergekit's `slices:`): the output's layers are each slice's layers in
+//! order, every source of a slice giving its own run of layers of the same length, so
+//! `[{"sources": [{"model": 0, "layer_range": [0, 16]}]}, {"sources": [{"model": 1, "layer_range":
+//! [8, 24]}]}]` makes 32 layers, 0-15 from model 0's 0-15 and 16-31 from model 1's 8-23 (see
+//! `plan`). Method `passthrough` copies each output tensor from its single source, times the
+//! model's `scale` parameter where one is given.
 
 use std::path::PathBuf;
 
@@ -140,9 +147,37 @@ pub struct MergeSpec {
     /// Refuse tensors missing from some models instead of merging over those that have them.
     #[serde(default)]
     pub strict: bool,
+    /// Layer stacking: the output's layers, slice by slice (empty: every model's layers as they are).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slices: Vec<SliceSpec>,
     /// Output directory, dtype and resources (flat in JSON).
     #[serde(skip)]
     pub output: OutputOptions,
+}
+
+/// One slice of the output's layers (mergekit's output slice): the same number of consecutive
+/// layers from each source, merged layer by layer. The tensors outside the layers (embeddings,
+/// final norm, lm_head) come from the first slice's sources when they sit before the layers and
+/// from the last slice's when they sit after them, as in mergekit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SliceSpec {
+    /// The models this slice takes layers from, each at most once.
+    pub sources: Vec<SliceSource>,
+    /// The base's layers for this slice, when the method uses the base (it must then be one of
+    /// the slice's inputs, as in mergekit); `[start, end)` of the same length as the sources'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_layer_range: Option<[usize; 2]>,
+}
+
+/// One source of a slice: a run of layers of one model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SliceSource {
+    /// Index of the model in the spec's `models`.
+    pub model: usize,
+    /// `[start, end)`: the model's layers start to end - 1, in order.
+    pub layer_range: [usize; 2],
 }
 
 impl<'de> Deserialize<'de> for MergeSpec {
@@ -187,6 +222,26 @@ mod tests {
         assert_eq!(back, want);
         let minimal = MergeSpec::from_json(r#"{"method": "linear", "models": [{"path": "a"}], "out": "o"}"#).unwrap();
         assert!(minimal.output.out_dtype.is_none() && !minimal.output.overwrite && !minimal.strict);
+    }
+
+    #[test]
+    fn slices_read_and_write_and_refuse_unknown_fields() {
+        let text = r#"{"method": "ties", "models": [{"path": "a"}], "base": "b", "out": "o", "strict": false,
+            "slices": [{"sources": [{"model": 0, "layer_range": [0, 2]}], "base_layer_range": [1, 3]},
+                       {"sources": [{"model": 0, "layer_range": [4, 5]}]}]}"#;
+        let spec = MergeSpec::from_json(text).unwrap();
+        assert_eq!(spec.slices.len(), 2);
+        assert_eq!((spec.slices[0].sources[0].model, spec.slices[0].sources[0].layer_range), (0, [0, 2]));
+        assert_eq!((spec.slices[0].base_layer_range, spec.slices[1].base_layer_range), (Some([1, 3]), None));
+        let mut want: Value = serde_json::from_str(text).unwrap();
+        want["params"] = serde_json::json!({});
+        want["overwrite"] = false.into();
+        want["allow_nonfinite"] = false.into();
+        assert_eq!(serde_json::to_value(&spec).unwrap(), want);
+        let e =
+            MergeSpec::from_json(r#"{"method": "passthrough", "models": [], "out": "o", "slices": [{"sources": [], "range": [0, 1]}]}"#)
+                .unwrap_err();
+        assert!(e.to_string().contains("unknown field `range`"), "{e}");
     }
 
     #[test]

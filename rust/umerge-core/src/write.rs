@@ -440,7 +440,7 @@ impl Output {
         mut self,
         tensors: &[OutTensor],
         side_files_from: Option<&Path>,
-        float_dtype: Option<Dtype>,
+        edits: ConfigEdits,
         recipe_yaml: &str,
         digests: &[Option<String>],
     ) -> Result<()> {
@@ -489,7 +489,7 @@ impl Output {
             write_synced(&p, text.as_bytes()).map_err(|e| werr_out("shard index", &p, e, need, &self.target))?;
         }
         if let Some(src) = side_files_from {
-            copy_side_files(src, &self.tmp, float_dtype).map_err(|e| match e {
+            copy_side_files(src, &self.tmp, edits).map_err(|e| match e {
                 Error::Write { what, path, source } => werr_out(&what, &path, source, need, &self.target),
                 other => other,
             })?;
@@ -563,7 +563,57 @@ pub const SIDE_FILES: &[&str] = &[
     "chat_template.json",
 ];
 
-fn copy_side_files(src: &Path, dst: &Path, float_dtype: Option<Dtype>) -> Result<()> {
+/// What the copied `config.json` is changed to say about the output.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConfigEdits {
+    /// The dtype of the output's float tensors (`torch_dtype`), when they share one.
+    pub float_dtype: Option<Dtype>,
+    /// The output's number of layers, when it differs from the source's (layer stacking).
+    pub num_layers: Option<usize>,
+}
+
+/// The `config.json` keys that hold a model's number of layers (transformers' names across
+/// architectures: Llama, Mistral, Qwen, ... `num_hidden_layers`; GPT-2 `n_layer`; others).
+const LAYER_COUNT_KEYS: &[&str] = &["num_hidden_layers", "n_layer", "num_layers", "n_layers"];
+
+/// `config.json` with `edits` applied (`None` when there is nothing to change); a file that is
+/// not a JSON object is copied as it is.
+fn edited_config(text: &str, edits: ConfigEdits) -> Option<String> {
+    let serde_json::Value::Object(mut cfg) = serde_json::from_str::<serde_json::Value>(text).ok()? else {
+        return None;
+    };
+    let dtype = edits.float_dtype.and_then(hf_name);
+    if dtype.is_none() && edits.num_layers.is_none() {
+        return None;
+    }
+    if let Some(d) = dtype {
+        let mut set = false;
+        for key in ["torch_dtype", "dtype"] {
+            if cfg.contains_key(key) {
+                cfg.insert(key.to_string(), serde_json::Value::String(d.to_string()));
+                set = true;
+            }
+        }
+        if !set {
+            cfg.insert("torch_dtype".to_string(), serde_json::Value::String(d.to_string()));
+        }
+    }
+    if let Some(n) = edits.num_layers {
+        let mut set = false;
+        for key in LAYER_COUNT_KEYS {
+            if cfg.contains_key(*key) {
+                cfg.insert(key.to_string(), serde_json::Value::from(n));
+                set = true;
+            }
+        }
+        if !set {
+            cfg.insert(LAYER_COUNT_KEYS[0].to_string(), serde_json::Value::from(n));
+        }
+    }
+    Some(serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).unwrap_or_default() + "\n")
+}
+
+fn copy_side_files(src: &Path, dst: &Path, edits: ConfigEdits) -> Result<()> {
     for name in SIDE_FILES {
         let from = src.join(name);
         if !from.is_file() {
@@ -571,22 +621,9 @@ fn copy_side_files(src: &Path, dst: &Path, float_dtype: Option<Dtype>) -> Result
         }
         let to = dst.join(name);
         if *name == "config.json" {
-            if let (Some(d), Ok(text)) = (float_dtype.and_then(hf_name), std::fs::read_to_string(&from)) {
-                if let Ok(serde_json::Value::Object(mut cfg)) = serde_json::from_str::<serde_json::Value>(&text) {
-                    let mut set = false;
-                    for key in ["torch_dtype", "dtype"] {
-                        if cfg.contains_key(key) {
-                            cfg.insert(key.to_string(), serde_json::Value::String(d.to_string()));
-                            set = true;
-                        }
-                    }
-                    if !set {
-                        cfg.insert("torch_dtype".to_string(), serde_json::Value::String(d.to_string()));
-                    }
-                    let out = serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).unwrap_or_default() + "\n";
-                    std::fs::write(&to, out).map_err(|e| werr("config.json", &to, e))?;
-                    continue;
-                }
+            if let Some(out) = std::fs::read_to_string(&from).ok().and_then(|t| edited_config(&t, edits)) {
+                std::fs::write(&to, out).map_err(|e| werr("config.json", &to, e))?;
+                continue;
             }
         }
         std::fs::copy(&from, &to).map_err(|e| werr(name, &to, e))?;
@@ -600,6 +637,18 @@ mod tests {
 
     fn t(name: &str, n: usize) -> OutTensor {
         OutTensor { name: name.into(), dtype: Dtype::F32, shape: vec![n] }
+    }
+
+    #[test]
+    fn config_edits_set_the_dtype_and_the_layer_count() {
+        let edits = ConfigEdits { float_dtype: Some(Dtype::BF16), num_layers: Some(32) };
+        let out = edited_config(r#"{"num_hidden_layers": 24, "torch_dtype": "float32", "hidden_size": 8}"#, edits).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v, serde_json::json!({"num_hidden_layers": 32, "torch_dtype": "bfloat16", "hidden_size": 8}));
+        let gpt2 = edited_config(r#"{"n_layer": 12}"#, ConfigEdits { float_dtype: None, num_layers: Some(6) }).unwrap();
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&gpt2).unwrap(), serde_json::json!({"n_layer": 6}));
+        assert!(edited_config(r#"{"n_layer": 12}"#, ConfigEdits::default()).is_none());
+        assert!(edited_config("[1, 2]", edits).is_none());
     }
 
     #[test]

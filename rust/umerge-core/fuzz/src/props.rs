@@ -481,6 +481,7 @@ pub fn planner(data: &[u8]) {
         base: dirs.iter().find(|(is_base, _)| *is_base).map(|(_, d)| d.clone()),
         params: serde_json::from_value(params).expect("params"),
         strict: bad == 7,
+        slices: Vec::new(),
         output: OutputOptions {
             out: out.clone(),
             out_dtype: if bad == 5 {

@@ -1,4 +1,5 @@
-//! Tensors written unchanged: raw bytes when the dtype is kept, else decoded and re-encoded.
+//! Tensors copied: raw bytes when the dtype is kept and no scale is applied, else decoded,
+//! scaled and re-encoded.
 
 use super::readahead::ReadAhead;
 use super::MappedSource;
@@ -9,9 +10,11 @@ use crate::error::Result;
 use crate::write::Output;
 
 /// Copies tensor `info` of checkpoint `ck` into output tensor `ti`: raw bytes when the dtype is
-/// kept (and no NaN/Inf check is asked of a float tensor), else decoded and re-encoded in steps
-/// of 8 MiB so memory stays bounded. Reads what `ahead` (the run's read-ahead and the tensor's
-/// step) prepared. Shared by the merge executor and `fold`.
+/// kept, no `scale` is given and no NaN/Inf check is asked of a float tensor, else decoded
+/// (to f32), multiplied by `scale` when given (one f32 multiplication per element, as torch
+/// multiplies a float32 tensor by a number) and re-encoded, in steps of 8 MiB so memory stays
+/// bounded. Reads what `ahead` (the run's read-ahead and the tensor's step) prepared. Shared by
+/// the merge executor and `fold`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn copy_tensor_from<'a>(
     ck: &'a Checkpoint,
@@ -21,6 +24,7 @@ pub(crate) fn copy_tensor_from<'a>(
     ti: usize,
     out: &Output,
     check_finite: bool,
+    scale: Option<f32>,
     ahead: Option<(&'a ReadAhead<'a>, usize)>,
 ) -> Result<()> {
     const STEP: usize = 8 << 20;
@@ -28,7 +32,7 @@ pub(crate) fn copy_tensor_from<'a>(
     if let Some((ra, step)) = ahead {
         s = s.with_read_ahead(ra, step);
     }
-    if info.dtype == out_dtype && !(check_finite && is_float(info.dtype)) {
+    if info.dtype == out_dtype && scale.is_none() && !(check_finite && is_float(info.dtype)) {
         let total = info.end - info.start;
         let mut off = 0usize;
         while off < total {
@@ -50,6 +54,11 @@ pub(crate) fn copy_tensor_from<'a>(
         vals.resize(len, 0f32);
         s.read(start, &mut vals)?;
         s.release(start, len);
+        if let Some(f) = scale {
+            for v in vals.iter_mut() {
+                *v *= f;
+            }
+        }
         bytes.resize(len * eb, 0u8);
         encode(out_dtype, &vals, &mut bytes);
         out.write_at(ti, start * eb as u64, &bytes)?;

@@ -30,8 +30,8 @@
 //!
 //! Modules: `source` and `sink` (where values come from and go), `buffers` (the hot loop's
 //! reusable buffers), `engine` (the pass loop), `selection` and `trim` (computing and applying
-//! thresholds), `reduce`, `copy` (tensors written unchanged), `prepare` and `recipe` (shared
-//! with [`crate::fold`] and [`crate::quantize`]), `merge` ([`run_merge`]) and `in_memory`
+//! thresholds), `reduce`, `copy` (tensors copied, scaled where the plan says), `prepare` and
+//! `recipe` (shared with [`crate::fold`] and [`crate::quantize`]), `merge` ([`run_merge`]) and `in_memory`
 //! ([`merge_in_memory`]).
 //!
 //! [`Method::apply`]: crate::methods::Method::apply

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use crate::extract::ExtractSpec;
 use crate::fold::FoldSpec;
-use crate::methods::Method;
 use crate::quantize::QuantizeSpec;
 use crate::spec::MergeSpec;
 
@@ -62,11 +61,11 @@ fn json(v: &impl serde::Serialize) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
-/// The recipe of a merge.
-pub fn recipe_yaml(spec: &MergeSpec, method: &dyn Method) -> String {
+/// The recipe of a merge whose method describes itself as `description`.
+pub fn recipe_yaml(spec: &MergeSpec, description: &str) -> String {
     let mut y = RecipeWriter::new("merge");
     y.field("method", text(&spec.method));
-    y.field("description", text(&method.describe()));
+    y.field("description", text(description));
     y.field("base", spec.base.as_deref().map(path).unwrap_or_else(|| "null".into()));
     y.list("models");
     for m in &spec.models {
@@ -76,6 +75,9 @@ pub fn recipe_yaml(spec: &MergeSpec, method: &dyn Method) -> String {
         }
     }
     y.field("params", json(&spec.params));
+    if !spec.slices.is_empty() {
+        y.field("slices", json(&spec.slices));
+    }
     y.field("out_dtype", text_or_null(spec.output.out_dtype.as_deref()));
     y.field("strict", spec.strict);
     y.field("allow_nonfinite", spec.output.allow_nonfinite);
@@ -148,7 +150,7 @@ mod tests {
             crate::VERSION,
             serde_json::to_string(&method.describe()).unwrap()
         );
-        assert_eq!(recipe_yaml(&spec, method.as_ref()), want);
+        assert_eq!(recipe_yaml(&spec, &method.describe()), want);
     }
 
     #[test]
