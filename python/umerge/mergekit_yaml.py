@@ -1109,19 +1109,17 @@ def run(config_path: str | os.PathLike[str], out: str | os.PathLike[str], *, see
     warnings start with the config's (parameters the method does not use).
 
     `options` go to `to_spec` (random_seed, out_shard_params) and `umerge.merge.build_spec`."""
-    from umerge.adapters.recipe import is_adapter_config, run_recipe
-
-    config = load_config(config_path)
-    if is_adapter_config(config):  # models: that are all LoRA adapters: merged factor-wise, not by the engine
-        return run_recipe(config, out, where=str(config_path), seed=seed, progress=progress, **options)
-    return run_config(config, out, where=str(config_path), seed=seed, progress=progress, **options)
+    return run_config(load_config(config_path), out, where=str(config_path), seed=seed, progress=progress, **options)
 
 
 def run_config(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: str = "config",
                seed: int | None = None, progress: Any = True, **options: Any) -> Any:
     """Runs one mergekit config (a dict, see `run`); `where` names it in error messages."""
+    from umerge.adapters.recipe import is_adapter_config, run_recipe
     from umerge.merge import MergeReport, run_spec
 
+    if is_adapter_config(config):  # models: that are all LoRA adapters: merged factor-wise, not by the engine
+        return run_recipe(config, out, where=where, seed=seed, progress=progress, **options)
     config_warnings: list[str] = []
     spec, tok = to_spec(config, out, where=where, seed=seed, warn=config_warnings.append, **options)
     if tok is not None and not Path(tok).is_dir():

@@ -478,9 +478,8 @@ def run_cmd(ctx: click.Context, config: str, out_path: str | None, seed: int | N
     if print_spec:
         from umerge.adapters.recipe import is_adapter_config, request_of
 
-        loaded = mergekit_yaml.load_config(config)
-        if is_adapter_config(loaded):
-            click.echo(json.dumps(request_of(loaded, config), indent=2))
+        if not multi and is_adapter_config(docs[0]):
+            click.echo(json.dumps(request_of(docs[0], config), indent=2))
             return
         opts = _opts(dict(kw))
         opts.pop("progress")
