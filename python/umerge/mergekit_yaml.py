@@ -8,7 +8,7 @@ Reads a mergekit configuration (mergekit 0.1.5 schema) and builds the engine's s
   (a whole-model merge written per slice: per-slice ``parameters`` and gradients are honoured);
 - ``merge_method``: linear, task_arithmetic, ties (``normalize: false`` too), dare_linear,
   dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, model_stock (``filter_wise``
-  too), nuslerp, multislerp, karcher, nearswap;
+  too), nuslerp, multislerp, karcher, nearswap, sce, arcee_fusion, ram, ramplus_tl;
 - ``base_model``; global ``parameters`` and per-model ``parameters``; filter lists
   (``- filter: mlp`` / ``value: 0.5``, then a default ``- value: ...``; ``filter: "*"`` matches
   everything); gradients (lists interpolated over the layer index);
@@ -97,6 +97,10 @@ METHOD_PARAMS: dict[str, set[str]] = {
     "multislerp": {"weight", "normalize_weights", "eps"},
     "karcher": {"max_iter", "tol"},
     "nearswap": {"t"},
+    "sce": {"select_topk", "int8_mask"},
+    "arcee_fusion": set(),
+    "ram": {"epsilon"},
+    "ramplus_tl": {"r", "alpha", "epsilon"},
 }
 #: Every parameter name that some merge method of mergekit 0.1.5 takes (the parameters of each method
 #: in its registry). mergekit reads only the parameters of the config's method and ignores the rest,
@@ -108,6 +112,8 @@ MERGEKIT_PARAMS = frozenset({
     "normalize_weights", "nuslerp_flatten", "nuslerp_row_wise", "r", "rescale", "scale", "select_topk", "t", "tol",
     "weight",
 })
+#: Other methods that need base_model (beyond slerp, model_stock, nearswap and the task-vector family).
+BASE_REQUIRED = ("sce", "arcee_fusion", "ram", "ramplus_tl")
 #: Methods whose mergekit version merges the base as one more input when it is not listed.
 BASE_AS_INPUT = ("linear", "karcher")
 #: Parameters that are one true/false for the whole model, passed to the engine under these names.
@@ -667,9 +673,9 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
         base = None
     elif base is not None:
         models = [m for m in models if _key(m.path) != _key(base)]  # the base listed among models is the base
-    if method in ("slerp", "model_stock", "nearswap", *TASK_VECTOR) and tr.base is None:
+    if method in ("slerp", "model_stock", "nearswap", *TASK_VECTOR, *BASE_REQUIRED) and tr.base is None:
         raise InputError(f"{method} needs base_model in the config")
-    if method in ("slerp", "nearswap") and len(models) != 1:
+    if method in ("slerp", "nearswap", "arcee_fusion") and len(models) != 1:
         raise InputError(f"{method} takes base_model and exactly one other model, got {len(models)} others")
     if method == "nuslerp" and len(models) != 2:
         raise InputError(f"nuslerp takes exactly two models besides base_model, got {len(models)}")
