@@ -14,6 +14,7 @@ with mergekit's defaults (L1 rescale), so both tools do the same work. Reports w
     .venv/bin/python benches/bench_methods.py --methods della_linear --skip-mergekit
     .venv/bin/python benches/bench_methods.py --methods nuslerp multislerp karcher nearswap
     .venv/bin/python benches/bench_methods.py --methods passthrough     # a frankenmerge (copies)
+    .venv/bin/python benches/bench_methods.py --methods sce arcee_fusion ram
     sudo .venv/bin/python benches/bench_methods.py --cold   # page cache dropped before each tool
 
 Each umerge run is also compared with the disk's floor for that job, measured in the same run
@@ -51,14 +52,20 @@ from measure import Measurement, run_measured  # noqa: E402
 
 TABLE2 = ("linear", "dare_linear", "dare_ties", "magnitude_prune", "ties")
 #: Also available with --methods (not in the paper's table): mergekit's defaults (epsilon 0.15, L1 rescale);
-#: the spherical methods and nearswap (`SPHERICAL`), model_stock filter-wise and ties without normalize.
+#: the spherical methods, nearswap, sce, arcee_fusion and ram (`SPHERICAL`), model_stock filter-wise and ties
+#: without normalize.
 #: `passthrough` is a frankenmerge: the first two thirds of ft1's layers, then the last two thirds of
 #: ft2's (overlapping), the second slice's o_proj and down_proj scaled to 0 (copies, no merging).
 EXTRA = ("della_linear", "della", "nuslerp", "nuslerp_columns", "multislerp", "karcher", "nearswap",
-         "model_stock_filter_wise", "ties_unnormalized", "passthrough")
+         "model_stock_filter_wise", "ties_unnormalized", "sce", "arcee_fusion", "ram", "passthrough")
+#: Methods of a base and one other model.
+ONE_MODEL = ("nearswap", "arcee_fusion")
 
 #: method -> (mergekit method, parameters block, whether model weights apply): methods without density.
 SPHERICAL = {
+    "sce": ("sce", "parameters: {select_topk: 0.1}\n", False),
+    "arcee_fusion": ("arcee_fusion", "", False),
+    "ram": ("ram", "", False),
     "nuslerp": ("nuslerp", "", True),
     "nuslerp_columns": ("nuslerp", "parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n", True),
     "multislerp": ("multislerp", "", True),
@@ -82,7 +89,7 @@ def config_text(method: str, base: Path, fts: list[Path], density: float, layers
         return f"merge_method: linear\nmodels:\n{models}dtype: bfloat16\n"
     if method in SPHERICAL:
         mk, params, weighted = SPHERICAL[method]
-        used = fts[:1] if method == "nearswap" else fts
+        used = fts[:1] if method in ONE_MODEL else fts
         models = "".join(f"  - model: {m}\n" + ("    parameters: {weight: 1.0}\n" if weighted else "") for m in used)
         return f"merge_method: {mk}\nbase_model: {base}\nmodels:\n{models}{params}dtype: bfloat16\n"
     if method == "ties_unnormalized":

@@ -389,3 +389,82 @@ def nearswap(base: Array, model: Array, t: float) -> Array:
     a, b = _f64(base), _f64(model)
     w = np.clip(t / np.maximum(np.abs(a - b), 1e-6), 0.0, 1.0)
     return w * b + (1 - w) * a
+
+
+# -- SCE, Arcee Fusion, RAM ---------------------------------------------------------------------------
+#
+# mergekit 0.1.5 `merge_methods/sce.py` (Wan et al., 2024, FuseChat, arXiv:2408.07990),
+# `arcee_fusion.py` and `ram.py` (Yuan et al., 2026, arXiv:2601.13572), one line per step, float64.
+
+
+def sce(base: Array, models: Sequence[Array], select_topk: float = 1.0) -> Array:
+    """mergekit `sce`: select the elements of largest variance across the task vectors, weight the
+    models by their task vectors' mean squares, erase the entries against the elected sign.
+
+    select (select_topk < 1): var = population variance over the models; k = the number of
+    non-zero variances times select_topk, truncated (torch computes the product in float32, so it
+    is taken here in float32 too); the k largest variances are kept (lowest index first among
+    equal ones), every task vector zeroed elsewhere. calculate: s_i = mean(d_i^2), w_i = s_i / sum s
+    (1 / N each when sum s < 1e-6). erase: gamma = sign of sum_i d_i (+ at 0), a_i = w_i where
+    sign(d_i) = gamma; out = b + sum_i a_i d_i / max(sum_i a_i, 1e-6)."""
+    b = _f64(base).reshape(-1)
+    d = np.stack([_f64(m).reshape(-1) - b for m in models])
+    if select_topk < 1:
+        var = d.var(axis=0)
+        k = int(np.float32(np.count_nonzero(var)) * np.float32(select_topk))
+        keep = np.zeros(b.size, dtype=bool)
+        keep[np.argsort(-var, kind="stable")[:k]] = True
+        d = d * keep
+    s = (d**2).mean(axis=1)
+    w = np.full(len(models), 1.0 / len(models)) if abs(s.sum()) < 1e-6 else s / s.sum()
+    gamma = np.where(d.sum(axis=0) >= 0, 1.0, -1.0)
+    a = np.where(np.sign(d) == gamma, w[:, None], 0.0)
+    out = b + (a * d).sum(axis=0) / np.maximum(a.sum(axis=0), 1e-6)
+    return out.reshape(np.shape(base))
+
+
+def arcee_importance(base: Array, model: Array) -> Array:
+    """|model - base| times the KL divergence of softmax(model) + 1e-8 from softmax(base) + 1e-8,
+    per row of the last dimension (one number per row)."""
+    a, x = _f64(base), _f64(model)
+
+    def softmax(v: Array) -> Array:
+        e = np.exp(v - v.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    p, q = softmax(x) + 1e-8, softmax(a) + 1e-8
+    kl = (p * np.log(p / q)).sum(axis=-1, keepdims=True)
+    return np.abs(x - a) * kl
+
+
+def arcee_fusion(base: Array, model: Array) -> tuple[Array, Array]:
+    """mergekit `arcee_fusion` (with its exact sort, as it takes for tensors of at most 10^6
+    elements): the quartiles q1, median, q3 of the importances at sorted positions floor(q (n - 1)),
+    threshold = median + 1.5 (q3 - q1), out = model where importance >= threshold, else base.
+    Returns (out, the mask)."""
+    imp = arcee_importance(base, model)
+    s = np.sort(imp.reshape(-1))
+    n = s.size
+    q1, median, q3 = s[(n - 1) // 4], s[(n - 1) // 2], s[3 * (n - 1) // 4]
+    mask = imp >= median + 1.5 * (q3 - q1)
+    return np.where(mask, _f64(model), _f64(base)), mask
+
+
+def ram(base: Array, models: Sequence[Array], epsilon: float = 1e-5, plus: bool = False, r: float = 0.1,
+        alpha: float = 0.2) -> Array:
+    """mergekit `ram` / `ramplus_tl`: entries with |d_i| > epsilon contribute; c = their number per
+    element; unique elements (c = 1) take the update whole (times lambda_i for RAM+), shared ones
+    (c > 1) its mean. RAM+: lambda_i = 1 + r clip(S_i / max(U_i, epsilon), 0, alpha) with S_i, U_i
+    model i's contributing entries in shared and unique elements of the tensor."""
+    b = _f64(base).reshape(-1)
+    d = np.stack([_f64(m).reshape(-1) - b for m in models])
+    on = np.abs(d) > epsilon
+    c = on.sum(axis=0)
+    unique, shared = c == 1, c > 1
+    lam = np.ones(len(models))
+    if plus:
+        s_i, u_i = (on & shared).sum(axis=1), (on & unique).sum(axis=1)
+        lam = 1 + r * np.clip(s_i / np.maximum(u_i, epsilon), 0, alpha)
+    z = d * on
+    merged = (z * unique * lam[:, None] + z * shared / np.maximum(c, 1)).sum(axis=0)
+    return (b + merged).reshape(np.shape(base))

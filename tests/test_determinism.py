@@ -55,8 +55,8 @@ def test_same_bytes_with_weights_and_sharded_output(medium_bf16: Family, tmp_pat
     assert sum(name.endswith(".safetensors") for name in a) > 1
 
 
-#: The methods whose coefficients come from per-tensor sums, per row or element-wise, as command lines
-#: ({b} base, {a} and {c} the fine-tunes).
+#: The methods whose coefficients come from per-tensor sums, per row, element-wise or from a score
+#: selection, as command lines ({b} base, {a} and {c} the fine-tunes).
 METHOD_ARGS = {
     "nuslerp-columns": ["nuslerp", "{a}", "{c}", "--base", "{b}", "--no-flatten", "--row-wise", "--weight", "0.3",
                         "--weight", "0.9"],
@@ -67,6 +67,11 @@ METHOD_ARGS = {
     "nearswap": ["nearswap", "{a}", "--base", "{b}", "--t", "0.002"],
     "model-stock-filter-wise": ["model-stock", "{a}", "{c}", "--base", "{b}", "--filter-wise"],
     "ties-no-normalize": ["ties", "{a}", "{c}", "--base", "{b}", "--density", "0.8", "--no-normalize"],
+    # score selections (exact order statistics over each tensor; bf16 variances tie often)
+    "sce": ["sce", "{a}", "{c}", "--base", "{b}", "--select-topk", "0.3"],
+    "arcee-fusion": ["arcee-fusion", "{a}", "--base", "{b}"],
+    "ram": ["ram", "{a}", "{c}", "--base", "{b}", "--epsilon", "0.002"],
+    "ramplus-tl": ["ramplus-tl", "{a}", "{c}", "--base", "{b}", "--epsilon", "0.002", "--r", "0.5"],
 }
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -161,13 +162,28 @@ def test_configs_of_the_added_methods_become_their_specs(odd_f32_family: Family,
     spec, _ = mk.to_spec({"merge_method": "nearswap", "base_model": str(b), "models": [{"model": str(a)}],
                           "parameters": {"t": 0.001}}, o)
     assert spec["base"] == str(b) and spec["params"] == {"t": 0.001}
+    # sce: select_topk passed on (a gradient stays one), int8_mask (mask storage only) dropped
+    spec, _ = mk.to_spec({"merge_method": "sce", "base_model": str(b), "models": [{"model": str(a)}, {"model": str(c)}],
+                          "parameters": {"select_topk": 0.3, "int8_mask": True}}, o)
+    assert spec["base"] == str(b) and spec["params"] == {"select_topk": 0.3}
+    # arcee_fusion: no parameters; the base listed among the models is the base
+    spec, _ = mk.to_spec({"merge_method": "arcee_fusion", "base_model": str(b),
+                          "models": [{"model": str(b)}, {"model": str(a)}]}, o)
+    assert spec["base"] == str(b) and [m["path"] for m in spec["models"]] == [str(a)] and spec["params"] == {}
+    # ram, ramplus_tl: epsilon (per model in della, shared here), r, alpha passed on
+    spec, _ = mk.to_spec({"merge_method": "ramplus_tl", "base_model": str(b),
+                          "models": [{"model": str(a)}, {"model": str(c)}],
+                          "parameters": {"epsilon": 0.001, "r": 0.5, "alpha": 0.3}}, o)
+    assert spec["params"] == {"epsilon": 0.001, "r": 0.5, "alpha": 0.3}
+    spec, _ = mk.to_spec({"merge_method": "ram", "base_model": str(b), "models": [{"model": str(a)}]}, o)
+    assert spec["method"] == "ram" and spec["params"] == {}
 
 
 BAD_CONFIGS = {
     "unknown top-level key": ("merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {a}\nfoo: 1\n", "'foo'"),
     "unknown model key": ("merge_method: linear\nmodels:\n  - model: {a}\n    weight: 1\n", "'weight'"),
     "unknown parameter": ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{wieght: 1}}\n", "wieght"),
-    "unsupported method": ("merge_method: sce\nbase_model: {b}\nmodels:\n  - model: {a}\n", "'sce'"),
+    "unsupported method": ("merge_method: bogus\nbase_model: {b}\nmodels:\n  - model: {a}\n", "'bogus'"),
     "breadcrumbs gamma out of range": ("merge_method: breadcrumbs\nbase_model: {b}\nmodels:\n  - model: {a}\n"
                                        "parameters: {{density: 0.5, gamma: 1.5}}\n", "gamma"),
     "breadcrumbs rescale": ("merge_method: breadcrumbs_ties\nbase_model: {b}\nmodels:\n  - model: {a}\n"
@@ -184,6 +200,14 @@ BAD_CONFIGS = {
                               "nearswap needs base_model"),
     "nearswap with two models": ("merge_method: nearswap\nbase_model: {b}\nmodels:\n  - model: {a}\n  - model: {c}\n"
                                  "parameters: {{t: 0.1}}\n", "nearswap takes base_model and exactly one other model"),
+    "sce without base": ("merge_method: sce\nmodels:\n  - model: {a}\n  - model: {c}\n", "sce needs base_model"),
+    "sce select_topk out of range": ("merge_method: sce\nbase_model: {b}\nmodels:\n  - model: {a}\n"
+                                     "parameters: {{select_topk: 0}}\n", "select_topk: 0 is outside (0, 1]"),
+    "arcee_fusion with two models": ("merge_method: arcee_fusion\nbase_model: {b}\nmodels:\n  - model: {a}\n"
+                                     "  - model: {c}\n", "arcee_fusion takes base_model and exactly one other model"),
+    "ram per-model epsilon": ("merge_method: ram\nbase_model: {b}\nmodels:\n  - model: {a}\n"
+                              "    parameters: {{epsilon: 0.1}}\n  - model: {c}\n    parameters: {{epsilon: 0.2}}\n",
+                              "epsilon: is global"),
     "filter_wise not a flag": ("merge_method: model_stock\nbase_model: {b}\nmodels:\n  - model: {a}\n  - model: {c}\n"
                                "parameters: {{filter_wise: [true, false]}}\n", "filter_wise"),
     "karcher max_iter": ("merge_method: karcher\nmodels:\n  - model: {a}\n  - model: {c}\nparameters: {{max_iter: 2.5}}\n",
@@ -258,7 +282,7 @@ def test_methods_command_lists_every_method() -> None:
     assert r.returncode == 0, r.stderr
     for m in ["ties", "linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs",
               "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "nuslerp", "multislerp", "karcher",
-              "nearswap"]:
+              "nearswap", "sce", "arcee_fusion", "ram", "ramplus_tl"]:
         assert m in r.stdout.split()
     info = {m["name"]: m for m in json.loads(run_umerge(["methods", "--json"]).stdout)}
     assert {p["name"] for p in info["dare_ties"]["params"]} >= {"density", "weight", "seed", "rescale"}
@@ -269,6 +293,9 @@ def test_methods_command_lists_every_method() -> None:
     assert info["nuslerp"]["base"] == "optional" and info["karcher"]["base"] == "unused"
     assert {p["name"] for p in info["nuslerp"]["params"]} == {"weight", "nuslerp_flatten", "nuslerp_row_wise"}
     assert next(p for p in info["model_stock"]["params"] if p["name"] == "filter_wise")["default"] == "false"
+    assert [p["name"] for p in info["sce"]["params"]] == ["select_topk"] and info["sce"]["base"] == "required"
+    assert info["arcee_fusion"]["params"] == [] and info["arcee_fusion"]["base"] == "required"
+    assert [p["name"] for p in info["ramplus_tl"]["params"]] == ["r", "alpha", "epsilon"]
 
 
 def test_translate_rejects_non_mapping(tmp_path: Path) -> None:
@@ -276,3 +303,18 @@ def test_translate_rejects_non_mapping(tmp_path: Path) -> None:
     p.write_text("- a\n- b\n")
     with pytest.raises(InputError, match="mapping"):
         mk.load_config(p)
+
+
+def test_the_method_table_is_mergekits(peers: Path) -> None:
+    """Every merge method mergekit 0.1.5 registers is one `umerge run` takes, with mergekit's own
+    parameter names (passthrough, which merges nothing, is the one not taken here), and
+    MERGEKIT_PARAMS is the union of them all."""
+    code = ("import json; from mergekit.merge_methods.registry import registered_methods; "
+            "print(json.dumps({m.spec.name: [p.name for p in m.spec.parameters] for m in registered_methods()}))")
+    proc = subprocess.run([str(peers / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    theirs = {name: set(params) for name, params in json.loads(proc.stdout).items()}
+    assert set(theirs) - set(mk.METHOD_PARAMS) <= {"passthrough"}, sorted(set(theirs) - set(mk.METHOD_PARAMS))
+    for name, params in mk.METHOD_PARAMS.items():
+        assert params == theirs[name], name
+    assert mk.MERGEKIT_PARAMS == set().union(*theirs.values())

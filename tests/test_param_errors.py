@@ -52,6 +52,11 @@ API_CASES: list[tuple[str, str, bool, dict[str, Any], str]] = [
     ("karcher", "fts", False, {"tol": -1e-3}, "invalid parameter tol: -0.001 is negative"),
     ("ties", "fts", True, {"density": 0.5, "preset": "peft", "normalize": False},
      "invalid parameter normalize: false is mergekit's variant: only the mergekit preset takes it"),
+    ("sce", "fts", False, {}, "sce needs a base model"),
+    ("sce", "fts", True, {"select_topk": 0}, "invalid parameter select_topk: 0 is outside (0, 1]"),
+    ("arcee_fusion", "fts", True, {}, "arcee_fusion works on the base and exactly one other model, but 2"),
+    ("ram", "fts", True, {"epsilon": -1e-3}, "invalid parameter epsilon: -0.001 is negative"),
+    ("ramplus_tl", "fts", True, {"r": -1}, "invalid parameter r: -1 is negative"),
     # checked in Python, because the engine cannot see them
     ("ties", "fts", True, {"density": 0.5, "weights": [1.0]}, "1 weights given for 2 models"),
     ("linear", "fts", False, {"weights": [1.0, 2.0, 3.0]}, "3 weights given for 2 models"),

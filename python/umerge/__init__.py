@@ -17,6 +17,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 from umerge.errors import InputError, UmergeError
 from umerge.merge import MergeReport, inspect, merge, ties
 from umerge.methods import (
+    arcee_fusion,
     breadcrumbs,
     breadcrumbs_ties,
     dare_linear,
@@ -30,6 +31,9 @@ from umerge.methods import (
     multislerp,
     nearswap,
     nuslerp,
+    ram,
+    ramplus_tl,
+    sce,
     slerp,
     task_arithmetic,
 )
@@ -38,7 +42,7 @@ from umerge.quantization import quantize
 __all__ = ["__version__", "InputError", "UmergeError", "MergeReport", "inspect", "merge", "ties", "ops"]
 __all__ += ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs",
             "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "nuslerp", "multislerp", "karcher",
-            "nearswap"]
+            "nearswap", "sce", "arcee_fusion", "ram", "ramplus_tl"]
 __all__ += ["adapters", "fold", "extract_lora"]
 __all__ += ["quantize"]
 

@@ -13,8 +13,9 @@ Reads a mergekit configuration (mergekit 0.1.5 schema) and builds the engine's s
   a method that uses the base needs it among every slice's sources;
 - ``merge_method``: linear, task_arithmetic, ties (``normalize: false`` too), dare_linear,
   dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, model_stock (``filter_wise``
-  too), nuslerp, multislerp, karcher, nearswap, passthrough (each tensor copied from its one model,
-  times ``scale`` where given: one model under ``models:`` or one source per slice);
+  too), nuslerp, multislerp, karcher, nearswap, sce, arcee_fusion, ram, ramplus_tl, passthrough
+  (each tensor copied from its one model, times ``scale`` where given: one model under ``models:``
+  or one source per slice);
 - ``base_model``; global ``parameters`` and per-model ``parameters``; filter lists
   (``- filter: mlp`` / ``value: 0.5``, then a default ``- value: ...``; ``filter: "*"`` matches
   everything); gradients (lists interpolated over the layer index);
@@ -113,6 +114,10 @@ METHOD_PARAMS: dict[str, set[str]] = {
     "karcher": {"max_iter", "tol"},
     "nearswap": {"t"},
     "passthrough": {"scale"},
+    "sce": {"select_topk", "int8_mask"},
+    "arcee_fusion": set(),
+    "ram": {"epsilon"},
+    "ramplus_tl": {"r", "alpha", "epsilon"},
 }
 #: Every parameter name that some merge method of mergekit 0.1.5 takes (the parameters of each method
 #: in its registry). mergekit reads only the parameters of the config's method and ignores the rest,
@@ -129,7 +134,7 @@ BASE_AS_INPUT = ("linear", "karcher")
 #: Methods that need base_model (mergekit's `BasePolicy.REQUIRED`), and those that use it when
 #: given (`OPTIONAL`); the others ignore it (in slices, a base listed among the sources is then
 #: merged as one more model, as mergekit does).
-BASE_REQUIRED = frozenset({*TASK_VECTOR, "slerp", "model_stock", "nearswap"})
+BASE_REQUIRED = frozenset({*TASK_VECTOR, "slerp", "model_stock", "nearswap", "sce", "arcee_fusion", "ram", "ramplus_tl"})
 BASE_OPTIONAL = frozenset({"nuslerp", "multislerp"})
 #: Parameters that mergekit resolves per input model (the others are shared by all inputs).
 PER_MODEL_KEYS = frozenset({"weight", "density", "gamma", "epsilon", "scale"})
@@ -884,7 +889,7 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
         raise InputError(f"passthrough copies one model, got {len(models)} in models: (use slices: with one source "
                          "each to stack the layers of several)")
     for n in counts:
-        if method in ("slerp", "nearswap") and n != 1:
+        if method in ("slerp", "nearswap", "arcee_fusion") and n != 1:
             raise InputError(f"{method} takes base_model and exactly one other model, got {n} others"
                              + (" in a slice" if tr.slices else ""))
         if method == "nuslerp" and n != 2:

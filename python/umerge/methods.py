@@ -243,5 +243,52 @@ def nearswap(model: PathLike | Sequence[PathLike], base: PathLike | None = None,
     return merge("nearswap", _models(model), base=base, params={"t": t}, **options)
 
 
+def sce(models: Sequence[PathLike], base: PathLike | None = None, *, select_topk: ParamValue = 1.0,
+        **options: Any) -> MergeReport:
+    """SCE: select, calculate, erase (Wan et al., 2024, FuseChat, arXiv:2408.07990; mergekit `sce`).
+
+    Per tensor: with `select_topk` < 1, keep in every task vector only the elements whose variance
+    across the models is among the largest k = floor(select_topk * (elements of non-zero variance))
+    (exact; equal variances kept lowest index first); weight each model by the mean square of its
+    task vector, w_i = s_i / sum_j s_j (uniform when that sum is below 1e-6); per element elect the
+    sign of sum_i d_i and average the agreeing entries: out = base + sum_i a_i d_i / max(sum_i a_i,
+    1e-6), a_i = w_i where d_i has the elected sign, else 0.
+    """
+    return merge("sce", _models(models), base=base, params={"select_topk": select_topk}, **options)
+
+
+def arcee_fusion(model: PathLike | Sequence[PathLike], base: PathLike | None = None,
+                 **options: Any) -> MergeReport:
+    """Arcee Fusion (mergekit `arcee_fusion`): the model's values only where they matter most.
+
+    Per row (last dimension) of base a and model x: kl = KL(softmax(x) + 1e-8 || softmax(a) + 1e-8),
+    importance = |x - a| kl; over the tensor, threshold = median + 1.5 (q3 - q1) of the importances
+    (exact quartiles); out = x where importance >= threshold, else a.
+    """
+    return merge("arcee_fusion", _models(model), base=base, **options)
+
+
+def ram(models: Sequence[PathLike], base: PathLike | None = None, *, epsilon: ParamValue = 1e-5,
+        **options: Any) -> MergeReport:
+    """RAM, Reinforced Agent Merging (Yuan et al., 2026, arXiv:2601.13572; mergekit `ram`).
+
+    Per element, the task-vector entries with |d_i| > epsilon contribute: one contributor's update
+    is kept whole, several contributors' updates are averaged, none leaves the base.
+    """
+    return merge("ram", _models(models), base=base, params={"epsilon": epsilon}, **options)
+
+
+def ramplus_tl(models: Sequence[PathLike], base: PathLike | None = None, *, r: ParamValue = 0.1,
+               alpha: ParamValue = 0.2, epsilon: ParamValue = 1e-5, **options: Any) -> MergeReport:
+    """RAM+ tensor-local (mergekit `ramplus_tl`): `ram` with each model's unique updates scaled up.
+
+    Per tensor and model i, with S_i and U_i its contributing entries in shared and in unique
+    elements: lambda_i = 1 + r * clamp(S_i / max(U_i, epsilon), 0, alpha) multiplies model i's
+    unique updates; shared ones are averaged as in `ram`.
+    """
+    params = {"r": r, "alpha": alpha, "epsilon": epsilon}
+    return merge("ramplus_tl", _models(models), base=base, params=params, **options)
+
+
 __all__ = ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "slerp", "model_stock",
-           "nuslerp", "multislerp", "karcher", "nearswap"]
+           "nuslerp", "multislerp", "karcher", "nearswap", "sce", "arcee_fusion", "ram", "ramplus_tl"]

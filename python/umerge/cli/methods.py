@@ -379,6 +379,90 @@ def nearswap(model: str, base: str | None, t: float, **kw: Any) -> None:
     _finish(api(model, base, t=t, **_opts(kw)), quiet)
 
 
+@click.command(context_settings=_CTX)
+@_models_arg
+@_base_opt
+@click.option("--select-topk", type=float, default=1.0, show_default=True,
+              help="Fraction of the elements of non-zero variance across MODELS kept in every task vector, "
+                   "largest variance first (0 < K <= 1; 1 keeps all).")
+@output_options
+def sce(models: tuple[str, ...], base: str | None, select_topk: float, **kw: Any) -> None:
+    """SCE: keep the elements where MODELS' task vectors vary most, weight each model by its task
+    vector's mean square, and average the entries that agree with the elected sign.
+
+    \b
+    Example:
+        umerge sce ft1/ ft2/ ft3/ --base base/ --select-topk 0.1 -o merged/
+    """
+    from umerge.methods import sce as api
+
+    quiet = kw["quiet"]
+    _finish(api(list(models), base, select_topk=select_topk, **_opts(kw)), quiet)
+
+
+@click.command(context_settings=_CTX)
+@click.argument("model", type=opt.ModelPath())
+@_base_opt
+@output_options
+def arcee_fusion(model: str, base: str | None, **kw: Any) -> None:
+    """Arcee Fusion: MODEL's values where their importance (|MODEL - base| times the KL divergence of
+    the rows' softmaxes) is an outlier of the tensor (above median + 1.5 IQR), --base's elsewhere.
+
+    \b
+    Example:
+        umerge arcee-fusion instruct/ --base base/ -o merged/
+    """
+    from umerge.methods import arcee_fusion as api
+
+    quiet = kw["quiet"]
+    _finish(api(model, base, **_opts(kw)), quiet)
+
+
+def _epsilon_opt(f: F) -> F:
+    return click.option("--epsilon", type=float, default=1e-5, show_default=True,
+                        help="A task-vector entry counts as changed when its magnitude is above this (>= 0).")(f)
+
+
+@click.command(context_settings=_CTX)
+@_models_arg
+@_base_opt
+@_epsilon_opt
+@output_options
+def ram(models: tuple[str, ...], base: str | None, epsilon: float, **kw: Any) -> None:
+    """RAM: per element, the update of the one model that changed it, or the mean of several's.
+
+    \b
+    Example:
+        umerge ram agent1/ agent2/ --base base/ -o merged/
+    """
+    from umerge.methods import ram as api
+
+    quiet = kw["quiet"]
+    _finish(api(list(models), base, epsilon=epsilon, **_opts(kw)), quiet)
+
+
+@click.command(context_settings=_CTX)
+@_models_arg
+@_base_opt
+@click.option("--r", "r", type=float, default=0.1, show_default=True,
+              help="Strength of the rescaling of each model's unique updates (>= 0).")
+@click.option("--alpha", type=float, default=0.2, show_default=True,
+              help="Cap of each model's shared-to-unique ratio in the rescaling (>= 0).")
+@_epsilon_opt
+@output_options
+def ramplus_tl(models: tuple[str, ...], base: str | None, r: float, alpha: float, epsilon: float, **kw: Any) -> None:
+    """RAM+ (tensor-local): RAM with each model's unique updates scaled by 1 + r * min(shared / unique, alpha).
+
+    \b
+    Example:
+        umerge ramplus-tl agent1/ agent2/ --base base/ --r 0.1 --alpha 0.2 -o merged/
+    """
+    from umerge.methods import ramplus_tl as api
+
+    quiet = kw["quiet"]
+    _finish(api(list(models), base, r=r, alpha=alpha, epsilon=epsilon, **_opts(kw)), quiet)
+
+
 @click.command(name="methods", context_settings=_CTX)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def methods_cmd(as_json: bool) -> None:
@@ -423,11 +507,11 @@ def run_cmd(ctx: click.Context, config: str, out_path: str | None, seed: int | N
     the slices' in order, renumbered, and config.json's layer count follows),
     merge_method linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
     breadcrumbs_ties, della, della_linear, slerp, model_stock, nuslerp, multislerp,
-    karcher, nearswap, passthrough (copy, times its scale parameter: one model, or one
-    source per slice, as mergekit's frankenmerges); base_model; global, per-slice and
-    per-model parameters, filter rules, gradients; dtype, out_dtype; tokenizer_source
-    base or a model. Anything else is an error, except a mergekit parameter the method
-    does not use (weight on slerp): ignored with a warning, as mergekit ignores it.
+    karcher, nearswap, sce, arcee_fusion, ram, ramplus_tl, passthrough (copy, times its scale
+    parameter: one model, or one source per slice, as mergekit's frankenmerges); base_model;
+    global, per-slice and per-model parameters, filter rules, gradients; dtype, out_dtype;
+    tokenizer_source base or a model. Anything else is an error, except a mergekit parameter the
+    method does not use (weight on slerp): ignored with a warning, as mergekit ignores it.
     Models are local directories (a Hub id: hf download ID --local-dir DIR first).
     models: that are all PEFT LoRA adapters are merged factor-wise (PEFT semantics, as
     `umerge ties A/ B/ --base BASE`) and folded into base_model; such a recipe also takes

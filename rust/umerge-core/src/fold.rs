@@ -424,7 +424,8 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
         .collect();
     let out = prepare::create_output(&target, &out_tensors, spec.output.max_shard_size)?;
 
-    let workers = Workers::new(spec.output.threads, spec.output.memory_budget, spec.adapters.len() + 1, spec.output.allow_nonfinite)?;
+    let buffers = spec.adapters.len() + 1 + usize::from(method.as_ref().is_some_and(|m| m.scores()));
+    let workers = Workers::new(spec.output.threads, spec.output.memory_budget, buffers, spec.output.allow_nonfinite)?;
     let (pool, chunk, check_finite) = (&workers.pool, workers.chunk, workers.check_finite);
     let num_layers = order.iter().filter_map(|n| layer_index(n)).max().map_or(0, |m| m + 1);
     let total_bytes: u64 = base.total_bytes();

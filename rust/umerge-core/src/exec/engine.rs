@@ -1,11 +1,13 @@
 //! The engine: runs merge jobs through a method, tensor by tensor: cuts each tensor into
 //! items (chunks), gathers their inputs (streamed from the sources, or from a whole-tensor
-//! cache), runs the selection, reduction and apply passes, and writes through a [`Sink`].
+//! cache), runs the selection, score selection, reduction and apply passes, and writes through
+//! a [`Sink`].
 
 use rayon::prelude::*;
 
 use super::buffers::{BufPool, Bufs, SendPtr};
 use super::reduce::Reduction;
+use super::score::Scored;
 use super::trim::Cuts;
 use super::{Sink, Source, BLOCK};
 use crate::error::Result;
@@ -239,13 +241,13 @@ impl<'a> Engine<'a> {
                         // `&mut Cache` borrow keeps alive and unaliased for this loop.
                         let mut muts: Vec<&mut [f32]> =
                             unsafe { ptrs.iter().map(|p| std::slice::from_raw_parts_mut(p.0.add(s), it.len)).collect() };
-                        if !*trimmed {
-                            self.trim(job, &mut muts, cuts, ii);
-                        }
                         let mut base = job.base.map(|_| self.pool.take(it.len));
                         if let (Some(src), Some(b)) = (job.base, base.as_deref_mut()) {
                             src.read(it.start, b)?;
                             src.release(it.start, it.len);
+                        }
+                        if !*trimmed {
+                            self.trim(job, &mut muts, base.as_deref(), it.start, cuts, ii);
                         }
                         let views: Vec<&[f32]> = muts.iter().map(|v| &**v).collect();
                         let chunk = Chunk { tensor: job.name, start: it.start, base: base.as_deref(), inputs: &views };
@@ -259,7 +261,7 @@ impl<'a> Engine<'a> {
                         let mut bufs = self.gather(job, it.start, it.len)?;
                         {
                             let mut muts: Vec<&mut [f32]> = bufs.inputs.iter_mut().map(|v| v.as_mut_slice()).collect();
-                            self.trim(job, &mut muts, cuts, ii);
+                            self.trim(job, &mut muts, bufs.base.as_deref(), it.start, cuts, ii);
                         }
                         let views: Vec<&[f32]> = bufs.inputs.iter().map(|v| v.as_slice()).collect();
                         let chunk = Chunk { tensor: job.name, start: it.start, base: bufs.base.as_deref(), inputs: &views };
@@ -297,16 +299,38 @@ impl<'a> Engine<'a> {
             // only then is the tensor cached. Measured on the 1.1B TIES benchmark (band
             // selection: two passes): caching every tensor cost 10% more CPU time.
             let decoded = job.numel * job.models.len() as u64 * 4;
-            let mut cache =
-                if job.recipe.reductions > 0 && decoded <= self.cache_bytes { Some(self.load_cache(job, items)?) } else { None };
+            let passes_after_selection = job.recipe.reductions > 0 || job.recipe.score.is_some();
+            let mut cache = if passes_after_selection && decoded <= self.cache_bytes { Some(self.load_cache(job, items)?) } else { None };
             let tensor_sel = self.tensor_selection(jobs, ji, items, cache.as_ref().map_or(Data::Stream, Data::Cached))?;
-            let cuts = Cuts { tensor: &tensor_sel, model: global_sel.as_ref().map(|g| (g, offsets[ji])) };
-            let tensor_acc = if job.recipe.reductions > 0 {
-                // Two passes read the trimmed data: trim the cache once up front.
+            let mut cuts = Cuts { tensor: &tensor_sel, model: global_sel.as_ref().map(|g| (g, offsets[ji])), score: None };
+            if passes_after_selection {
+                // Several passes read the trimmed data: trim the cache once up front.
                 if let Some(c) = cache.as_mut() {
                     self.trim_cache(job, self.layout(job).1, c, &cuts);
                 }
-                let sums = self.block_reduce(job, items, cache.as_mut(), &cuts, Reduction::Tensor)?;
+            }
+            // The score selection: a cut that trims every input from here on, or ranked scores
+            // handed to derive after the sums.
+            let (score_cut, ranked) = match &job.recipe.score {
+                None => (None, Vec::new()),
+                Some(sel) => match self.score_select(job, items, cache.as_ref(), &cuts, sel)? {
+                    Scored::Cut(cut) => (Some(cut), Vec::new()),
+                    Scored::Values(v) => (None, v),
+                },
+            };
+            if let Some(cut) = &score_cut {
+                if let Some(c) = cache.as_mut() {
+                    self.score_trim_cache(job, items, c, cut)?;
+                }
+                cuts.score = Some(cut);
+            }
+            let tensor_acc = if job.recipe.reductions > 0 || !ranked.is_empty() {
+                let mut sums = if job.recipe.reductions > 0 {
+                    self.block_reduce(job, items, cache.as_mut(), &cuts, Reduction::Tensor)?
+                } else {
+                    Vec::new()
+                };
+                sums.extend(ranked);
                 self.method.derive(job.recipe, job.name, sums)?
             } else {
                 Vec::new()

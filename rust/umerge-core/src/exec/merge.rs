@@ -96,7 +96,9 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
     let out = prepare::create_output(&target, &out_tensors, spec.output.max_shard_size)?;
     let mut plan_warnings = out.notes().to_vec();
 
-    let workers = Workers::new(spec.output.threads, spec.output.memory_budget, inputs.models.len() + 1, spec.output.allow_nonfinite)?;
+    // The chunk buffers in flight: the models, the base, and a method's score.
+    let buffers = inputs.models.len() + 1 + usize::from(method.as_deref().is_some_and(|m| m.scores()));
+    let workers = Workers::new(spec.output.threads, spec.output.memory_budget, buffers, spec.output.allow_nonfinite)?;
     let ticker = Ticker::new(progress, plan.tensors.len() as u64, total_bytes);
 
     // Beside the merge: a thread reads the inputs ahead of it, and one hashes the shards as the

@@ -14,15 +14,19 @@
 //!    lists, or a low-bit histogram pass), then, only when some but not all entries equal to
 //!    the threshold are kept and no lists were kept, a tie-counting pass. Whole-model trims
 //!    (`TrimScope::Model`) run over every tensor before any output is computed.
-//! 2. reductions (`reduce`), when the method asks for them, on fixed blocks summed in block
+//! 2. score selection (`score`), when the recipe has a `ScoreSelect`: exact order statistics of
+//!    the method's per-element score (a radix select on order-preserving keys), either trimming
+//!    every input to the elements whose score is among the k largest or handing the scores at
+//!    given ranks to the method's `derive`;
+//! 3. reductions (`reduce`), when the method asks for them, on fixed blocks summed in block
 //!    order (the blocks' partial sums held for a window of chunks at a time, within the budget),
 //!    then the method's `derive` once per tensor.
-//! 3. apply (`engine`): decode, subtract the base, trim (`trim`), [`Method::apply`], encode,
+//! 4. apply (`engine`): decode, subtract the base, trim (`trim`), [`Method::apply`], encode,
 //!    positioned write ([`Sink`]).
 //!
-//! A tensor with reductions (so that several passes read its trimmed inputs) whose decoded
-//! inputs fit the cache allowance (a quarter of the budget) is decoded once into a cache;
-//! others are decoded again by each pass.
+//! A tensor with reductions or a score selection (so that several passes read its trimmed
+//! inputs) whose decoded inputs fit the cache allowance (a quarter of the budget) is decoded once
+//! into a cache; others are decoded again by each pass.
 //!
 //! Every per-element result depends only on that element's inputs and on integer statistics, and
 //! reductions use fixed block boundaries, so the output bytes are the same for any thread count
@@ -30,9 +34,9 @@
 //!
 //! Modules: `source` and `sink` (where values come from and go), `buffers` (the hot loop's
 //! reusable buffers), `engine` (the pass loop), `selection` and `trim` (computing and applying
-//! thresholds), `reduce`, `copy` (tensors copied, scaled where the plan says), `prepare` and
-//! `recipe` (shared with [`crate::fold`] and [`crate::quantize`]), `merge` ([`run_merge`]) and `in_memory`
-//! ([`merge_in_memory`]).
+//! thresholds), `score` (score selections and their cut), `reduce`, `copy` (tensors copied, scaled
+//! where the plan says), `prepare` and `recipe` (shared with [`crate::fold`] and
+//! [`crate::quantize`]), `merge` ([`run_merge`]) and `in_memory` ([`merge_in_memory`]).
 //!
 //! [`Method::apply`]: crate::methods::Method::apply
 
@@ -45,6 +49,7 @@ pub(crate) mod prepare;
 pub mod readahead;
 mod recipe;
 mod reduce;
+mod score;
 mod selection;
 mod sink;
 mod source;

@@ -103,7 +103,7 @@ impl Engine<'_> {
         for (ji, job) in jobs.iter().enumerate() {
             let items = &per_job[ji];
             let tensor = self.tensor_selection(jobs, ji, items, Data::Stream)?;
-            let cuts = Cuts { tensor: &tensor, model: model_sel.map(|g| (g, offsets[ji])) };
+            let cuts = Cuts { tensor: &tensor, model: model_sel.map(|g| (g, offsets[ji])), score: None };
             let part = self.block_reduce(job, items, None, &cuts, Reduction::Global)?;
             for (a, b) in global_acc.iter_mut().zip(part) {
                 *a += b;

@@ -150,7 +150,7 @@ impl Method for Karcher {
             return Err(Error::Param { name: "tol".into(), reason: format!("{tol} is negative"), place });
         }
         let reductions = if m > 1 { gram::len(m) } else { 0 };
-        Ok(TensorRecipe { trim: vec![None; m], scalars: vec![max_iter as f32, tol as f32], reductions, row: 0 })
+        Ok(TensorRecipe { trim: vec![None; m], scalars: vec![max_iter as f32, tol as f32], reductions, row: 0, score: None })
     }
 
     fn reduce(&self, _r: &TensorRecipe, c: &Chunk<'_>, acc: &mut [f64]) {

@@ -84,7 +84,7 @@ impl Method for Linear {
         }
         let mut scalars = vec![sum];
         scalars.extend(w);
-        Ok(TensorRecipe { trim: vec![None; t.models.len()], scalars, reductions: 0, row: 0 })
+        Ok(TensorRecipe { trim: vec![None; t.models.len()], scalars, reductions: 0, row: 0, score: None })
     }
 
     fn apply(&self, r: &TensorRecipe, _s: &Stats<'_>, c: &Chunk<'_>, out: &mut [f32]) {

@@ -17,11 +17,19 @@
 //! 3. **apply** — [`Method::apply`] gets the chunk's inputs (deltas already trimmed) and writes
 //!    the merged f32 values.
 //!
+//! A method may also rank the elements of a tensor by a score of its own ([`Method::score`],
+//! computed from a chunk's trimmed inputs and base, e.g. the variance across models), selected
+//! exactly between the trim and the reductions ([`ScoreSelect`]): either the k largest scores
+//! are kept and the others zeroed in every input, a trim shared by the inputs that the
+//! reductions and the apply pass then see (SCE's top-k variance), or the scores at given ranks
+//! are handed to [`Method::derive`] after the sums (arcee_fusion's quartiles).
+//!
 //! Adding a method: create `methods/<name>.rs` with a struct implementing [`Method`], add it to
 //! [`build`] and [`METHODS`]. Random methods draw from counter-based
 //! generators keyed by (seed, tensor name, element index), using [`Chunk::start`] for the index,
 //! never a shared stream, so results do not depend on chunking.
 
+pub mod arcee_fusion;
 pub mod breadcrumbs;
 pub mod dare;
 pub mod della;
@@ -33,7 +41,9 @@ pub mod model_stock;
 pub mod multislerp;
 pub mod nearswap;
 pub mod nuslerp;
+pub mod ram;
 pub mod rng;
+pub mod sce;
 pub mod slerp;
 pub mod task_vector;
 pub mod ties;
@@ -131,6 +141,25 @@ pub struct TensorRecipe {
     /// When not 0: chunks and reduction blocks must hold whole rows of this many elements (a
     /// method that looks at a row at once, e.g. DELLA's per-row magnitude ranks).
     pub row: u64,
+    /// An exact selection over the method's per-element [`Method::score`], when it needs one.
+    pub score: Option<ScoreSelect>,
+}
+
+/// A selection over the per-element score of a method ([`Method::score`]), over one tensor.
+///
+/// Scores are ordered as numbers (negative ones included; -0 equals +0, NaN ranks above
+/// everything, as torch sorts). The selection is exact and its integer counts do not depend on
+/// chunking or threads, so neither does the output (see `exec::score`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScoreSelect {
+    /// Keep the k largest scores, k = trunc(f32(nonzero) * f32(fraction)) where nonzero counts
+    /// the scores that are not 0 (torch's `int(count_nonzero(s) * fraction)`, in float32); equal
+    /// scores at the k-th are kept lowest index first. Every input is zeroed where the score is
+    /// not kept, before the reductions and the apply pass read it.
+    TopOfNonzero(f32),
+    /// The score's values at these ranks, 0 being the smallest (each below the tensor's element
+    /// count), handed to [`Method::derive`] after the tensor's reductions, in this order.
+    Ranks(Vec<u64>),
 }
 
 /// Context for planning one tensor.
@@ -244,11 +273,25 @@ pub trait Method: Send + Sync {
     fn reduce_global(&self, _r: &TensorRecipe, _c: &Chunk<'_>, _acc: &mut [f64]) {}
     /// Adds one block's contribution to the tensor's reductions (inputs trimmed).
     fn reduce(&self, _r: &TensorRecipe, _c: &Chunk<'_>, _acc: &mut [f64]) {}
+    /// Writes the score of every element of a chunk into `out` (same length), for a recipe with
+    /// a [`ScoreSelect`]: from the chunk's inputs after their trims, and its base when the
+    /// method uses one. Chunks hold whole rows when the recipe asks for them. Called once per
+    /// selection pass and once more by each pass after a [`ScoreSelect::TopOfNonzero`] (its
+    /// trim), so it must give the same bits each time for the same chunk.
+    fn score(&self, _r: &TensorRecipe, _c: &Chunk<'_>, out: &mut [f32]) {
+        out.fill(0.0);
+    }
+    /// Whether some tensor's recipe may carry a [`ScoreSelect`]: its score is one more chunk
+    /// buffer in flight, counted when the chunk size is fitted to the memory budget.
+    fn scores(&self) -> bool {
+        false
+    }
     /// Turns a tensor's finished reductions into what its apply pass reads as
-    /// [`Stats::tensor`] (coefficients, say), once per tensor (default: the sums unchanged). A
-    /// failure that depends on the tensor's values, not on the parameters (multislerp's weighted
-    /// mean of unit vectors being zero), is reported here, naming `tensor`, before anything of
-    /// the tensor is written.
+    /// [`Stats::tensor`] (coefficients, say), once per tensor (default: the sums unchanged);
+    /// `sums` are followed by the scores a [`ScoreSelect::Ranks`] asked for, and it is called
+    /// whenever there are either. A failure that depends on the tensor's values, not on the
+    /// parameters (multislerp's weighted mean of unit vectors being zero), is reported here,
+    /// naming `tensor`, before anything of the tensor is written.
     fn derive(&self, _r: &TensorRecipe, _tensor: &str, sums: Vec<f64>) -> Result<Vec<f64>> {
         Ok(sums)
     }
@@ -278,6 +321,10 @@ pub const METHODS: &[&str] = &[
     "multislerp",
     "karcher",
     "nearswap",
+    "sce",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
 ];
 
 /// Builds a method by name from the merge's parameters (checks unknown parameter names).
@@ -299,6 +346,10 @@ pub fn build(name: &str, params: &Params) -> Result<Box<dyn Method>> {
         "multislerp" => Box::new(multislerp::MultiSlerp::from_params(params)?),
         "karcher" => Box::new(karcher::Karcher::from_params(params)?),
         "nearswap" => Box::new(nearswap::NearSwap::from_params(params)?),
+        "sce" => Box::new(sce::Sce::from_params(params)?),
+        "arcee_fusion" => Box::new(arcee_fusion::ArceeFusion::from_params(params)?),
+        "ram" => Box::new(ram::ram(params)?),
+        "ramplus_tl" => Box::new(ram::ramplus_tl(params)?),
         other => {
             return Err(Error::Spec(format!("unknown merge method {other:?} (known: {})", METHODS.join(", "))));
         }

@@ -127,9 +127,9 @@ impl Method for ModelStock {
         let sums = m + m * m.saturating_sub(1) / 2;
         match t.shape {
             [.., c] if self.filter_wise && t.shape.len() >= 2 => {
-                Ok(TensorRecipe { trim: vec![None; m], scalars: Vec::new(), reductions: 0, row: (*c as u64).max(1) })
+                Ok(TensorRecipe { trim: vec![None; m], scalars: Vec::new(), reductions: 0, row: (*c as u64).max(1), score: None })
             }
-            _ => Ok(TensorRecipe { trim: vec![None; m], scalars: Vec::new(), reductions: sums, row: 0 }),
+            _ => Ok(TensorRecipe { trim: vec![None; m], scalars: Vec::new(), reductions: sums, row: 0, score: None }),
         }
     }
 

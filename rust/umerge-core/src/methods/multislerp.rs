@@ -136,7 +136,7 @@ impl Method for MultiSlerp {
         let mut scalars = vec![eps as f32];
         scalars.extend(w);
         let reductions = if m > 1 { gram::len(m) } else { 0 };
-        Ok(TensorRecipe { trim: vec![None; m], scalars, reductions, row: 0 })
+        Ok(TensorRecipe { trim: vec![None; m], scalars, reductions, row: 0, score: None })
     }
 
     fn reduce(&self, _r: &TensorRecipe, c: &Chunk<'_>, acc: &mut [f64]) {

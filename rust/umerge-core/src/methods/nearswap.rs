@@ -73,7 +73,7 @@ impl Method for NearSwap {
                 place: format!(" (tensor {})", t.name),
             });
         }
-        Ok(TensorRecipe { trim: vec![None; t.models.len()], scalars: vec![tt as f32], reductions: 0, row: 0 })
+        Ok(TensorRecipe { trim: vec![None; t.models.len()], scalars: vec![tt as f32], reductions: 0, row: 0, score: None })
     }
 
     fn apply(&self, r: &TensorRecipe, _s: &Stats<'_>, c: &Chunk<'_>, out: &mut [f32]) {

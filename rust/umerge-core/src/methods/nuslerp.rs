@@ -190,8 +190,8 @@ impl Method for NuSlerp {
         let scalars = vec![(1.0 - tt) as f32, tt as f32];
         let trim = vec![None; m];
         Ok(match self.vectors(t.shape) {
-            Vectors::Tensor => TensorRecipe { trim, scalars, reductions: 3, row: 0 },
-            Vectors::Rows => TensorRecipe { trim, scalars, reductions: 0, row: (*t.shape.last().unwrap_or(&1) as u64).max(1) },
+            Vectors::Tensor => TensorRecipe { trim, scalars, reductions: 3, row: 0, score: None },
+            Vectors::Rows => TensorRecipe { trim, scalars, reductions: 0, row: (*t.shape.last().unwrap_or(&1) as u64).max(1), score: None },
             Vectors::Columns => {
                 let s = t.numel() / (t.shape[0] as u64).max(1);
                 let reductions = usize::try_from(3 * s).map_err(|_| Error::Budget {
@@ -200,7 +200,7 @@ impl Method for NuSlerp {
                     need: 3 * s * 8,
                     allowed: usize::MAX as u64,
                 })?;
-                TensorRecipe { trim, scalars, reductions, row: 0 }
+                TensorRecipe { trim, scalars, reductions, row: 0, score: None }
             }
         })
     }

@@ -76,7 +76,7 @@ impl Method for Slerp {
 
     fn plan_tensor(&self, t: &TensorCtx<'_>) -> Result<TensorRecipe> {
         let tt = t.global_number("t", None)?;
-        Ok(TensorRecipe { trim: vec![None; t.models.len()], scalars: vec![tt as f32], reductions: 3, row: 0 })
+        Ok(TensorRecipe { trim: vec![None; t.models.len()], scalars: vec![tt as f32], reductions: 3, row: 0, score: None })
     }
 
     fn reduce(&self, _r: &TensorRecipe, c: &Chunk<'_>, acc: &mut [f64]) {

@@ -346,7 +346,7 @@ impl Method for TaskVectorMerge {
         s.extend(&eps);
         let reductions = if self.sparsify.is_random() && self.rescale == Rescale::L1 { 2 * m } else { 0 };
         let row = if self.sparsify == Sparsify::Della { della::row_length(t)? } else { 0 };
-        Ok(TensorRecipe { trim, scalars: s, reductions, row })
+        Ok(TensorRecipe { trim, scalars: s, reductions, row, score: None })
     }
 
     /// L1 rescale: per model, sum |d| and sum |d| over the kept entries.

@@ -209,7 +209,7 @@ impl Method for Ties {
                 Preset::Paper => Trim::top(density, TrimScope::Model, TrimRule::PaperKth),
             }));
         }
-        Ok(TensorRecipe { trim, scalars, reductions: 0, row: 0 })
+        Ok(TensorRecipe { trim, scalars, reductions: 0, row: 0, score: None })
     }
 
     fn global_reductions(&self) -> usize {
