@@ -3,7 +3,10 @@ the judging of rows and the summary over seeds, all on constructed numbers (no m
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +182,26 @@ def test_no_comparison_summary_unless_every_seed_has_one() -> None:
     reports = {3: _seed_report(0.1, 0.7, 0.0), 4: _seed_report(0.2, 0.55, 0.2)}
     del reports[4]["method_comparison"]
     assert summarize_comparison(reports) is None and "method_comparison" not in summarize(reports)
+
+
+def test_pooling_per_seed_runs_equals_one_summary(tmp_path: Path) -> None:
+    """benches/demo_pool_seeds.py: seed reports from two `--seeds` directories give the summary of all."""
+    reports = {3: _seed_report(0.1, 0.7, 0.0), 4: _seed_report(0.2, 0.55, 0.2), 6: _seed_report(0.6, 0.8, 0.04)}
+    for seed, rep in reports.items():
+        d = tmp_path / ("a" if seed < 5 else "b") / f"seed-{seed}"
+        d.mkdir(parents=True)
+        (d / "report.json").write_text(json.dumps(rep))
+    path = Path(__file__).resolve().parents[1] / "benches" / "demo_pool_seeds.py"
+    spec = importlib.util.spec_from_file_location("demo_pool_seeds", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["-o", str(tmp_path / "pooled"), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    pooled = json.loads((tmp_path / "pooled" / "report.json").read_text())
+    direct = json.loads(json.dumps(summarize(reports), default=str))
+    assert pooled["seeds"] == [3, 4, 6]
+    assert pooled["method_comparison"] == direct["method_comparison"] and pooled["table"] == direct["table"]
+    # a seed twice is refused
+    (tmp_path / "b" / "seed-3").mkdir()
+    (tmp_path / "b" / "seed-3" / "report.json").write_text(json.dumps(reports[3]))
+    assert mod.main(["-o", str(tmp_path / "p2"), str(tmp_path / "a"), str(tmp_path / "b")]) == 2
