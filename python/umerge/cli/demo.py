@@ -31,10 +31,16 @@ import click
 @click.option("--seeds", default=None, metavar="LIST",
               help="Run once per seed (a range 0-4, a list 0,2,5, or both) into OUT/seed-K/, then summarise: "
                    "mean, sd and a bootstrap 95% interval over seeds, and the criteria counted over seeds.")
+@click.option("--compare-methods", is_flag=True,
+              help="After the main pipeline, train every unlearning method (grad_ascent, grad_diff, npo, simnpo, dpo, "
+                   "rmu, undial beside npo_gdr_klr) on the same model and data, merge each over/under pair with "
+                   "TIES where the method has a retain term, and add the section 'Unlearning methods compared'. "
+                   "Several times the training time; --set compare_methods=grad_diff,undial picks methods.")
 @click.option("--overwrite", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def demo(out: str, quick: bool, data_dir: str | None, subset: int | None, settings: tuple[str, ...],
-         model_dir: str | None, seed: int, seeds: str | None, overwrite: bool, quiet: bool) -> None:
+         model_dir: str | None, seed: int, seeds: str | None, compare_methods: bool, overwrite: bool,
+         quiet: bool) -> None:
     """Reproduce "unlearning via model merging" end to end, on CPU, with no download.
 
     \b
@@ -47,6 +53,8 @@ def demo(out: str, quick: bool, data_dir: str | None, subset: int | None, settin
         umerge demo -o demo-out                  # under 15 minutes on 2 CPU cores
         umerge demo --quick -o demo-out          # under 3 minutes (CI)
         umerge demo --seeds 3-7 -o demo-seeds    # five seeds and their summary
+        umerge demo --compare-methods -o demo-methods   # + every unlearning method, alone and merged
+        umerge demo --quick --set compare_methods=grad_diff,undial -o demo-two   # two methods only
         umerge demo --data ../shared/data/lume --subset 20 -o demo-lume  # real LUME rows
     
     The report's finding is decided by criteria fixed in code before any run (umerge.demo.criteria):
@@ -57,7 +65,8 @@ def demo(out: str, quick: bool, data_dir: str | None, subset: int | None, settin
     from umerge.demo.pipeline import DemoOptions, check_inputs, run_demo
 
     opts = DemoOptions(out=out, quick=quick, data_dir=data_dir, model_dir=model_dir, seed=seed,
-                       overwrite=overwrite, progress=not quiet, subset=subset, settings=parse_settings(settings))
+                       overwrite=overwrite, progress=not quiet, subset=subset, settings=parse_settings(settings),
+                       compare_methods=compare_methods)
     opts.resolved_config()  # a wrong --set fails here, before anything is written
     check_inputs(opts)
     if seeds is not None:

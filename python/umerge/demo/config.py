@@ -4,6 +4,26 @@ Everything that decides a number in the report lives here, so the report can pri
 be repeated from report.json alone. The unlearning presets themselves (zjuklab-model1/2) come from
 `umerge.unlearn`; this config only holds the overrides that scale them down to a tiny CPU model, and
 says why in `UNLEARN_SCALING_NOTE`.
+
+The method comparison (`umerge demo --compare-methods`, field `compare_methods`) trains every listed
+method of `umerge.unlearn.METHODS` from its own preset with the same `unlearn_overrides`, and, for
+the methods with both a forget and a retain term (`UNDER_VARIANT_METHODS`), an "under" variant built
+as zjuklab-model2 differs from zjuklab-model1 (`under_variant_overrides`). Its choices were fixed
+before the run and are not calibrated (`METHODS_SCALING_NOTE`, docs/CALIBRATION.md):
+
+- every method runs at the demo's frozen learning rate 1e-2 (with max_length 128 and LoRA r = alpha
+  = 8), because the comparison asks what each objective does under one optimisation budget; 1e-2
+  was calibrated for npo_gdr_klr only, so it may suit another method badly (gradient ascent's loss
+  is unbounded and may run away at it), which the table then shows rather than hides;
+- each method keeps the scale-setting values of its preset (RMU's steering coefficient 20 and alpha
+  10, DPO's and NPO's beta 0.1, SimNPO's beta 4.5, UNDIAL's beta 10): none was tuned on the demo's
+  seeds for this comparison;
+- the under variant multiplies the forget term's weight by 0.3 / 0.4 = 0.75 (NPO's 0.4 -> 0.3 in the
+  ZJUKLAB presets; the KL weight of npo_gdr_klr too, 0.4 -> 0.3), the retain NLL's weight by
+  0.4 / 0.2 = 2 (GDR's 0.2 -> 0.4) and sets batch 2 (model1's 1 -> model2's 2). Applied to
+  zjuklab-model1 it gives zjuklab-model2 exactly; grad_diff, simnpo and dpo (weights 1 / 1) become
+  0.75 / 2, batch 2. npo's preset (npo-only) and undial's have no retain term (weight 0), grad_ascent
+  and rmu have no retain NLL, so they run alone.
 """
 
 from __future__ import annotations
@@ -28,6 +48,55 @@ UNLEARN_SCALING_NOTE = (
     "1e-2 both presets unlearned on all three and the criteria held on two; 1e-2 was frozen before any "
     "held-out seed ran (docs/CALIBRATION.md, benches/demo_calibration.py)."
 )
+
+#: `--compare-methods` without a list: every unlearning method (npo_gdr_klr's over/under pair and its
+#: merge are the main pipeline's model1, model2 and factor-wise TIES merge, not trained again).
+COMPARE_METHODS_DEFAULT = ("npo_gdr_klr", "grad_ascent", "grad_diff", "npo", "simnpo", "dpo", "rmu", "undial")
+#: Methods with a forget and a retain term in their preset: trained also as an under variant and merged.
+UNDER_VARIANT_METHODS = ("npo_gdr_klr", "grad_diff", "simnpo", "dpo")
+#: The under variant, as zjuklab-model2 differs from zjuklab-model1 (0.4 / 0.4 / 0.2 -> 0.3 / 0.3 / 0.4, batch 1 -> 2).
+UNDER_FORGET_FACTOR = 0.75  # 0.3 / 0.4
+UNDER_RETAIN_FACTOR = 2.0  # 0.4 / 0.2
+UNDER_BATCH_SIZE = 2
+
+#: Why the method comparison is set up as it is (printed in the report).
+METHODS_SCALING_NOTE = (
+    "Fixed before the run, not calibrated: every method from its own preset (model1's recipe: batch 1, "
+    "gradient accumulation 4, 5 epochs, warmup then decay) with the demo's unlearning overrides (lr 1e-2, "
+    "max_length 128, LoRA r = alpha = 8), the lr calibrated for npo_gdr_klr only; each method keeps its "
+    "preset's scale-setting values (RMU c 20 and alpha 10, DPO beta 0.1, SimNPO beta 4.5, UNDIAL beta 10). "
+    "The under variant of a method with a forget and a retain term: forget weight x 0.75 (and npo_gdr_klr's "
+    "KL weight), retain NLL weight x 2, batch 2, as zjuklab-model2 differs from zjuklab-model1; its TIES "
+    "merge with the preset variant is factor-wise at the demo's density and weights."
+)
+
+
+def under_variant_overrides(method: str) -> dict[str, Any]:
+    """The fields that turn `method`'s preset (the over variant) into its under variant."""
+    from umerge.unlearn.presets import METHOD_PRESETS, get_preset
+
+    if method not in UNDER_VARIANT_METHODS:
+        raise InputError(f"{method}: no under variant (methods with one: {', '.join(UNDER_VARIANT_METHODS)})")
+    base = get_preset(METHOD_PRESETS[method])
+    if method == "npo_gdr_klr":
+        return {"npo_weight": base.npo_weight * UNDER_FORGET_FACTOR, "kl_weight": base.kl_weight * UNDER_FORGET_FACTOR,
+                "retain_weight": base.retain_weight * UNDER_RETAIN_FACTOR, "batch_size": UNDER_BATCH_SIZE}
+    return {"forget_weight": base.forget_weight * UNDER_FORGET_FACTOR,
+            "retain_weight": base.retain_weight * UNDER_RETAIN_FACTOR, "batch_size": UNDER_BATCH_SIZE}
+
+
+def check_compare_methods(names: typing.Iterable[str]) -> tuple[str, ...]:
+    """`names` as canonical method names (idkdpo -> dpo), each once; an unknown one fails."""
+    from umerge.unlearn.presets import METHOD_ALIASES, METHODS
+
+    out: list[str] = []
+    for name in names:
+        canonical = METHOD_ALIASES.get(name, name)
+        if canonical not in METHODS:
+            raise InputError(f"compare_methods: unknown method {name!r} (known: {', '.join(METHODS)})")
+        if canonical not in out:
+            out.append(canonical)
+    return tuple(out)
 
 
 @dataclass
@@ -76,6 +145,10 @@ class DemoConfig:
     # False: Table 1 and the criteria only (the scale study): no NPO-only run, curves, angles,
     # density sweep or method comparison (so the "TIES best method" criterion is not judged)
     analyses: bool = True
+    # the method comparison (`--compare-methods`): the unlearning methods trained after the main
+    # pipeline, each from its preset, with an under variant and a merge where it applies (see the
+    # module docstring); empty: not run
+    compare_methods: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-safe dict (tuples become lists)."""
@@ -85,7 +158,7 @@ class DemoConfig:
     def from_dict(cls, values: dict[str, Any]) -> "DemoConfig":
         """Inverse of `to_dict`."""
         kwargs = dict(values)
-        for name in ("weights", "sweep_densities", "methods"):
+        for name in ("weights", "sweep_densities", "methods", "compare_methods"):
             if name in kwargs:
                 kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)
@@ -157,6 +230,7 @@ def apply_overrides(cfg: DemoConfig, settings: dict[str, str]) -> DemoConfig:
             valid = ", ".join(k for k in hints if k not in ("mode", "seed"))
             raise InputError(f"--set {key}: no such demo setting (settings: {valid}, unlearn_overrides.NAME)")
         values[key] = _parse_value(key, text, hints[key])
+    values["compare_methods"] = check_compare_methods(values.get("compare_methods") or ())
     return DemoConfig.from_dict(values)
 
 

@@ -20,6 +20,20 @@ n0 nonmembers, Q1 = A / (2 - A), Q2 = 2 A^2 / (1 + A),
 SE^2 = (A (1 - A) + (n1 - 1)(Q1 - A^2) + (n0 - 1)(Q2 - A^2)) / (n1 n0), and the interval
 A -+ 1.96 SE, clipped to [0, 1]. It treats members as independent; correlated members (several rows
 of one document) make it too narrow.
+
+The method comparison (`umerge demo --compare-methods`) is judged by criteria fixed here as well,
+before any run, per trained model (`judge_method`) and per merged over/under pair (`judge_pair`):
+
+- **unlearns**: forget regurgitation at least `UNLEARNED_MARGIN` below vanilla's (criterion 2's rule);
+- **keeps utility**: MMLU-format accuracy at least `UTILITY_KEPT_FRACTION` (0.8) of vanilla's, so a
+  method that forgets by destroying the model does not pass on forgetting alone;
+- **survives int4**: forget knowledge after int4 fake quantization at most `INT4_MARGIN` (0.05) above
+  the full-precision forget knowledge (Zhang et al. 2025 found unlearned knowledge coming back);
+- a merge of a method's over and under variants is **balanced** when |AUC - 0.5| is below both
+  parents' (criterion 3), and **above both** when its final aggregate is above both parents'
+  (criterion 4).
+
+A criterion whose numbers are missing (no MIA data, no probe) is None: not decided.
 """
 
 from __future__ import annotations
@@ -96,6 +110,60 @@ def judge(vanilla: Outcome, model1: Outcome, model2: Outcome, merge: Outcome,
     return out
 
 
+#: Keeps utility: MMLU-format accuracy at least this fraction of vanilla's.
+UTILITY_KEPT_FRACTION = 0.8
+#: Survives int4: forget knowledge after int4 at most this much above full precision.
+INT4_MARGIN = 0.05
+
+METHOD_CRITERIA = {
+    "unlearns": f"unlearns (forget regurgitation at least {UNLEARNED_MARGIN} below vanilla's)",
+    "keeps_utility": f"keeps utility (MMLU-format accuracy at least {UTILITY_KEPT_FRACTION} x vanilla's)",
+    "survives_int4": f"survives int4 (forget knowledge after int4 at most {INT4_MARGIN} above full precision)",
+}
+PAIR_CRITERIA = {
+    "balanced": "the TIES merge of the over/under pair is balanced (|AUC - 0.5| below both parents')",
+    "above_both": "the merge's final aggregate is above both parents'",
+}
+
+
+@dataclass(frozen=True)
+class MethodOutcome:
+    """What the method-comparison criteria read of one model (None: not measured)."""
+
+    auc: float | None
+    aggregate: float | None
+    mmlu: float | None
+    forget_regurgitation: float | None
+    forget_knowledge: float | None
+    forget_knowledge_int4: float | None
+
+
+def judge_method(vanilla: MethodOutcome, model: MethodOutcome) -> dict[str, bool | None]:
+    """`METHOD_CRITERIA` for one unlearned model against the vanilla model."""
+
+    out: dict[str, bool | None] = {"unlearns": None, "keeps_utility": None, "survives_int4": None}
+    reg, reg0 = model.forget_regurgitation, vanilla.forget_regurgitation
+    if reg is not None and reg0 is not None:
+        out["unlearns"] = reg <= reg0 - UNLEARNED_MARGIN
+    mmlu, mmlu0 = model.mmlu, vanilla.mmlu
+    if mmlu is not None and mmlu0 is not None:
+        out["keeps_utility"] = mmlu >= UTILITY_KEPT_FRACTION * mmlu0
+    full, int4 = model.forget_knowledge, model.forget_knowledge_int4
+    if full is not None and int4 is not None:
+        out["survives_int4"] = int4 - full <= INT4_MARGIN
+    return out
+
+
+def judge_pair(over: MethodOutcome, under: MethodOutcome, merge: MethodOutcome) -> dict[str, bool | None]:
+    """`PAIR_CRITERIA` for the merge of one method's over and under variants."""
+    out: dict[str, bool | None] = {"balanced": None, "above_both": None}
+    if over.auc is not None and under.auc is not None and merge.auc is not None:
+        out["balanced"] = abs(merge.auc - 0.5) < min(abs(over.auc - 0.5), abs(under.auc - 0.5))
+    if over.aggregate is not None and under.aggregate is not None and merge.aggregate is not None:
+        out["above_both"] = merge.aggregate > max(over.aggregate, under.aggregate)
+    return out
+
+
 def finding_sentence(judgements: Sequence[Mapping[str, Any]]) -> str:
     """What the runs show, criterion by criterion, counted over seeds; nothing beyond that."""
     n = len(judgements)
@@ -118,4 +186,6 @@ def finding_sentence(judgements: Sequence[Mapping[str, Any]]) -> str:
     return f"{head} ({n} {seeds}). " + "; ".join(parts) + "." + tail
 
 
-__all__ = ["CRITERIA", "UNLEARNED_MARGIN", "Outcome", "auc_interval", "judge", "finding_sentence"]
+__all__ = ["CRITERIA", "UNLEARNED_MARGIN", "UTILITY_KEPT_FRACTION", "INT4_MARGIN", "METHOD_CRITERIA",
+           "PAIR_CRITERIA", "Outcome", "MethodOutcome", "auc_interval", "judge", "judge_method", "judge_pair",
+           "finding_sentence"]

@@ -21,7 +21,10 @@ Stages (each one call into the package's own pieces; this module only orchestrat
    epoch 0 (Figure 2), parameter-change angles against a random-direction null (Figure 4), the
    density sweep (Figure 5), the merge-method comparison (Table 2); each figure's numbers are in
    report.json under "figure_data" (the sweep's under "sweep");
-7. report.json, and report.md rendered from it (`umerge.demo.render`).
+7. with ``--compare-methods`` (`DemoConfig.compare_methods`), after everything above: every listed
+   unlearning method trained, merged over/under where it applies, evaluated and judged
+   (`umerge.demo.compare`), report.json's "method_comparison";
+8. report.json, and report.md rendered from it (`umerge.demo.render`).
 
 Why the vanilla model also learns the utility questions: a tiny model trained from scratch knows
 nothing outside the world, so an MMLU-style probe would sit at chance (0.25) before and after
@@ -43,7 +46,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from umerge.demo.config import UNLEARN_SCALING_NOTE, DemoConfig, apply_overrides, config_for
+from umerge.demo.config import (
+    COMPARE_METHODS_DEFAULT,
+    UNLEARN_SCALING_NOTE,
+    DemoConfig,
+    apply_overrides,
+    config_for,
+)
 from umerge.errors import InputError
 
 FORMAT = "umerge-demo-report/1"
@@ -67,6 +76,7 @@ class DemoOptions:
     config: DemoConfig | None = None  # None: `config_for(...)` with `settings` applied
     subset: int | None = None  # --subset: documents per task and split drawn from data_dir
     settings: dict[str, str] = field(default_factory=dict)  # --set KEY=VALUE
+    compare_methods: bool = False  # --compare-methods: every method unless --set compare_methods=... lists some
 
     def resolved_config(self) -> DemoConfig:
         """The configuration this run uses."""
@@ -74,7 +84,10 @@ class DemoOptions:
             return self.config
         base = config_for(self.quick, self.seed, given_model=self.model_dir is not None,
                           real_data=self.data_dir is not None)
-        return apply_overrides(base, self.settings)
+        cfg = apply_overrides(base, self.settings)
+        if self.compare_methods and not cfg.compare_methods:
+            cfg.compare_methods = COMPARE_METHODS_DEFAULT
+        return cfg
 
     def command(self) -> str:
         """The `umerge demo` command line that reproduces this run."""
@@ -90,6 +103,8 @@ class DemoOptions:
         if self.model_dir:
             parts += ["--model", str(self.model_dir)]
         parts += ["--seed", str(self.seed)]
+        if self.compare_methods:
+            parts.append("--compare-methods")
         if self.overwrite:
             parts.append("--overwrite")
         return shlex.join(parts)
@@ -572,6 +587,18 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
         methods_table({f"{m['method']}, {m['path']}": m for m in method_rows}, figures_dir)
         figures["methods"] = "figures/methods.png"
 
+    comparison: dict[str, Any] | None = None
+    if cfg.compare_methods:
+        from umerge.demo.compare import compare_methods
+
+        def probe_int4(compared: dict[str, Path]) -> dict[str, float | None]:
+            return _quantization_probe(cfg, data, {"vanilla": vanilla, **compared})["forget_knowledge_int4"]
+
+        overrides = dict(cfg.unlearn_overrides) if opts.model_dir is None else {}
+        comparison = log.stage("unlearning methods compared", lambda: compare_methods(
+            cfg, data.dir, vanilla, scores, out, lambda m, name, d: ev(m, name, d),
+            probe_int4 if cfg.quantize_probe else None, overrides, say=log.say, progress=opts.progress))
+
     report: dict[str, Any] = {
         "format": FORMAT,
         "command": opts.command(),
@@ -593,6 +620,7 @@ def _run(opts: DemoOptions, cfg: DemoConfig) -> Path:
         "figures": figures,
         "figure_data": figure_data,
         "findings": _findings(scores, out, method_rows),
+        **({"method_comparison": comparison} if comparison is not None else {}),
         "factorwise_update": geometry,
         "timings_s": {**log.timings, "total": round(time.perf_counter() - t_start, 1)},
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__,

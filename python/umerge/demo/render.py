@@ -62,6 +62,46 @@ def _probe_sentence(p: dict[str, Any] | None) -> str:
             "forgetting does not survive quantization (Zhang et al. 2025, arXiv:2410.16454).")
 
 
+#: The comparison table's score columns: report.json key -> header.
+COMPARISON_COLUMNS = {
+    "mia_auc": "MIA AUC", "task_aggregate": "Task Aggregate", "mmlu": "MMLU", "aggregate": "final aggregate",
+    "forget_regurgitation": "forget regurgitation", "retain_regurgitation": "retain regurgitation",
+    "forget_knowledge": "forget knowledge", "forget_knowledge_int4": "after int4",
+}
+#: Its criteria columns: key -> header ("—": the criterion does not apply to the row, "n/a": not decided).
+COMPARISON_CRITERIA = {"unlearns": "unlearns", "keeps_utility": "keeps utility", "survives_int4": "survives int4",
+                       "balanced": "balanced", "above_both": "above both"}
+
+
+def _verdict(crit: dict[str, Any], key: str) -> str:
+    if key not in crit:
+        return "—"
+    return "n/a" if crit[key] is None else _yes(crit[key])
+
+
+def comparison_section(c: dict[str, Any]) -> list[str]:
+    """The "Unlearning methods compared" section's lines, from report.json's "method_comparison"."""
+    L = ["## Unlearning methods compared", "",
+         "Each method trained on the same vanilla model and data from its own preset (variant \"preset\": "
+         "model1's recipe, batch 1); methods with a forget and a retain term also as an \"under\" variant, "
+         "and the two TIES-merged factor-wise (variant \"TIES merge\"). npo_gdr_klr's rows are Table 1's "
+         "model1, model2 and factor-wise merge. " + c["note"], "",
+         "| Method | Variant | " + " | ".join(COMPARISON_COLUMNS.values()) + " | "
+         + " | ".join(COMPARISON_CRITERIA.values()) + " |",
+         "|---|---" + "|---" * (len(COMPARISON_COLUMNS) + len(COMPARISON_CRITERIA)) + "|"]
+    v = c["vanilla"]
+    L.append("| vanilla | — | " + " | ".join(fmt(v.get(k)) for k in COMPARISON_COLUMNS) + " | "
+             + " | ".join("—" for _ in COMPARISON_CRITERIA) + " |")
+    for row in c["rows"]:
+        crit = row.get("criteria", {})
+        L.append(f"| {row['method']} | {row['variant']} | " + " | ".join(fmt(row.get(k)) for k in COMPARISON_COLUMNS)
+                 + " | " + " | ".join(_verdict(crit, k) for k in COMPARISON_CRITERIA) + " |")
+    L += ["", "Criteria (fixed before any run, `umerge.demo.criteria`): "
+          + "; ".join(c["criteria"].values()) + ". "
+          "— : the criterion does not apply to the row (the pair criteria apply to merges only).", ""]
+    return L
+
+
 def _real_data_line(data: dict[str, Any]) -> str:
     sub = data.get("subset")
     if not sub:
@@ -166,6 +206,8 @@ def render_report(r: dict[str, Any]) -> str:
     if "methods" in r["figures"]:
         L += ["", f"Bar chart: [{r['figures']['methods']}]({r['figures']['methods']})."]
     L.append("")
+    if r.get("method_comparison"):
+        L += comparison_section(r["method_comparison"])
 
     # -- density sweep numbers (Figure 5's data)
     L += ["## Density sweep (TIES, factor-wise)", "",

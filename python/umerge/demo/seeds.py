@@ -5,7 +5,11 @@ The summary (``OUT/report.json``, ``OUT/report.md``) gives, per model of Table 1
 score (MIA AUC, Task Aggregate, MMLU, final aggregate), the mean, the sample standard deviation and a
 bootstrap 95% interval of the mean over seeds (10,000 resamples of the seeds with replacement,
 percentile interval, generator seeded with 0), every seed's value, and the finding sentence of
-`umerge.demo.criteria` counted over the seeds. With few seeds the bootstrap interval is rough
+`umerge.demo.criteria` counted over the seeds. Table 1's forget knowledge and its value after int4
+(the quantization probe) are summarised the same way. With ``--compare-methods`` the section
+"Unlearning methods compared" is summarised too: per method and variant (the rows present on every
+seed) the same statistics of each of its scores, and per criterion on how many seeds it holds of
+the seeds where it was decided. With few seeds the bootstrap interval is rough
 (five seeds have only 126 distinct resamples); it is reported as such, not as a test.
 """
 
@@ -22,7 +26,8 @@ from typing import Any
 from umerge.errors import InputError
 
 FORMAT = "umerge-demo-seeds/1"
-METRICS = {"mia_auc": "MIA AUC", "task_aggregate": "Task Aggregate", "mmlu": "MMLU", "aggregate": "final aggregate"}
+METRICS = {"mia_auc": "MIA AUC", "task_aggregate": "Task Aggregate", "mmlu": "MMLU", "aggregate": "final aggregate",
+           "forget_knowledge": "forget knowledge", "forget_knowledge_int4": "forget knowledge after int4"}
 BOOTSTRAP_RESAMPLES = 10_000
 
 
@@ -55,6 +60,48 @@ def bootstrap_interval(values: Sequence[float], resamples: int = BOOTSTRAP_RESAM
     return float(lo), float(hi)
 
 
+def _statistics(per_seed: Mapping[int, Any]) -> dict[str, Any]:
+    """Mean, sample sd and bootstrap interval of the known values of ``{seed: value or None}``."""
+    known = [float(v) for v in per_seed.values() if v is not None]
+    entry: dict[str, Any] = {"per_seed": dict(per_seed), "n": len(known)}
+    if known:
+        entry["mean"] = statistics.fmean(known)
+        entry["sd"] = statistics.stdev(known) if len(known) > 1 else None
+        entry["ci95"] = list(bootstrap_interval(known))
+    return entry
+
+
+def summarize_comparison(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The method comparison over seeds, or None unless every seed's report has one.
+
+    Rows are identified by (method, variant) and kept in the first seed's order when present on every
+    seed; each gets `_statistics` of every score in `render.COMPARISON_COLUMNS` and, per criterion,
+    ``{"held": seeds where it holds, "decided": seeds where it was decided}``."""
+    from umerge.demo.render import COMPARISON_COLUMNS
+
+    seeds = sorted(reports)
+    if not seeds or not all(reports[s].get("method_comparison") for s in seeds):
+        return None
+    by_seed = {s: {(r["method"], r["variant"]): r for r in reports[s]["method_comparison"]["rows"]} for s in seeds}
+    first = reports[seeds[0]]["method_comparison"]
+    keys = [(r["method"], r["variant"]) for r in first["rows"] if all((r["method"], r["variant"]) in by_seed[s]
+                                                                     for s in seeds)]
+    rows = []
+    for key in keys:
+        entry: dict[str, Any] = {"method": key[0], "variant": key[1], "scores": {}, "criteria": {}}
+        for metric in COMPARISON_COLUMNS:
+            entry["scores"][metric] = _statistics({s: by_seed[s][key].get(metric) for s in seeds})
+        for crit in by_seed[seeds[0]][key].get("criteria", {}):
+            values = [by_seed[s][key].get("criteria", {}).get(crit) for s in seeds]
+            decided = [v for v in values if v is not None]
+            entry["criteria"][crit] = {"held": sum(bool(v) for v in decided), "decided": len(decided),
+                                       "per_seed": dict(zip(seeds, values))}
+        rows.append(entry)
+    vanilla = {m: _statistics({s: reports[s]["method_comparison"]["vanilla"].get(m) for s in seeds})
+               for m in COMPARISON_COLUMNS}
+    return {"rows": rows, "vanilla": vanilla, "criteria": first["criteria"], "note": first["note"]}
+
+
 def summarize(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     """The multi-seed summary of per-seed demo reports ``{seed: report.json object}``."""
     from umerge.demo.criteria import CRITERIA, finding_sentence
@@ -67,16 +114,9 @@ def summarize(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     for model in models:
         table[model] = {}
         for key in METRICS:
-            values = [reports[s]["scores"][model].get(key) for s in seeds]
-            known = [float(v) for v in values if v is not None]
-            entry: dict[str, Any] = {"per_seed": dict(zip(seeds, values)), "n": len(known)}
-            if known:
-                entry["mean"] = statistics.fmean(known)
-                entry["sd"] = statistics.stdev(known) if len(known) > 1 else None
-                entry["ci95"] = list(bootstrap_interval(known))
-            table[model][key] = entry
+            table[model][key] = _statistics({s: reports[s]["scores"][model].get(key) for s in seeds})
     judged = [reports[s]["findings"]["judgement"] for s in seeds if reports[s]["findings"].get("available")]
-    return {
+    out = {
         "format": FORMAT,
         "seeds": seeds,
         "models": models,
@@ -87,6 +127,53 @@ def summarize(reports: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
         "sentence": finding_sentence(judged),
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": 0, "interval": "percentile, 95%"},
     }
+    comparison = summarize_comparison(reports)
+    if comparison is not None:
+        out["method_comparison"] = comparison
+    return out
+
+
+def _cell(e: Mapping[str, Any]) -> str:
+    """``mean ± sd [lo, hi]`` of a `_statistics` entry, as the summary prints it."""
+    from umerge.demo.render import fmt
+
+    if e["n"] == 0:
+        return "n/a"
+    sd = "n/a" if e["sd"] is None else fmt(e["sd"])
+    return f"{fmt(e['mean'])} ± {sd} [{fmt(e['ci95'][0])}, {fmt(e['ci95'][1])}]"
+
+
+def render_comparison(c: Mapping[str, Any], seeds: Sequence[int]) -> list[str]:
+    """The summary's "Unlearning methods compared over seeds" section."""
+    from umerge.demo.render import COMPARISON_COLUMNS, COMPARISON_CRITERIA, fmt
+
+    L = ["## Unlearning methods compared over seeds", "",
+         "Mean ± sample sd [bootstrap 95% interval of the mean over seeds] of each score; each seed's "
+         "section in `seed-<k>/report.md`. " + c["note"], "",
+         "| Method | Variant | " + " | ".join(COMPARISON_COLUMNS.values()) + " |",
+         "|---|---" + "|---" * len(COMPARISON_COLUMNS) + "|"]
+    L.append("| vanilla | — | " + " | ".join(_cell(c["vanilla"][k]) for k in COMPARISON_COLUMNS) + " |")
+    for row in c["rows"]:
+        L.append(f"| {row['method']} | {row['variant']} | "
+                 + " | ".join(_cell(row["scores"][k]) for k in COMPARISON_COLUMNS) + " |")
+    L += ["", f"Criteria, seeds where each holds of the seeds where it was decided (of {len(seeds)}; "
+          "— : does not apply):", "",
+          "| Method | Variant | " + " | ".join(COMPARISON_CRITERIA.values()) + " |",
+          "|---|---" + "|---" * len(COMPARISON_CRITERIA) + "|"]
+    for row in c["rows"]:
+        cells = []
+        for key in COMPARISON_CRITERIA:
+            e = row["criteria"].get(key)
+            cells.append("—" if e is None else f"{e['held']} of {e['decided']}")
+        L.append(f"| {row['method']} | {row['variant']} | " + " | ".join(cells) + " |")
+    L += ["", "Per seed:", "", "| Seed | Method | Variant | " + " | ".join(COMPARISON_COLUMNS.values()) + " |",
+          "|---|---|---" + "|---" * len(COMPARISON_COLUMNS) + "|"]
+    for s in seeds:
+        for row in c["rows"]:
+            L.append(f"| {s} | {row['method']} | {row['variant']} | "
+                     + " | ".join(fmt(row["scores"][k]["per_seed"][s]) for k in COMPARISON_COLUMNS) + " |")
+    L += ["", "Criteria: " + "; ".join(c["criteria"].values()) + ".", ""]
+    return L
 
 
 def render(summary: Mapping[str, Any], command: str) -> str:
@@ -100,14 +187,7 @@ def render(summary: Mapping[str, Any], command: str) -> str:
           "Mean ± sample sd [bootstrap 95% interval of the mean over seeds] of each model's score.", "",
           "| Model | " + " | ".join(summary["metrics"].values()) + " |", "|---" * (1 + len(summary["metrics"])) + "|"]
     for model in summary["models"]:
-        cells = []
-        for key in summary["metrics"]:
-            e = summary["table"][model][key]
-            if e["n"] == 0:
-                cells.append("n/a")
-                continue
-            sd = "n/a" if e["sd"] is None else fmt(e["sd"])
-            cells.append(f"{fmt(e['mean'])} ± {sd} [{fmt(e['ci95'][0])}, {fmt(e['ci95'][1])}]")
+        cells = [_cell(summary["table"][model][key]) for key in summary["metrics"]]
         L.append(f"| {DISPLAY.get(model, model).replace(', density {d}', '')} | " + " | ".join(cells) + " |")
     L += ["", "## Per seed", "", "| Seed | Model | " + " | ".join(summary["metrics"].values()) + " |",
           "|---|---" + "|---" * len(summary["metrics"]) + "|"]
@@ -122,6 +202,8 @@ def render(summary: Mapping[str, Any], command: str) -> str:
         L.append(f"| {s} | " + " | ".join("n/a" if j.get(k) is None else ("yes" if j[k] else "no")
                                           for k in summary["criteria"]) + " |")
     L += ["", "Criteria: " + "; ".join(f"`{k}`: {v}" for k, v in summary["criteria"].items()) + ".", ""]
+    if summary.get("method_comparison"):
+        L += render_comparison(summary["method_comparison"], seeds)
     return "\n".join(L)
 
 
@@ -145,4 +227,5 @@ def run_seeds(opts: Any, seeds: Sequence[int], run_one: Callable[[Any], Path] | 
     return md
 
 
-__all__ = ["parse_seeds", "bootstrap_interval", "summarize", "render", "run_seeds"]
+__all__ = ["parse_seeds", "bootstrap_interval", "summarize", "summarize_comparison", "render", "render_comparison",
+           "run_seeds"]
