@@ -43,8 +43,7 @@ __all__ = ["__version__", "InputError", "UmergeError", "MergeReport", "inspect",
 __all__ += ["linear", "task_arithmetic", "magnitude_prune", "dare_linear", "dare_ties", "breadcrumbs",
             "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "nuslerp", "multislerp", "karcher",
             "nearswap", "sce", "arcee_fusion", "ram", "ramplus_tl"]
-__all__ += ["adapters", "fold", "extract_lora"]
-__all__ += ["quantize"]
+__all__ += ["adapters", "fold", "extract_lora", "quantize"]
 
 
 def __getattr__(name: str) -> Any:
