@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Family
+from conftest import Family, run_umerge
 from umerge.cli import main
 from umerge.cli.mergekit_flags import FLAGS, MAPS, NOTE, REFUSED
 
@@ -275,6 +275,20 @@ def test_the_table_covers_every_mergekit_yaml_flag(peers: Path) -> None:
     missing = sorted(set(json.loads(proc.stdout)) - ours)
     assert not missing, missing
 
+
+
+def test_umerge_methods_lists_every_method_mergekit_registers(peers: Path) -> None:
+    """`umerge methods` names each merge method of the installed mergekit (passthrough included)."""
+    code = ("import json; from mergekit.merge_methods.registry import registered_methods; "
+            "print(json.dumps([m.spec.name for m in registered_methods()]))")
+    proc = subprocess.run([str(peers / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = run_umerge(["methods", "--json"])
+    assert result.returncode == 0, result.stderr
+    ours = {m["name"] for m in json.loads(result.stdout)}
+    missing = sorted(set(json.loads(proc.stdout)) - ours)
+    assert not missing, missing
+    assert "passthrough" in run_umerge(["methods"]).stdout
 
 # ---- Hub ids and missing paths ------------------------------------------------------------------
 

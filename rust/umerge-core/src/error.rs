@@ -225,8 +225,15 @@ pub struct ShapeMismatch {
     pub hint: String,
 }
 
+/// The first few problems, then how many more: a plan with 200,000 bad inputs must still give one
+/// readable line.
 fn join_errors(errors: &[Error]) -> String {
-    errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+    const SHOWN: usize = 3;
+    let mut s = errors.iter().take(SHOWN).map(|e| e.to_string()).collect::<Vec<_>>().join("; ");
+    if errors.len() > SHOWN {
+        s.push_str(&format!("; and {} more", errors.len() - SHOWN));
+    }
+    s
 }
 
 impl Error {
@@ -246,5 +253,22 @@ impl Error {
             1 => errors.pop(),
             _ => Some(Error::Many(errors)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_problems_show_the_first_three_and_a_count() {
+        let errs: Vec<Error> = (0..200_000).map(|i| Error::Spec(format!("model {i} is missing"))).collect();
+        let msg = Error::from_many(errs).unwrap().to_string();
+        assert_eq!(
+            msg,
+            "200000 problems found before merging: model 0 is missing; model 1 is missing; model 2 is missing; and 199997 more"
+        );
+        let two = Error::from_many(vec![Error::Spec("a".into()), Error::Spec("b".into())]).unwrap().to_string();
+        assert_eq!(two, "2 problems found before merging: a; b");
     }
 }

@@ -220,6 +220,11 @@ fn method_info() -> String {
         };
         out.push(serde_json::json!({"name": name, "base": base, "params": params}));
     }
+    // passthrough copies instead of merging, so it is not a `Method`; listed so users find it.
+    out.push(serde_json::json!({"name": "passthrough", "base": "refused", "params": [{
+        "name": "scale", "per_model": true, "default": "1.0",
+        "doc": "factor each copied tensor is multiplied by (filter rules pick tensors: 0 zeroes o_proj, say)",
+    }]}));
     serde_json::Value::Array(out).to_string()
 }
 
