@@ -36,8 +36,14 @@ A config whose ``models:`` are all PEFT LoRA adapter directories is an adapter r
 (`umerge.adapters.recipe`): merged factor-wise with PEFT's semantics and folded into ``base_model``,
 as ``umerge ties A/ B/ --base BASE`` does.
 
-Anything else (other keys, ``modules``, ``tokenizer``, ``union`` tokenizers, other methods, LoRA
-``+`` references, ``rescale: true`` on a magnitude-trimming method) is an `InputError` naming it:
+A model written ``MODEL+ADAPTER`` (mergekit's LoRA reference, as ``model``, ``base_model`` or a
+slice's source) is the model with the PEFT LoRA adapter folded in: mergekit writes a merged copy
+(PEFT's ``merge_and_unload``) and merges that; umerge folds ``W + scaling * B @ A`` inside the
+merge as it reads the weight (the spec's ``lora`` / ``base_lora``, `umerge.merge`), so nothing but
+the output is written. A path that exists as written is taken literally, ``+`` and all.
+
+Anything else (other keys, ``modules``, ``tokenizer``, ``union`` tokenizers, other methods,
+``rescale: true`` on a magnitude-trimming method) is an `InputError` naming it:
 never silently ignored. The one thing ignored is what mergekit ignores too: a parameter that some
 mergekit method takes but the config's method does not (``weight`` on slerp or model_stock, as
 mergekit's own test configs have it) is dropped with a warning naming it, its model and the method
@@ -368,9 +374,35 @@ def _model_ref(value: Any, where: str) -> str:
     if _CONTROL.search(value):
         raise InputError(f"{where}: a model path with a control character (newline, tab, NUL) is not supported: "
                          f"{_show(value)}")
-    if "+" in value:
-        raise InputError(f"{where}: LoRA references (model+lora) are not supported in mergekit configs: {_show(value)}")
+    if "+" in value and not os.path.exists(value):
+        parts = value.split("+")
+        if len(parts) != 2 or not all(parts):
+            raise InputError(f"{where}: a LoRA reference is MODEL+ADAPTER, two paths joined by one '+': {_show(value)}")
     return value
+
+
+def split_lora(ref: str) -> tuple[str, str | None]:
+    """mergekit's ``model+lora`` reference -> (model path, adapter path); a plain path -> (path, None).
+    A path that exists as written is taken literally (a directory may have '+' in its name)."""
+    if "+" not in ref or os.path.exists(ref):
+        return ref, None
+    model, _, lora = ref.partition("+")
+    return model, lora
+
+
+def _add_lora_refs(spec: dict[str, Any], models: Sequence[str], base: str | None) -> None:
+    """Gives the spec's models (built from the model parts of `models` and `base`) the ``lora`` their
+    ``model+lora`` reference names (``base_lora`` for the base), which the engine folds in as it
+    reads: W + scaling * B @ A, no merged copy written."""
+    from umerge.adapters.folding import fold_entry
+
+    for m, ref in zip(spec["models"], models):
+        lora = split_lora(ref)[1]
+        if lora is not None:
+            m["lora"] = fold_entry(lora)
+    lora = split_lora(base)[1] if base is not None and spec.get("base") is not None else None
+    if lora is not None:
+        spec["base_lora"] = fold_entry(lora)
 
 
 def _check_keys(d: Mapping[Any, Any], allowed: set[str], where: str) -> None:
@@ -480,6 +512,7 @@ def tensor_names(paths: Sequence[str]) -> list[str]:
     names: list[str] = []
     seen: set[str] = set()
     for p in paths:
+        p = split_lora(p)[0]  # a LoRA changes values, not names
         info = inspect(p)
         if not info.get("valid", False):
             raise InputError(f"cannot read checkpoint: {info.get('error', 'invalid')} ({p})")
@@ -708,6 +741,7 @@ def _tensor_order(path: str) -> list[str]:
     """The tensor names of a checkpoint (its header only)."""
     from umerge.merge import inspect
 
+    path = split_lora(path)[0]
     info = inspect(path)
     if not info.get("valid", False):
         raise InputError(f"cannot read checkpoint: {info.get('error', 'invalid')} ({path})")
@@ -841,6 +875,8 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
     point = "point the config at DIR"
     refs = [(tr.base, "base_model")] if tr.base is not None else []
     refs += [(m.path, "model") for m in tr.models]
+    refs = [(part, what if i == 0 else "LoRA adapter") for ref, what in refs
+            for i, part in enumerate(split_lora(ref)) if part is not None]
     if tr.tokenizer_source not in (None, "base"):
         refs.append((str(tr.tokenizer_source), "tokenizer_source"))
     first_label: dict[str, str] = {}
@@ -1006,10 +1042,13 @@ def to_spec(config: Mapping[str, Any], out: str | os.PathLike[str], *, where: st
             raise InputError(f"--seed applies to random methods ({', '.join(RANDOM_METHODS)}), not {method}")
         global_params["seed"] = int(seed)
     out_dtype = options.pop("out_dtype", None) or tr.out_dtype  # the command line wins over the config
-    spec = build_spec(method, [m.path for m in models], base=base if method not in BASE_AS_INPUT else None,
+    spec_base = base if method not in BASE_AS_INPUT else None
+    spec = build_spec(method, [split_lora(m.path)[0] for m in models],
+                      base=split_lora(spec_base)[0] if spec_base is not None else None,
                       params=global_params, model_params=model_params, out=out, out_dtype=out_dtype, **options)
     if spec_slices:
         spec["slices"] = spec_slices
+    _add_lora_refs(spec, [m.path for m in models], spec_base)
     if out_shard_params is not None:
         spec["max_shard_size"] = shard_bytes(out_shard_params, spec)
     tok = tr.tokenizer_source if tr.tokenizer_source not in (None, "base") else None

@@ -35,7 +35,10 @@ _ENGINE_METHODS: dict[str, tuple[str | None, dict[str, Any]]] = {
 }
 
 
-def _adapter_entry(path: PathLike, weight: float = 1.0) -> dict[str, Any]:
+def fold_entry(path: PathLike, weight: float = 1.0) -> dict[str, Any]:
+    """The engine's description of one adapter to fold (its weights file, PEFT's scaling times
+    `weight`, its layout), from its adapter_config.json: used by `fold` and by merges of
+    `model+lora` references (a spec model's ``lora``)."""
     cfg = read_config(path)
     return {
         "path": os.fspath(weights_path(path)),
@@ -72,7 +75,7 @@ def fold(
         raise InputError("no adapter given")
     spec = output_options(out, out_dtype, threads, memory_budget, max_shard_size, overwrite, allow_nonfinite,
                           page_cache)
-    spec.update(base=os.fspath(base), adapters=[_adapter_entry(a) for a in adapters])
+    spec.update(base=os.fspath(base), adapters=[fold_entry(a) for a in adapters])
     return _run(spec, progress)
 
 
@@ -116,9 +119,9 @@ def fold_merged(
                           page_cache)
     spec["base"] = os.fspath(base)
     if engine_method is None:
-        spec["adapters"] = [_adapter_entry(a, wi) for a, wi in zip(adapters, w)]
+        spec["adapters"] = [fold_entry(a, wi) for a, wi in zip(adapters, w)]
     else:
-        spec["adapters"] = [_adapter_entry(a) for a in adapters]
+        spec["adapters"] = [fold_entry(a) for a in adapters]
         params: dict[str, Any] = dict(fixed)
         if density is not None:
             params["density"] = float(density)

@@ -207,6 +207,80 @@ impl Source for LowRankSource<'_> {
     }
 }
 
+/// The factors of one adapter folded into one checkpoint as a merge reads it (mergekit's
+/// `model+lora`), by the stored position `(shard, start)` of each weight they update: a position
+/// names a tensor whatever the output calls it (slices rename layers). All factors are read up
+/// front (an adapter is small beside its model: r (in + out) per module, decoded to f32).
+#[derive(Default)]
+pub struct FoldedWeights(std::collections::HashMap<(usize, usize), Factors>);
+
+impl FoldedWeights {
+    /// Matches `fa`'s factors to `model`'s weights and loads them (every problem at once, as `fold`).
+    pub fn load(model: &Checkpoint, fa: &FoldAdapter, check_finite: bool) -> Result<FoldedWeights> {
+        let ad = open_adapter(&fa.path)?;
+        let one = FoldSpec {
+            base: model.path.clone(),
+            adapters: vec![fa.clone()],
+            method: None,
+            params: ParamMap::new(),
+            model_params: Vec::new(),
+            output: OutputOptions::default(),
+        };
+        let mut map = std::collections::HashMap::new();
+        for (wname, t) in match_targets(model, std::slice::from_ref(&ad), &one, &[])? {
+            let w = &model.tensors[&wname];
+            for (_, a, b) in &t.by {
+                map.insert((w.shard, w.start), load_factors(&ad, a, b, fa, check_finite, &wname)?);
+            }
+        }
+        Ok(FoldedWeights(map))
+    }
+
+    /// The factors updating the stored tensor `info`, if any.
+    pub fn of(&self, info: &TensorInfo) -> Option<&Factors> {
+        self.0.get(&(info.shard, info.start))
+    }
+}
+
+/// A model's weight with a LoRA update folded in as it is read, `W + scaling * B @ A` (the
+/// product added to the decoded rows with one sgemm, beta = 1, as `fold` adds it).
+pub struct FoldedSource<'a> {
+    /// W.
+    pub w: MappedSource<'a>,
+    /// The update's factors.
+    pub f: &'a Factors,
+    /// Columns of W as stored.
+    pub cols: usize,
+}
+
+impl Source for FoldedSource<'_> {
+    fn read(&self, start: u64, out: &mut [f32]) -> Result<()> {
+        let cols = self.cols as u64;
+        let r0 = (start / cols) as usize;
+        let r1 = (start + out.len() as u64).div_ceil(cols) as usize;
+        let off = (start - r0 as u64 * cols) as usize;
+        if off == 0 && out.len() == (r1 - r0) * self.cols {
+            self.w.read(start, out)?;
+            self.f.product_rows(r0..r1, self.cols, out, 1.0);
+        } else {
+            // A chunk that starts or ends inside a row: W + (whole rows of the product), cut.
+            let mut tmp = vec![0f32; (r1 - r0) * self.cols];
+            self.w.read(r0 as u64 * cols, &mut tmp)?;
+            self.f.product_rows(r0..r1, self.cols, &mut tmp, 1.0);
+            out.copy_from_slice(&tmp[off..off + out.len()]);
+        }
+        Ok(())
+    }
+
+    fn release(&self, start: u64, len: usize) {
+        self.w.release(start, len);
+    }
+
+    fn mapped_bytes_per_elem(&self) -> u64 {
+        self.w.mapped_bytes_per_elem()
+    }
+}
+
 /// A targeted base tensor and the adapters touching it.
 struct Target {
     /// Index into the output tensors.
@@ -451,7 +525,7 @@ pub fn fold(spec: &FoldSpec, progress: Option<Progress<'_>>) -> Result<Report> {
                 let Some(w) = base.tensors.get(name) else { continue };
                 let dtype = out_tensors[ti].dtype;
                 let Some(t) = targets.get(name) else {
-                    exec::copy_tensor_from(&base, w, dtype, name, ti, &out, check_finite, None, Some(beside.step(ti)))?;
+                    exec::copy_tensor_from(&base, w, dtype, name, ti, &out, check_finite, None, Some(beside.step(ti)), None)?;
                     beside.written(ti, w.nbytes())?;
                     continue;
                 };

@@ -260,7 +260,7 @@ pub fn quantize(spec: &QuantizeSpec, progress: Option<Progress<'_>>) -> Result<R
                     pool.install(|| quantize_tensor(&src, w.shape[0], w.shape[1], spec.group_size, qmax, dtype, &out, ti, chunk))?;
                     out.start_writeback(ti, out_tensors[ti].nbytes());
                 } else {
-                    exec::copy_tensor_from(&model, w, dtype, name, ti, &out, check_finite, None, Some(beside.step(ti)))?;
+                    exec::copy_tensor_from(&model, w, dtype, name, ti, &out, check_finite, None, Some(beside.step(ti)), None)?;
                 }
                 beside.written(ti, w.nbytes())?;
             }

@@ -47,6 +47,10 @@ pub struct ModelSpec {
     /// Parameters for this model (override the global ones).
     #[serde(default, skip_serializing_if = "ParamMap::is_empty")]
     pub params: ParamMap,
+    /// A LoRA adapter folded into this model as it is read (mergekit's `model+lora`): the model's
+    /// targeted weights are `W + scaling * B @ A` in this merge, and nothing else is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::fold::FoldAdapter>,
 }
 
 /// The output and resource options every spec shares (a merge's and a fold's): where the result
@@ -141,6 +145,9 @@ pub struct MergeSpec {
     /// The base model the fine-tunes started from (task vectors are model - base).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base: Option<PathBuf>,
+    /// A LoRA adapter folded into the base as it is read (see [`ModelSpec::lora`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_lora: Option<crate::fold::FoldAdapter>,
     /// Global method parameters.
     #[serde(default)]
     pub params: ParamMap,

@@ -479,6 +479,7 @@ pub fn planner(data: &[u8]) {
         method: if bad != 4 { "ties".into() } else { "nope".into() },
         models,
         base: dirs.iter().find(|(is_base, _)| *is_base).map(|(_, d)| d.clone()),
+        base_lora: None,
         params: serde_json::from_value(params).expect("params"),
         strict: bad == 7,
         slices: Vec::new(),

@@ -1,5 +1,5 @@
 //! Tensors copied: raw bytes when the dtype is kept and no scale is applied, else decoded,
-//! scaled and re-encoded.
+//! scaled and re-encoded (with a LoRA update folded in, for a `model+lora` input).
 
 use super::readahead::ReadAhead;
 use super::MappedSource;
@@ -7,6 +7,7 @@ use super::Source;
 use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::dtype::{elem_bytes, encode, is_float, Dtype};
 use crate::error::Result;
+use crate::fold::{Factors, FoldedSource};
 use crate::write::Output;
 
 /// Copies tensor `info` of checkpoint `ck` into output tensor `ti`: raw bytes when the dtype is
@@ -26,13 +27,14 @@ pub(crate) fn copy_tensor_from<'a>(
     check_finite: bool,
     scale: Option<f32>,
     ahead: Option<(&'a ReadAhead<'a>, usize)>,
+    lora: Option<&'a Factors>,
 ) -> Result<()> {
     const STEP: usize = 8 << 20;
     let mut s = MappedSource::new(ck, info, None, name, check_finite);
     if let Some((ra, step)) = ahead {
         s = s.with_read_ahead(ra, step);
     }
-    if info.dtype == out_dtype && scale.is_none() && !(check_finite && is_float(info.dtype)) {
+    if info.dtype == out_dtype && scale.is_none() && lora.is_none() && !(check_finite && is_float(info.dtype)) {
         let total = info.end - info.start;
         let mut off = 0usize;
         while off < total {
@@ -45,7 +47,13 @@ pub(crate) fn copy_tensor_from<'a>(
     }
     let eb = elem_bytes(out_dtype).unwrap_or(4);
     let n = info.numel();
-    let step = (STEP / 4) as u64;
+    let cols = info.shape.last().copied().unwrap_or(1).max(1);
+    // Whole rows per step, so a folded update is added row block by row block.
+    let step = ((STEP / 4 / cols).max(1) * cols) as u64;
+    let s: Box<dyn Source + '_> = match lora {
+        Some(f) => Box::new(FoldedSource { w: s, f, cols }),
+        None => Box::new(s),
+    };
     let mut start = 0u64;
     let mut vals = Vec::new();
     let mut bytes = Vec::new();

@@ -17,6 +17,7 @@ use crate::checkpoint::Checkpoint;
 use crate::checksum::Frontier;
 use crate::dtype::{elem_bytes, is_float};
 use crate::error::{Error, Result};
+use crate::fold::{Factors, FoldedSource, FoldedWeights};
 use crate::methods::{self, BaseUse, Method};
 use crate::params::Params;
 use crate::plan::{self, Action, Combine, InputId, Inputs, PlanOptions, SrcRef};
@@ -86,6 +87,7 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
     let opened = prepare::open_inputs(spec.base.as_deref(), &model_paths, Checkpoint::open, &spec.output.out, spec.output.overwrite)?;
     let target = opened.target;
     let inputs = Inputs { base: opened.base, models: opened.models, zero_base: false };
+    let folds = Folds::load(spec, &inputs)?;
     let plan = plan::plan(combine, &inputs, &params, &PlanOptions { strict: spec.strict, out_dtype, slices: &spec.slices })?;
 
     let out_tensors: Vec<OutTensor> =
@@ -112,7 +114,7 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
         scope.spawn(|| ahead.run());
         let stop = (frontier.stop_on_drop(), ahead.stop_on_drop());
         let beside = Beside { ahead: &ahead, step_of: &step_of, frontier: &frontier, ticker: &ticker };
-        let merged = merge_tensors(&plan, &inputs, &out, method.as_deref(), &workers, &beside);
+        let merged = merge_tensors(&plan, &inputs, &folds, &out, method.as_deref(), &workers, &beside);
         drop(stop);
         (merged, hasher.join().unwrap_or_default())
     });
@@ -138,6 +140,41 @@ pub fn run_merge(spec: &MergeSpec, progress: Option<Progress<'_>>) -> Result<Rep
         chunk_elements: workers.chunk,
         warnings: plan_warnings,
     })
+}
+
+/// The LoRA adapters folded into inputs as they are read (`model+lora`), per input.
+struct Folds {
+    base: Option<FoldedWeights>,
+    models: Vec<Option<FoldedWeights>>,
+}
+
+impl Folds {
+    /// Loads the factors of every `lora` of the spec, matched to its model's weights.
+    fn load(spec: &MergeSpec, inputs: &Inputs) -> Result<Folds> {
+        let check_finite = !spec.output.allow_nonfinite;
+        let base = match (&spec.base_lora, inputs.base.as_ref()) {
+            (Some(fa), Some(ck)) => Some(FoldedWeights::load(ck, fa, check_finite)?),
+            (Some(_), None) => return Err(Error::Spec("a LoRA adapter for the base was given, but no base".into())),
+            (None, _) => None,
+        };
+        let models = spec
+            .models
+            .iter()
+            .zip(&inputs.models)
+            .map(|(m, ck)| m.lora.as_ref().map(|fa| FoldedWeights::load(ck, fa, check_finite)).transpose())
+            .collect::<Result<_>>()?;
+        Ok(Folds { base, models })
+    }
+
+    /// The LoRA factors updating the tensor `s` reads, if its input has an adapter touching it.
+    fn of(&self, s: &SrcRef) -> Option<&Factors> {
+        let folded = match s.input {
+            InputId::Base => self.base.as_ref(),
+            InputId::Model(i) => self.models.get(i).and_then(Option::as_ref),
+            InputId::Zeros => None,
+        }?;
+        folded.of(s.info.as_ref()?)
+    }
 }
 
 /// A tensor's sources: the base, when the method uses one, and the models.
@@ -170,6 +207,7 @@ fn read_steps<'a>(plan: &'a plan::Plan, inputs: &'a Inputs) -> (Vec<Vec<Span<'a>
 fn merge_tensors(
     plan: &plan::Plan,
     inputs: &Inputs,
+    folds: &Folds,
     out: &Output,
     method: Option<&dyn Method>,
     workers: &Workers,
@@ -181,7 +219,8 @@ fn merge_tensors(
             let (Some(ck), Some(info)) = (inputs.get(src.input), src.info.as_ref()) else {
                 return Err(Error::Internal(format!("copy source for {} missing", t.name)));
             };
-            copy_tensor_from(ck, info, t.dtype, &t.name, ti, out, check_finite && is_float(t.dtype), *scale, Some(beside.step(ti)))?;
+            let (lora, check) = (folds.of(src), check_finite && is_float(t.dtype));
+            copy_tensor_from(ck, info, t.dtype, &t.name, ti, out, check, *scale, Some(beside.step(ti)), lora)?;
             beside.written(ti, t.in_bytes)?;
         }
     }
@@ -197,8 +236,8 @@ fn merge_tensors(
     for (ti, t) in plan.tensors.iter().enumerate() {
         if let Action::Merge { base, models, .. } = &t.action {
             let step = beside.step(ti);
-            let b = base.as_ref().map(|s| make_src(inputs, s, &t.name, check_finite, step));
-            let ms = models.iter().map(|(_, s)| make_src(inputs, s, &t.name, check_finite, step)).collect();
+            let b = base.as_ref().map(|s| make_src(inputs, folds, s, &t.name, check_finite, step)).transpose()?;
+            let ms = models.iter().map(|(_, s)| make_src(inputs, folds, s, &t.name, check_finite, step)).collect::<Result<_>>()?;
             srcs.push((b, ms));
             merge_idx.push(ti);
         }
@@ -230,15 +269,23 @@ fn merge_tensors(
 
 fn make_src<'a>(
     inputs: &'a Inputs,
+    folds: &'a Folds,
     s: &'a SrcRef,
     name: &'a str,
     check_finite: bool,
     (ahead, step): (&'a ReadAhead<'a>, usize),
-) -> Box<dyn Source + 'a> {
-    match (s.input, inputs.get(s.input), s.info.as_ref()) {
-        (InputId::Zeros, _, _) | (_, None, _) | (_, _, None) => Box::new(ZeroSource),
-        (_, Some(ck), Some(info)) => Box::new(MappedSource::new(ck, info, s.crop_cols, name, check_finite).with_read_ahead(ahead, step)),
+) -> Result<Box<dyn Source + 'a>> {
+    let (Some(ck), Some(info)) = (inputs.get(s.input), s.info.as_ref()) else {
+        return Ok(Box::new(ZeroSource));
+    };
+    let w = MappedSource::new(ck, info, s.crop_cols, name, check_finite).with_read_ahead(ahead, step);
+    let Some(f) = folds.of(s) else { return Ok(Box::new(w)) };
+    if s.crop_cols.is_some() {
+        return Err(Error::Spec(format!(
+            "{name}: a LoRA-updated weight cropped to a narrower output is not supported (fold the adapter first: umerge fold)"
+        )));
     }
+    Ok(Box::new(FoldedSource { w, f, cols: info.shape.last().copied().unwrap_or(1).max(1) }))
 }
 
 #[cfg(test)]
