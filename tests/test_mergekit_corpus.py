@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,29 +37,12 @@ import pytest
 
 import reference_merge as ref
 from conftest import run_umerge
+from mergekit_runner import run_mergekit
 from test_methods_parity import ARCEE_FUSION, SCE_ULPS, _check_arcee_fusion
 from umerge.safetensors_io import load_checkpoint
 
 torch = pytest.importorskip("torch", reason="the stand-ins are built with transformers (the train extra)")
 transformers = pytest.importorskip("transformers")
-
-#: Runs every (config, output) pair through mergekit; a config mergekit refuses is recorded, not fatal.
-RUNNER = textwrap.dedent("""
-    import json, sys, yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-    opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, cuda=False)
-    refused = {}
-    for cfg, out in json.loads(sys.argv[1]):
-        try:
-            with open(cfg) as f:
-                run_merge(MergeConfiguration.model_validate(yaml.safe_load(f)), out, opts)
-        except Exception as e:  # what the test compares is that umerge refuses the same configs
-            refused[cfg] = f"{type(e).__name__}: {e}"[:300]
-    print(json.dumps(refused))
-""")
-
 
 # --- stand-ins -------------------------------------------------------------------------------------------
 
@@ -322,7 +304,7 @@ def corpus(peers: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, C
                                paths[base] if base else None)
     for i, (name, kind) in enumerate(TEST_MODELS.items()):
         paths[f"test:{name}"] = _build(kind, root / "tests" / name, 200 + i)
-    jobs, cases = [], {}
+    texts, cases = {}, {}
     for name, text in CORPUS.items():
         names = {k: str(v) for k, v in paths.items() if not k.startswith("test:")} if name.startswith("example_") \
             else {k[5:]: str(v) for k, v in paths.items() if k.startswith("test:")}
@@ -330,14 +312,11 @@ def corpus(peers: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, C
             body = re.sub(r"(?<=model: )(\S+)", lambda m, names=names: names[m.group(1)], _as_float32(text))
         else:
             body = re.sub(r"<([^<>]+)>", lambda m, names=names: names[m.group(1)], _as_float32(text))
+        texts[name] = body
+    outputs, refused = run_mergekit(peers, root, texts, record_refusals=True, timeout=1500)
+    for name, theirs in outputs.items():
         cfg = root / f"{name}.yml"
-        cfg.write_text(body)
-        jobs.append((str(cfg), str(root / f"mk_{name}")))
-        cases[name] = Case(cfg, root / f"mk_{name}", str(_yaml(cfg)["merge_method"]))
-    proc = subprocess.run([str(peers / "bin" / "python"), "-c", RUNNER, json.dumps(jobs)], capture_output=True,
-                          text=True, timeout=1500)
-    assert proc.returncode == 0, f"mergekit's runner failed:\n{proc.stderr[-3000:]}"
-    refused = {Path(k).stem for k in json.loads(proc.stdout.strip().splitlines()[-1])}
+        cases[name] = Case(cfg, theirs, str(_yaml(cfg)["merge_method"]))
     assert refused == REFUSED, f"mergekit refused {sorted(refused)}, expected {sorted(REFUSED)}"
     return cases
 

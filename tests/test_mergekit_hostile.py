@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -298,7 +297,7 @@ def test_weights_on_slerp_and_model_stock_give_mergekits_result(peers: Path, odd
                                                                  tmp_path: Path) -> None:
     """mergekit itself on the configs its own tests write (a weight on every model, whatever the
     method): umerge warns, ignores the weights and agrees with it (8 ulp, as the parity tests)."""
-    from test_methods_parity import RUNNER
+    from mergekit_runner import run_mergekit
 
     b, (a, c) = odd_f32_family.base, odd_f32_family.finetuned
     configs = {
@@ -307,13 +306,7 @@ def test_weights_on_slerp_and_model_stock_give_mergekits_result(peers: Path, odd
         "model_stock": f"merge_method: model_stock\nbase_model: {b}\ndtype: float32\nmodels:\n"
                        f"  - {{model: {a}, parameters: {{weight: 0.6}}}}\n  - {{model: {c}, parameters: {{weight: 0.4}}}}\n",
     }
-    jobs = []
-    for name, text in configs.items():
-        (tmp_path / f"{name}.yml").write_text(text)
-        jobs.append((str(tmp_path / f"{name}.yml"), str(tmp_path / f"mk_{name}")))
-    proc = subprocess.run([str(peers / "bin" / "python"), "-c", RUNNER, json.dumps(jobs)], capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, f"mergekit failed:\n{proc.stderr[-3000:]}"
+    run_mergekit(peers, tmp_path, configs, timeout=600)
     for name in configs:
         r = run_umerge(["run", tmp_path / f"{name}.yml", tmp_path / f"um_{name}", "--quiet"])
         assert r.returncode == 0, r.stderr

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import textwrap
 from pathlib import Path
 
@@ -29,22 +28,10 @@ import pytest
 
 from adapters_support import make_adapter, save_base, torch, transformers
 from conftest import run_umerge
+from mergekit_runner import run_mergekit
 from umerge.safetensors_io import load_checkpoint
 
 R, ALPHA = 8, 16.0
-
-RUNNER = textwrap.dedent("""
-    import json, sys, yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-    cache = sys.argv[2]
-    opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, cuda=False, lora_merge_cache=cache)
-    for cfg, out in json.loads(sys.argv[1]):
-        with open(cfg) as f:
-            run_merge(MergeConfiguration.model_validate(yaml.safe_load(f)), out, opts)
-""")
-
 
 def _finetune(base: Path, out: Path, seed: int) -> Path:
     model = transformers.AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
@@ -117,12 +104,13 @@ def _folded(model: Path, adapter: Path | None) -> dict[str, np.ndarray]:
     return w
 
 
-def _reference(case: str, f: dict[str, Path]) -> dict[str, np.ndarray]:
-    m1, m2 = _folded(f["ft1"], f["lora1"]), _folded(f["ft2"], None)
+def _reference(case: str, f: dict[str, Path], lora: bool = True) -> dict[str, np.ndarray]:
+    """The case's merge in float64, with the adapters folded in (or, `lora=False`, without them)."""
+    m1, m2 = _folded(f["ft1"], f["lora1"] if lora else None), _folded(f["ft2"], None)
     if case == "linear":
         return {k: 0.7 * m1[k] + 0.3 * m2[k] for k in m1}
     if case == "task_arithmetic_base":
-        b = _folded(f["base"], f["lora_base"])
+        b = _folded(f["base"], f["lora_base"] if lora else None)
         return {k: b[k] + 0.5 * (m1[k] - b[k]) + 0.8 * (m2[k] - b[k]) for k in b}
     out = {k: v for k, v in m1.items()}  # layers 0, 1 of ft1+lora1, then layer 1 of ft2 as layer 2
     for k, v in m2.items():
@@ -136,17 +124,10 @@ def _reference(case: str, f: dict[str, Path]) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def mergekit_outputs(peers: Path, family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mk_lora_refs")
-    jobs = []
-    for name, text in _configs(family).items():
-        cfg = root / f"{name}.yml"
-        cfg.write_text(textwrap.dedent(text))
-        jobs.append((str(cfg), str(root / f"mk_{name}")))
     cache = root / "lora_cache"
-    proc = subprocess.run([str(peers / "bin" / "python"), "-c", RUNNER, json.dumps(jobs), str(cache)],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"mergekit failed:\n{proc.stderr[-3000:]}"
+    outputs, _ = run_mergekit(peers, root, _configs(family), lora_merge_cache=cache)
     assert any(cache.iterdir()), "mergekit is expected to write merged copies into its LoRA cache"
-    return {Path(c).stem: Path(o) for c, o in jobs}
+    return outputs
 
 
 def _run_clean(cfg: Path, out: Path, tmp_path: Path) -> None:
@@ -183,19 +164,8 @@ def test_lora_reference_is_folded_in_the_merge(case: str, family: dict[str, Path
     assert touched
     print(f"\n{case}: {identical} of {len(theirs)} tensors bit-identical to mergekit's")
     # The adapter must have changed the result: without it the merge differs.
-    plain = _folded(family["ft1"], None)
     name = "model.layers.0.self_attn.q_proj.weight"
-    assert not np.allclose(exact[name], _reference_without_lora(case, family, plain)[name])
-
-
-def _reference_without_lora(case: str, f: dict[str, Path], plain_ft1: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    m2 = _folded(f["ft2"], None)
-    if case == "linear":
-        return {k: 0.7 * plain_ft1[k] + 0.3 * m2[k] for k in plain_ft1}
-    if case == "task_arithmetic_base":
-        b = _folded(f["base"], None)
-        return {k: b[k] + 0.5 * (plain_ft1[k] - b[k]) + 0.8 * (m2[k] - b[k]) for k in b}
-    return plain_ft1
+    assert not np.allclose(exact[name], _reference(case, family, lora=False)[name])
 
 
 def test_spec_carries_the_adapter_beside_its_model(family: dict[str, Path], tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import Family, run_umerge
-from test_methods_parity import RUNNER
+from mergekit_runner import run_mergekit
 from umerge import mergekit_yaml as mk
 from umerge.safetensors_io import load_checkpoint
 from umerge.synthetic import TINY_ODD, CheckpointSpec, make_family
@@ -153,15 +153,7 @@ def _multi_config(fam: Family) -> str:
 @pytest.fixture(scope="module")
 def mergekit_outputs(peers: Path, six_layers: Family, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mk_slices")
-    jobs = []
-    for name, text in _configs(six_layers).items():
-        cfg = root / f"{name}.yml"
-        cfg.write_text(textwrap.dedent(text))
-        jobs.append((str(cfg), str(root / f"mk_{name}")))
-    proc = subprocess.run([str(peers / "bin" / "python"), "-c", RUNNER, json.dumps(jobs)], capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, f"mergekit failed:\n{proc.stderr[-3000:]}"
-    out = {Path(c).stem: Path(o) for c, o in jobs}
+    out, _ = run_mergekit(peers, root, _configs(six_layers))
     multi = root / "multi.yml"
     multi.write_text(_multi_config(six_layers))
     proc = subprocess.run([str(peers / "bin" / "mergekit-multi"), str(multi), "--intermediate-dir", str(root / "mk_stages"),

@@ -32,9 +32,6 @@ mergekit's own distance from `reference_merge.multislerp` plus 2 ulp.
 from __future__ import annotations
 
 import functools
-import json
-import subprocess
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -42,19 +39,9 @@ import pytest
 
 import reference_merge as ref
 from conftest import Family, run_umerge
+from mergekit_runner import run_mergekit
 from umerge.safetensors_io import load_checkpoint
 from umerge.synthetic import TINY_ODD, CheckpointSpec, make_family
-
-RUNNER = textwrap.dedent("""
-    import json, sys, yaml
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-    opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, cuda=False)
-    for cfg, out in json.loads(sys.argv[1]):
-        with open(cfg) as f:
-            run_merge(MergeConfiguration.model_validate(yaml.safe_load(f)), out, opts)
-""")
 
 
 def _configs(fam: Family, wide: Family) -> dict[str, str]:
@@ -420,16 +407,8 @@ def wide_f32_family(tmp_path_factory: pytest.TempPathFactory) -> Family:
 @pytest.fixture(scope="module")
 def mergekit_outputs(peers: Path, odd_f32_family: Family, wide_f32_family: Family,
                      tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("mk_parity")
-    jobs = []
-    for name, text in _configs(odd_f32_family, wide_f32_family).items():
-        cfg = root / f"{name}.yml"
-        cfg.write_text(textwrap.dedent(text))
-        jobs.append((str(cfg), str(root / f"mk_{name}")))
-    proc = subprocess.run([str(peers / "bin" / "python"), "-c", RUNNER, json.dumps(jobs)], capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, f"mergekit failed:\n{proc.stderr[-3000:]}"
-    return {Path(c).stem: Path(o) for c, o in jobs}
+    outputs, _ = run_mergekit(peers, tmp_path_factory.mktemp("mk_parity"), _configs(odd_f32_family, wide_f32_family))
+    return outputs
 
 
 CASES = ["linear", "linear_filter", "task_arithmetic", "ties_gradient", "breadcrumbs_gamma0",
